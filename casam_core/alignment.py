@@ -1,0 +1,90 @@
+"""The Alignment Layer: a small per-task network between the frozen encoder and decoder.
+
+Paper form (method.md): ``A = 3 x CAResBlock(256 -> 256)``, the same LayerNorm2d
+(one module, shared weights, eps 1e-6) after every block, PyTorch default init.
+
+    CAResBlock(x): y = conv3x3(ReLU(conv3x3(ReLU(x))))
+                   w = sigmoid(conv1d_k5(GAP(y)))      # ECA channel attention
+                   return y * w + x
+
+Identity-gated form: ``Z + g * (A(Z) - Z)`` with a per-channel gate ``g``
+initialised at 0, so an untrained layer is exactly the frozen model and training
+moves away from it only as far as the loss asks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from segment_anything.modeling.common import LayerNorm2d  # SAM's channel LayerNorm
+
+FORMS = ("paper", "gated")
+
+
+class ECA(nn.Module):
+    """Efficient channel attention: a 1-D convolution (k=5) across the pooled channels."""
+
+    def __init__(self, kernel_size: int = 5) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        pooled = y.mean(dim=(2, 3))  # (B, C)
+        return torch.sigmoid(self.conv(pooled[:, None, :]))[:, 0, :, None, None]
+
+
+class CAResBlock(nn.Module):
+    def __init__(self, channels: int = 256) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=True)
+        self.act = nn.ReLU()
+        self.eca = ECA(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(self.act(self.conv1(self.act(x))))
+        return y * self.eca(y) + x
+
+
+class AlignmentLayer(nn.Module):
+    """``n_blocks`` CAResBlocks, each followed by one shared LayerNorm2d.
+
+    ``form="paper"``: exactly the paper's layer. ``form="gated"``: the same layer
+    wrapped as ``Z + g * (A(Z) - Z)`` with a learnable per-channel ``g`` started at 0.
+    """
+
+    def __init__(self, channels: int = 256, n_blocks: int = 3, form: str = "paper") -> None:
+        super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"unknown Alignment Layer form {form!r}; choose one of {FORMS}")
+        if n_blocks < 1:
+            raise ValueError("an Alignment Layer needs at least one block")
+        self.channels = channels
+        self.n_blocks = n_blocks
+        self.form = form
+        self.blocks = nn.ModuleList(CAResBlock(channels) for _ in range(n_blocks))
+        self.norm = LayerNorm2d(channels, eps=1e-6)  # shared by every block
+        if form == "gated":
+            self.gate = nn.Parameter(torch.zeros(channels))
+
+    def config(self) -> Dict[str, Any]:
+        return {"channels": self.channels, "n_blocks": self.n_blocks, "form": self.form}
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> "AlignmentLayer":
+        return cls(channels=int(config["channels"]), n_blocks=int(config["n_blocks"]), form=str(config["form"]))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = z
+        for block in self.blocks:
+            x = self.norm(block(x))
+        if self.form == "gated":
+            return z + self.gate[None, :, None, None] * (x - z)
+        return x
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

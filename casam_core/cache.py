@@ -1,0 +1,134 @@
+"""Embedding caches: an in-memory LRU bounded in bytes, and an optional on-disk store.
+
+Keys are signatures of the data the encoder saw (the uint8 RGB slice) and of the
+backbone (its fingerprint), so a cached embedding is never used for other pixels or
+another model. On disk each entry is one safetensors file whose metadata repeats
+the key, fingerprint and shape; an entry that disagrees (stale, truncated,
+another format) is detected, deleted and recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Hashable, Optional, Tuple
+
+import numpy as np
+import torch
+
+DISK_FORMAT = "casam-embedding-1"
+
+
+def data_signature(image: np.ndarray, fingerprint: str) -> str:
+    """Hash of the pixels the encoder sees, their shape and the backbone fingerprint."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(fingerprint.encode())
+    digest.update(str(image.shape).encode())
+    digest.update(str(image.dtype).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+class TensorLRU:
+    """Least-recently-used tensor store with a bound on total bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._items: "OrderedDict[Hashable, torch.Tensor]" = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def get(self, key: Hashable) -> Optional[torch.Tensor]:
+        value = self._items.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if key in self._items:
+            self.nbytes -= self._size(self._items.pop(key))
+        self._items[key] = value
+        self.nbytes += size
+        while self.nbytes > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= self._size(old)
+
+    def discard_where(self, predicate) -> int:
+        keys = [k for k in self._items if predicate(k)]
+        for k in keys:
+            self.nbytes -= self._size(self._items.pop(k))
+        return len(keys)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+    @staticmethod
+    def _size(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+
+class DiskEmbeddingCache:
+    """Embeddings on disk, one safetensors file per slice: ``<root>/<key[:2]>/<key>.safetensors``."""
+
+    def __init__(self, root: os.PathLike, fingerprint: str) -> None:
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.stale_found = 0
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def load(self, key: str, shape: Tuple[int, ...]) -> Optional[torch.Tensor]:
+        from safetensors import safe_open
+
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                ok = (
+                    meta.get("format") == DISK_FORMAT
+                    and meta.get("key") == key
+                    and meta.get("fingerprint") == self.fingerprint
+                    and tuple(fh.get_slice("embedding").get_shape()) == tuple(shape)
+                )
+                tensor = fh.get_tensor("embedding") if ok else None
+        except Exception:  # truncated or foreign file
+            tensor = None
+        if tensor is None:
+            self.stale_found += 1
+            path.unlink(missing_ok=True)
+        return tensor
+
+    def save(self, key: str, embedding: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=str(path.parent))
+        os.close(fd)
+        try:
+            save_file(
+                {"embedding": embedding.detach().to("cpu", torch.float32).contiguous()}, tmp,
+                metadata={"format": DISK_FORMAT, "key": key, "fingerprint": self.fingerprint},
+            )
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -1,0 +1,352 @@
+"""The one predictor: segment-anything's contract with CA-SAM's Alignment Layers.
+
+    predictor = CASamPredictor(build_backbone())
+    predictor.set_image(image)                 # frozen embedding Z, computed once, cached
+    masks, scores, logits = predictor.predict(box=[x0, y0, x1, y1], task=None)
+
+``task`` names an Alignment Layer registered with ``add_task`` (``None`` = the
+frozen model). The layer is applied to the cached frozen embedding, and the aligned
+embedding is cached per (image, task), so a click costs only the prompt encoder and
+decoder, and changing the task never re-runs the encoder.
+
+Volumes: ``set_volume`` normalises the whole volume once (so every slice shares one
+intensity window), ``embed_slices`` embeds some or all slices with progress and
+cancellation, ``set_slice`` selects the slice that ``predict`` works on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import Backbone, preprocess_shape
+from .cache import DiskEmbeddingCache, TensorLRU, data_signature
+from .io import normalize_intensity, take_slice, to_rgb
+from .progress import CancelFn, ProgressFn, check_cancel, report
+
+DEFAULT_MEMORY_BYTES = 2 * 1024**3
+DEFAULT_ALIGNED_BYTES = 512 * 1024**2
+# Box sizes tried around point-only clicks on box-only backbones, as fractions of the
+# longest side of the image (plus the spread of the positive clicks).
+POINT_SEARCH_FRACTIONS = (0.06, 0.1, 0.16, 0.25, 0.4, 0.6)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What the predictor knows of one encoded image (or volume slice)."""
+
+    key: str
+    original_size: Tuple[int, int]
+    input_size: Tuple[int, int]
+
+
+@dataclass
+class VolumeState:
+    volume: np.ndarray  # uint8, normalised once for the whole volume
+    axis: int
+    records: Dict[int, ImageRecord] = field(default_factory=dict)
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.volume.shape[self.axis])
+
+    def slice_rgb(self, index: int) -> np.ndarray:
+        return to_rgb(take_slice(self.volume, index, self.axis))
+
+
+class PromptError(ValueError):
+    """Prompts that cannot be used (shape, range, missing labels)."""
+
+
+class CASamPredictor:
+    def __init__(self, backbone: Backbone, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                 aligned_bytes: int = DEFAULT_ALIGNED_BYTES,
+                 disk_cache: Optional[Union[str, os.PathLike]] = None) -> None:
+        self.backbone = backbone
+        self.embeddings = TensorLRU(memory_bytes)
+        self.aligned = TensorLRU(aligned_bytes)
+        self.disk = DiskEmbeddingCache(disk_cache, backbone.fingerprint) if disk_cache else None
+        self.layers: Dict[str, nn.Module] = {}
+        self.encoder_calls = 0  # how many slices went through the image encoder
+        self._current: Optional[ImageRecord] = None
+        self._current_rgb: Optional[np.ndarray] = None  # to re-embed if the LRU evicted it
+        self._current_index = -1
+        self._volume: Optional[VolumeState] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    # -- tasks ----------------------------------------------------------------------
+    def add_task(self, name: str, layer: nn.Module) -> None:
+        """Register (or replace) the Alignment Layer used by ``predict(task=name)``."""
+        layer = layer.to(self.device).eval()
+        layer.requires_grad_(False)
+        self.layers[name] = layer
+        self.aligned.discard_where(lambda k: k[1] == name)
+
+    def remove_task(self, name: str) -> None:
+        self.layers.pop(name, None)
+        self.aligned.discard_where(lambda k: k[1] == name)
+
+    # -- images ---------------------------------------------------------------------
+    def prepare(self, image: np.ndarray, window=None) -> np.ndarray:
+        """Any gray/RGB image -> the uint8 RGB the encoder sees (see io.normalize_intensity)."""
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[2] in (3, 4):
+            image = image[..., :3]
+        elif image.ndim != 2:
+            raise ValueError(f"expected a 2D gray (H, W) or RGB (H, W, 3) image, got shape {image.shape}")
+        if min(image.shape[:2]) < 2:
+            raise ValueError(f"image of shape {image.shape} is too small to segment")
+        return to_rgb(normalize_intensity(image, window))
+
+    def set_image(self, image: np.ndarray, window=None) -> ImageRecord:
+        """Encode a 2D image (or take its embedding from the caches) and make it current."""
+        self._volume = None
+        self._current_rgb = self.prepare(image, window)
+        self._current = self.embed_rgb(self._current_rgb)
+        return self._current
+
+    def embed_rgb(self, rgb: np.ndarray) -> ImageRecord:
+        """Ensure the frozen embedding of a prepared uint8 RGB image is cached; return its record."""
+        key = data_signature(rgb, self.backbone.fingerprint)
+        x, input_size = None, None
+        if key not in self.embeddings:
+            z = self.disk.load(key, self.backbone.embedding_shape) if self.disk else None
+            if z is None:
+                x, input_size = self.backbone.preprocess(rgb)
+                z = self.backbone.encode(x)[0]
+                self.encoder_calls += 1
+                if self.disk:
+                    self.disk.save(key, z)
+            self.embeddings.put(key, z.to(self.device))
+        if input_size is None:
+            input_size = preprocess_shape(rgb.shape[0], rgb.shape[1], self.backbone.img_size)
+        return ImageRecord(key, (int(rgb.shape[0]), int(rgb.shape[1])), tuple(input_size))
+
+    def embedding(self, record: Optional[ImageRecord] = None) -> torch.Tensor:
+        """The frozen embedding Z (256, 64, 64) of ``record`` (default: the current image)."""
+        record = record or self._require_current()
+        z = self.embeddings.get(record.key)
+        if z is None and record == self._current:  # evicted by the LRU: recompute (or reload)
+            source = self._current_rgb if self._volume is None else self._volume.slice_rgb(self._current_index)
+            self.embed_rgb(source)
+            z = self.embeddings.get(record.key)
+        if z is None:
+            raise LookupError("this image's embedding is no longer cached; set it again")
+        return z
+
+    # -- volumes --------------------------------------------------------------------
+    def set_volume(self, volume: np.ndarray, axis: int = 0, window=None, embed_all: bool = False,
+                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> VolumeState:
+        volume = np.asarray(volume)
+        if volume.ndim != 3:
+            raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
+        if axis not in (0, 1, 2):
+            raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+        self._volume = VolumeState(normalize_intensity(volume, window), axis)
+        self._current = self._current_rgb = None
+        if embed_all:
+            self.embed_slices(None, progress=progress, cancel=cancel)
+        return self._volume
+
+    @property
+    def volume(self) -> Optional[VolumeState]:
+        return self._volume
+
+    def slice_record(self, index: int) -> ImageRecord:
+        vol = self._require_volume()
+        record = vol.records.get(index)
+        if record is None or record.key not in self.embeddings:
+            record = self.embed_rgb(vol.slice_rgb(index))
+            vol.records[index] = record
+        return record
+
+    def is_embedded(self, index: int) -> bool:
+        vol = self._require_volume()
+        record = vol.records.get(index)
+        return record is not None and record.key in self.embeddings
+
+    def embed_slices(self, indices: Optional[Iterable[int]] = None, progress: Optional[ProgressFn] = None,
+                     cancel: Optional[CancelFn] = None) -> List[ImageRecord]:
+        """Embed the given slices (default: all), in order, skipping cached ones."""
+        vol = self._require_volume()
+        order = list(range(vol.n_slices)) if indices is None else [int(i) for i in indices]
+        records = []
+        for done, index in enumerate(order, start=1):
+            check_cancel(cancel)
+            records.append(self.slice_record(index))
+            report(progress, done, len(order), f"embedding: slice {index}")
+        return records
+
+    def set_slice(self, index: int) -> ImageRecord:
+        self._current = self.slice_record(index)
+        self._current_index = int(index)
+        return self._current
+
+    # -- features -------------------------------------------------------------------
+    @torch.inference_mode()
+    def features(self, task: Optional[str] = None, record: Optional[ImageRecord] = None) -> torch.Tensor:
+        """Decoder input (1, 256, 64, 64): frozen Z, or A_task(Z) cached per (image, task)."""
+        record = record or self._require_current()
+        z = self.embedding(record)[None]
+        if task is None:
+            return z
+        if task not in self.layers:
+            raise KeyError(f"unknown task {task!r}; registered: {', '.join(self.layers) or 'none'}")
+        cache_key = (record.key, task)
+        aligned = self.aligned.get(cache_key)
+        if aligned is None:
+            aligned = self.layers[task](z)
+            self.aligned.put(cache_key, aligned)
+        return aligned
+
+    # -- prediction -----------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None,
+                multimask_output: bool = False, task: Optional[str] = None,
+                return_logits: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Segment the current image.
+
+        Prompts are in pixel coordinates of the original image: ``point_coords`` (N, 2)
+        as (x, y) with ``point_labels`` (N,) 1 = foreground / 0 = background; ``box``
+        (4,) or several boxes (B, 4) as x0, y0, x1, y1; ``mask_input`` (1, 256, 256) or
+        (B, 1, 256, 256) low-res logits from an earlier call. Points are shared by all
+        boxes unless given per box as (B, N, 2).
+
+        Returns ``masks`` (B, C, H, W) bool at the original resolution (logits if
+        ``return_logits``), ``scores`` (B, C) the decoder's IoU predictions and
+        ``low_res_logits`` (B, C, 256, 256); C = 3 with ``multimask_output`` else 1.
+        """
+        record = self._require_current()
+        points, boxes, masks, batch = self._prompts(record, point_coords, point_labels, box, mask_input)
+        z = self.features(task, record)
+        if points is not None and boxes is None and not self.backbone.spec.point_prompts:
+            low_res, iou = self._point_box_search(z, record, points, masks, multimask_output)
+        else:
+            low_res, iou = self.backbone.decode(z, points, boxes, masks, multimask_output)
+        full = self.backbone.postprocess_masks(low_res, record.input_size, record.original_size)
+        out = full if return_logits else full > 0.0
+        return out.cpu().numpy(), iou.float().cpu().numpy(), low_res.float().cpu().numpy()
+
+    def _prompts(self, record: ImageRecord, point_coords, point_labels, box, mask_input):
+        h, w = record.original_size
+        dev = self.device
+        boxes_t = points = masks_t = None
+        batch = 1
+        if box is not None:
+            b = np.asarray(box, dtype=np.float64)
+            if b.ndim == 1:
+                b = b[None]
+            if b.ndim != 2 or b.shape[1] != 4 or b.shape[0] == 0:
+                raise PromptError(f"box must be (4,) or (B, 4) as x0, y0, x1, y1; got shape {np.shape(box)}")
+            if not np.isfinite(b).all():
+                raise PromptError("box coordinates must be finite numbers")
+            if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
+                raise PromptError(f"box needs x0 <= x1 and y0 <= y1; got {b.tolist()}")
+            b = np.stack([np.clip(b[:, 0], 0, w - 1), np.clip(b[:, 1], 0, h - 1),
+                          np.clip(b[:, 2], 0, w - 1), np.clip(b[:, 3], 0, h - 1)], axis=1)
+            batch = b.shape[0]
+            boxes_t = torch.as_tensor(self.backbone.transform_boxes(b, (h, w)), dtype=torch.float32, device=dev)
+        if point_coords is not None:
+            if point_labels is None:
+                raise PromptError("point_labels are needed with point_coords (1 = foreground, 0 = background)")
+            c = np.asarray(point_coords, dtype=np.float64)
+            lab = np.asarray(point_labels)
+            if c.ndim == 2:
+                c, lab = c[None], lab.reshape(1, -1)
+            if c.ndim != 3 or c.shape[2] != 2 or lab.shape != c.shape[:2] or c.shape[1] == 0:
+                raise PromptError(
+                    f"point_coords must be (N, 2) with point_labels (N,); got {np.shape(point_coords)} "
+                    f"and {np.shape(point_labels)}"
+                )
+            if not np.isfinite(c).all():
+                raise PromptError("point coordinates must be finite numbers")
+            if (c[..., 0] < 0).any() or (c[..., 0] > w - 1).any() or (c[..., 1] < 0).any() or (c[..., 1] > h - 1).any():
+                raise PromptError(f"a point lies outside the {w}x{h} image")
+            if not np.isin(lab, (0, 1)).all():
+                raise PromptError("point labels must be 1 (foreground) or 0 (background)")
+            if c.shape[0] == 1 and batch > 1:
+                c, lab = np.repeat(c, batch, 0), np.repeat(lab, batch, 0)
+            elif c.shape[0] != batch and box is not None:
+                raise PromptError(f"{c.shape[0]} point sets for {batch} boxes")
+            batch = c.shape[0]
+            coords_t = torch.as_tensor(self.backbone.transform_coords(c, (h, w)), dtype=torch.float32, device=dev)
+            points = (coords_t, torch.as_tensor(lab, dtype=torch.int, device=dev))
+        if mask_input is not None:
+            m = torch.as_tensor(np.asarray(mask_input), dtype=torch.float32, device=dev)
+            if m.ndim == 3:
+                m = m[None]
+            size = 4 * self.backbone.embedding_shape[1]
+            if m.ndim != 4 or m.shape[1:] != (1, size, size):
+                raise PromptError(f"mask_input must be (1, {size}, {size}) low-res logits; got {tuple(m.shape)}")
+            if m.shape[0] == 1 and batch > 1:
+                m = m.expand(batch, -1, -1, -1)
+            masks_t = m
+        if boxes_t is None and points is None and masks_t is None:
+            raise PromptError("give at least one prompt: a point, a box or a mask")
+        return points, boxes_t, masks_t, batch
+
+    def _point_box_search(self, z, record: ImageRecord, points, masks, multimask_output: bool):
+        """Point-only prompts on a box-only backbone (LiteMedSAM).
+
+        For each point set: boxes of several sizes centred on the positive clicks are
+        decoded in one batch; a candidate is valid when its mask holds every positive
+        click and no negative one; the valid candidate with the highest predicted IoU
+        wins (the largest box if none is valid).
+        """
+        coords, labels = points
+        h_in, w_in = record.input_size
+        long_side = max(h_in, w_in)
+        low_size = 4 * self.backbone.embedding_shape[1]
+        scale = low_size / self.backbone.img_size
+        out_low, out_iou = [], []
+        for b in range(coords.shape[0]):
+            pos, neg = coords[b][labels[b] == 1], coords[b][labels[b] == 0]
+            if pos.shape[0] == 0:
+                raise PromptError("this backbone needs a box or at least one foreground point (label 1)")
+            lo, hi = pos.min(0).values, pos.max(0).values
+            centre = (lo + hi) / 2
+            spread = (hi - lo) / 2
+            half = torch.stack([spread + f * long_side / 2 for f in POINT_SEARCH_FRACTIONS])  # (K, 2)
+            cand = torch.cat([centre - half, centre + half], dim=1)
+            cand[:, 0::2] = cand[:, 0::2].clamp(0, w_in - 1)
+            cand[:, 1::2] = cand[:, 1::2].clamp(0, h_in - 1)
+            m = None if masks is None else masks[b: b + 1].expand(len(cand), -1, -1, -1)
+            low, iou = self.backbone.decode(z, None, cand, m, False)
+            logits = low[:, 0]
+
+            def inside(pts):
+                ij = (pts * scale).long().clamp(0, low_size - 1)
+                return logits[:, ij[:, 1], ij[:, 0]] > 0  # (K, n_points)
+
+            valid = inside(pos).all(1)
+            if neg.shape[0]:
+                valid &= ~inside(neg).any(1)
+            score = torch.where(valid, iou[:, 0], iou[:, 0] - 2.0)
+            best = int(score.argmax()) if valid.any() else len(cand) - 1
+            if multimask_output:
+                low_b, iou_b = self.backbone.decode(z, None, cand[best: best + 1], m[:1] if m is not None else None,
+                                                    True)
+            else:
+                low_b, iou_b = low[best: best + 1], iou[best: best + 1]
+            out_low.append(low_b)
+            out_iou.append(iou_b)
+        return torch.cat(out_low), torch.cat(out_iou)
+
+    # -- helpers --------------------------------------------------------------------
+    def _require_current(self) -> ImageRecord:
+        if self._current is None:
+            raise RuntimeError("no image is set: call set_image(), or set_volume() then set_slice()")
+        return self._current
+
+    def _require_volume(self) -> VolumeState:
+        if self._volume is None:
+            raise RuntimeError("no volume is set: call set_volume() first")
+        return self._volume
