@@ -19,7 +19,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -190,14 +190,18 @@ def check_same_grid(image: MedicalImage, labels: MedicalImage, atol: float = 1e-
 # Intensities
 # ---------------------------------------------------------------------------------
 def normalize_intensity(array: np.ndarray, window: Optional[Union[str, Tuple[float, float]]] = None,
-                        percentiles: Tuple[float, float] = PERCENTILES) -> np.ndarray:
-    """Any numeric image or volume -> uint8 of the same shape (see the module notes)."""
+                        percentiles: Tuple[float, float] = PERCENTILES, keep_uint8: bool = True) -> np.ndarray:
+    """Any numeric image or volume -> uint8 of the same shape (see the module notes).
+
+    ``keep_uint8``: return uint8 input unchanged (2D photos, PNG/JPEG); volumes pass
+    False so that an 8-bit MR volume is still windowed to its percentiles.
+    """
     a = np.asarray(array)
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
     if not np.issubdtype(a.dtype, np.number):
         raise ValueError(f"cannot normalise an array of dtype {a.dtype}")
-    if a.dtype == np.uint8 and window is None:
+    if a.dtype == np.uint8 and window is None and keep_uint8:
         return a
     a = a.astype(np.float32, copy=True)
     finite = np.isfinite(a)
@@ -349,6 +353,3 @@ def read_dataset(root: PathLike) -> Dataset:
         objects=objects, role=str(meta.get("role", "task")), source=str(meta.get("source", "")), splits=splits,
     )
 
-
-def sorted_labels(mask: np.ndarray, ignore: Sequence[int] = (0,)) -> List[int]:
-    return [int(v) for v in np.unique(mask) if int(v) not in ignore]

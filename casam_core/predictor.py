@@ -150,7 +150,7 @@ class CASamPredictor:
             raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
-        self._volume = VolumeState(normalize_intensity(volume, window), axis)
+        self._volume = VolumeState(normalize_intensity(volume, window, keep_uint8=False), axis)
         self._current = self._current_rgb = None
         if embed_all:
             self.embed_slices(None, progress=progress, cancel=cancel)

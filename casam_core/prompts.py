@@ -1,0 +1,123 @@
+"""Prompts derived from masks, and box propagation through a volume."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .progress import CancelFn, ProgressFn, check_cancel, report
+
+
+def box_from_mask(mask: np.ndarray) -> Optional[np.ndarray]:
+    """Tight box (x0, y0, x1, y1) in pixel coordinates of a 2D mask; None if empty."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
+
+
+def expand_box(box: np.ndarray, shape, margin: float = 0.05, min_px: float = 3.0) -> np.ndarray:
+    """Grow a box by ``margin`` of its size on each side (at least ``min_px``), inside the image."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    dx = max(min_px, margin * (x1 - x0 + 1))
+    dy = max(min_px, margin * (y1 - y0 + 1))
+    h, w = shape[:2]
+    return np.array([max(0.0, x0 - dx), max(0.0, y0 - dy), min(w - 1.0, x1 + dx), min(h - 1.0, y1 + dy)])
+
+
+def parse_box(text: str) -> List[float]:
+    """'x0,y0,x1,y1' -> four floats (CLI and widget fields)."""
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if len(parts) != 4:
+        raise ValueError(f"a box is x0,y0,x1,y1; got {text!r}")
+    try:
+        return [float(p) for p in parts]
+    except ValueError as exc:
+        raise ValueError(f"a box is four numbers x0,y0,x1,y1; got {text!r}") from exc
+
+
+def parse_point(text: str) -> Tuple[List[float], int]:
+    """'x,y' or 'x,y,label' -> ([x, y], label); label 1 = foreground (default), 0 = background."""
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if len(parts) not in (2, 3):
+        raise ValueError(f"a point is x,y or x,y,label; got {text!r}")
+    try:
+        xy = [float(parts[0]), float(parts[1])]
+        label = int(parts[2]) if len(parts) == 3 else 1
+    except ValueError as exc:
+        raise ValueError(f"a point is x,y[,0|1] with numbers; got {text!r}") from exc
+    if label not in (0, 1):
+        raise ValueError(f"a point label is 1 (foreground) or 0 (background); got {label}")
+    return xy, label
+
+
+def propagate_box(predictor, start: int, box: Sequence[float], task=None, max_area_ratio: float = 3.0,
+                  min_score: float = 0.5,
+                  progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
+                  task_for_slice=None) -> Tuple[np.ndarray, Dict[str, object]]:
+    """Segment slice ``start`` of the predictor's volume with ``box``, then carry it up and down.
+
+    Each next slice gets the box of the previous slice's mask, grown by 5 % of its size
+    (at least 3 px: a tight box makes the mask shrink slice after slice). A direction stops
+    when the mask vanishes, when the decoder's own IoU estimate falls under ``min_score``
+    (measured on BraTS: past the tumour's end the box keeps catching small bright
+    spots, at scores of 0.1-0.5), or when the area changes by more than
+    ``max_area_ratio`` (the object ended and the box caught something else).
+    ``task_for_slice(index)``, when given, chooses the task per slice (e.g. the router);
+    otherwise ``task`` is used throughout. Returns the (Z, Y, X) mask in the volume's
+    array order and a summary (slices segmented, where and why each direction stopped).
+    """
+    vol = predictor.volume
+    if vol is None:
+        raise RuntimeError("propagate_box needs a volume: call predictor.set_volume() first")
+    n = vol.n_slices
+    if not 0 <= start < n:
+        raise IndexError(f"start slice {start} is outside 0..{n - 1}")
+    out = np.zeros(vol.volume.shape, dtype=bool)
+
+    def segment(index: int, b):
+        predictor.set_slice(index)
+        t = task_for_slice(index) if task_for_slice is not None else task
+        masks, scores, _ = predictor.predict(box=b, task=t)
+        return masks[0, 0], float(scores[0, 0])
+
+    def put(index: int, m: np.ndarray) -> None:
+        sl = [slice(None)] * 3
+        sl[vol.axis] = index
+        out[tuple(sl)] = m
+
+    first, _ = segment(start, box)
+    put(start, first)
+    summary: Dict[str, object] = {"start": start, "slices": [start]}
+    if not first.any():
+        summary.update(stopped_up="empty start mask", stopped_down="empty start mask")
+        return out, summary
+    budget = n - 1
+    done = 0
+    for direction, name in ((1, "up"), (-1, "down")):
+        prev = first
+        index = start + direction
+        reason = "volume edge"
+        while 0 <= index < n:
+            check_cancel(cancel)
+            mask, score = segment(index, expand_box(box_from_mask(prev), prev.shape))
+            done += 1
+            report(progress, done, budget, f"propagating: slice {index}")
+            area, prev_area = int(mask.sum()), int(prev.sum())
+            if area == 0:
+                reason = f"mask vanished at slice {index}"
+                break
+            if score < min_score:
+                reason = f"predicted IoU {score:.2f} < {min_score} at slice {index}"
+                break
+            if area > max_area_ratio * prev_area or area * max_area_ratio < prev_area:
+                reason = f"area jumped from {prev_area} to {area} px at slice {index}"
+                break
+            put(index, mask)
+            summary["slices"].append(index)
+            prev = mask
+            index += direction
+        summary[f"stopped_{name}"] = reason
+    summary["slices"] = sorted(summary["slices"])
+    return out, summary
