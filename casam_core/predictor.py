@@ -225,7 +225,7 @@ class CASamPredictor:
         ``low_res_logits`` (B, C, 256, 256); C = 3 with ``multimask_output`` else 1.
         """
         record = self._require_current()
-        points, boxes, masks, batch = self._prompts(record, point_coords, point_labels, box, mask_input)
+        points, boxes, masks = self._prompts(record, point_coords, point_labels, box, mask_input)
         z = self.features(task, record)
         if points is not None and boxes is None and not self.backbone.spec.point_prompts:
             low_res, iou = self._point_box_search(z, record, points, masks, multimask_output)
@@ -291,7 +291,7 @@ class CASamPredictor:
             masks_t = m
         if boxes_t is None and points is None and masks_t is None:
             raise PromptError("give at least one prompt: a point, a box or a mask")
-        return points, boxes_t, masks_t, batch
+        return points, boxes_t, masks_t
 
     def _point_box_search(self, z, record: ImageRecord, points, masks, multimask_output: bool):
         """Point-only prompts on a box-only backbone (LiteMedSAM).

@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh Debian/Ubuntu machine with Python 3.11:
+#   make demo   - install (once) and run the headless segmentation demo on the samples
+#   make test   - install (once), add the system packages the GUI tests need, run all tests
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench install sysdeps clean
+
+demo: $(STAMP)
+	$(BIN)/casam demo --out demo_out
+
+test: $(STAMP) sysdeps
+	scripts/run_tests.sh
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/latency.py
+
+install: $(STAMP)
+
+# Exact versions come from requirements.lock (a constraints file); torch 2.14.1 and
+# torchvision 0.29.1 are what timm (TinyViT) needs and what pip finds on local disk here.
+$(STAMP): setup.cfg requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[napari,test]"
+	touch $(STAMP)
+
+sysdeps:
+	scripts/install_system_deps.sh
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,48 @@
+"""Shared fixtures: the real LiteMedSAM backbone (built once) and the project's data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples"
+DATA = Path(os.environ.get("CASAM_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    from casam_core import build_backbone
+
+    return build_backbone("litemedsam", device="cpu")
+
+
+@pytest.fixture()
+def predictor(backbone):
+    from casam_core import CASamPredictor
+
+    return CASamPredictor(backbone)
+
+
+def dataset_case(name: str, split: str = "test", index: int = 0):
+    """(image array, label array) of one real case; skips the test when the data is absent."""
+    root = DATA / name
+    if not (root / "dataset.json").is_file():
+        pytest.skip(f"real data not found at {root} (set CASAM_DATA to the shared data folder)")
+    from casam_core.io import read_image, read_labels
+
+    case = json.loads((root / "dataset.json").read_text())[split][index]
+    image = read_image(root / case["image"])
+    labels = read_labels(root / case["mask"], like=image)
+    return image.array, labels.array
+
+
+def centre_point(mask: np.ndarray):
+    """The foreground pixel nearest the mask centroid, as (x, y)."""
+    ys, xs = np.nonzero(mask)
+    i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    return int(xs[i]), int(ys[i])

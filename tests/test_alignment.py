@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from casam_core.alignment import AlignmentLayer, CAResBlock, count_parameters
+
+
+def test_paper_layer_has_the_papers_parameter_count():
+    assert count_parameters(AlignmentLayer()) == 3_541_007
+    # one block: two 3x3 convs with bias + the ECA conv (5 weights) + the shared norm
+    assert count_parameters(AlignmentLayer(n_blocks=1)) == 2 * (256 * 256 * 9 + 256) + 5 + 512
+
+
+def test_gated_form_adds_one_gate_per_channel():
+    assert count_parameters(AlignmentLayer(form="gated")) == 3_541_007 + 256
+
+
+def test_one_layernorm_is_shared_by_every_block():
+    layer = AlignmentLayer()
+    norms = [m for m in layer.modules() if type(m).__name__ == "LayerNorm2d"]
+    assert len(norms) == 1 and norms[0].eps == 1e-6
+
+
+def test_eca_is_a_kernel_5_conv_without_bias():
+    eca = CAResBlock().eca.conv
+    assert eca.kernel_size == (5,) and eca.padding == (2,) and eca.bias is None
+    assert eca.in_channels == eca.out_channels == 1
+
+
+def test_gated_layer_at_zero_is_exactly_the_identity():
+    torch.manual_seed(0)
+    layer = AlignmentLayer(form="gated").eval()
+    z = torch.randn(2, 256, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(layer(z), z)
+        layer.gate.fill_(0.5)
+        assert not torch.equal(layer(z), z)
+
+
+def test_paper_layer_changes_features_and_keeps_shape():
+    torch.manual_seed(0)
+    layer = AlignmentLayer().eval()
+    z = torch.randn(1, 256, 64, 64)
+    with torch.no_grad():
+        out = layer(z)
+    assert out.shape == z.shape
+    assert (out - z).abs().mean() > 0.1
+    # every block ends in the shared LayerNorm: unit variance across channels
+    assert torch.allclose(out.var(dim=1, unbiased=False).mean(), torch.tensor(1.0), atol=1e-3)
+
+
+def test_gradients_reach_the_gate_and_the_convs():
+    layer = AlignmentLayer(form="gated")
+    z = torch.randn(1, 256, 16, 16)
+    layer(z).square().mean().backward()
+    assert layer.gate.grad is not None and layer.gate.grad.abs().sum() > 0
+
+
+def test_config_round_trip_and_bad_form():
+    layer = AlignmentLayer(n_blocks=2, form="gated")
+    again = AlignmentLayer.from_config(layer.config())
+    assert again.config() == {"channels": 256, "n_blocks": 2, "form": "gated"}
+    with pytest.raises(ValueError, match="unknown Alignment Layer form"):
+        AlignmentLayer(form="identity")
+
+
+def test_core_imports_no_gui_toolkit():
+    import ast
+    from pathlib import Path
+
+    core = Path(__file__).resolve().parent.parent / "casam_core"
+    banned = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "superqt")
+    for path in core.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in banned, f"{path.name} imports {name}"

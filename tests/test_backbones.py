@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+
+from casam_core import CASamPredictor, build_backbone
+from casam_core.backbones import (
+    LITEMEDSAM_SHA256, BackboneError, litemedsam_checkpoint_path, preprocess_shape,
+    verify_litemedsam_checkpoint,
+)
+
+
+def test_default_backbone_is_verified_litemedsam(backbone):
+    assert backbone.name == "litemedsam"
+    assert backbone.fingerprint == f"litemedsam:{LITEMEDSAM_SHA256[:16]}"
+    assert backbone.embedding_shape == (256, 64, 64)
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert not backbone.training
+    backbone.train()  # a frozen backbone refuses to leave eval mode
+    assert not backbone.training
+
+
+def test_tampered_litemedsam_checkpoint_is_refused(tmp_path):
+    data = bytearray(litemedsam_checkpoint_path().read_bytes())
+    data[1000] ^= 0xFF
+    bad = tmp_path / "lite_medsam.pth"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BackboneError, match="SHA-256"):
+        verify_litemedsam_checkpoint(bad)
+    bad.write_bytes(bytes(data[:-10]))
+    with pytest.raises(BackboneError, match="bytes, expected"):
+        verify_litemedsam_checkpoint(bad)
+
+
+def test_unknown_backbone_name():
+    with pytest.raises(BackboneError, match="unknown backbone 'vit_q'.*litemedsam"):
+        build_backbone("vit_q")
+
+
+def test_missing_sam_checkpoint_names_the_expected_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("CASAM_CHECKPOINT_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(BackboneError, match="sam_vit_b_01ec64.pth"):
+        build_backbone("sam_vit_b")
+    with pytest.raises(BackboneError, match="does not exist.*sam_vit_l_0b3195.pth"):
+        build_backbone("sam_vit_l", checkpoint=tmp_path / "nope.pth")
+
+
+def test_a_file_that_is_not_a_checkpoint(tmp_path):
+    junk = tmp_path / "sam_vit_b_01ec64.pth"
+    junk.write_bytes(b"this is not a checkpoint" * 100)
+    with pytest.raises(BackboneError, match=r"cannot read checkpoint .*sam_vit_b_01ec64.pth"):
+        build_backbone("sam_vit_b", checkpoint=junk)
+
+
+def test_a_pickled_object_is_never_unpickled(tmp_path):
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": _Payload()}, evil)
+    with pytest.raises(BackboneError, match="not a PyTorch weights file"):
+        build_backbone("sam_vit_b", checkpoint=evil)
+    assert not _Payload.ran
+
+
+class _Payload:
+    ran = False
+
+    def __reduce__(self):
+        return (_Payload._run, ())
+
+    @staticmethod
+    def _run():
+        _Payload.ran = True
+        return None
+
+
+def test_the_wrong_checkpoint_for_the_backbone(tmp_path):
+    # LiteMedSAM's real weights handed to the ViT-B builder
+    with pytest.raises(BackboneError, match="does not fit backbone 'sam_vit_b'.*sam_vit_b_01ec64.pth"):
+        build_backbone("sam_vit_b", checkpoint=litemedsam_checkpoint_path())
+
+
+def test_sam_vit_b_checkpoint_path_loads_and_fingerprints(tmp_path):
+    # A real file through the real loading path: the random ViT-B weights saved as a checkpoint.
+    random_b = build_backbone("sam_vit_b", random_weights=True)
+    ckpt = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save({k: v for k, v in random_b.state_dict().items()}, ckpt)
+    loaded = build_backbone("sam_vit_b", checkpoint=tmp_path)  # a folder holding the file works too
+    assert loaded.fingerprint.startswith("sam_vit_b:") and loaded.fingerprint != "sam_vit_b:random"
+    for (k, a), (_, b) in zip(random_b.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.slow
+def test_sam_vit_b_builds_and_predicts_with_random_weights():
+    backbone = build_backbone("sam_vit_b", device="cpu", random_weights=True)
+    assert backbone.img_size == 1024 and backbone.fingerprint == "sam_vit_b:random"
+    predictor = CASamPredictor(backbone)
+    image = (np.random.default_rng(0).random((300, 200)) * 255).astype(np.uint8)
+    record = predictor.set_image(image)
+    assert record.original_size == (300, 200) and record.input_size == (1024, 683)
+    masks, scores, low = predictor.predict(box=[10, 10, 100, 150])
+    assert masks.shape == (1, 1, 300, 200) and scores.shape == (1, 1) and low.shape == (1, 1, 256, 256)
+    masks, scores, _ = predictor.predict(point_coords=[[50, 60]], point_labels=[1], multimask_output=True)
+    assert masks.shape == (1, 3, 300, 200) and np.isfinite(scores).all()
+
+
+def test_preprocessing_keeps_aspect_and_pads(backbone):
+    image = np.zeros((100, 300, 3), np.uint8)
+    image[20:60, 50:250] = 200
+    x, size = backbone.preprocess(image)
+    assert size == preprocess_shape(100, 300, 256) == (85, 256)
+    assert x.shape == (1, 3, 256, 256)
+    assert float(x[..., :85, :].max()) == pytest.approx(1.0) and float(x[..., :85, :].min()) == 0.0
+    assert float(x[..., 85:, :].abs().max()) == 0.0  # bottom padding
+    boxes = backbone.transform_boxes(np.array([[0, 0, 300, 100]]), (100, 300))
+    assert np.allclose(boxes, [[0, 0, 256, 85]], atol=0.01)

@@ -1,0 +1,159 @@
+"""The predictor on real LiteMedSAM weights and real images."""
+
+import numpy as np
+import pytest
+import torch
+
+from casam_core import AlignmentLayer, CASamPredictor
+from casam_core.metrics import dice
+from casam_core.predictor import PromptError
+from casam_core.prompts import box_from_mask
+
+from conftest import centre_point, dataset_case
+
+
+@pytest.fixture(scope="module")
+def kvasir():
+    image, labels = dataset_case("kvasir_polyp", "test", 0)
+    return image, labels == 1
+
+
+@pytest.fixture(scope="module")
+def kvasir_predictor(backbone, kvasir):
+    predictor = CASamPredictor(backbone)
+    predictor.set_image(kvasir[0])
+    return predictor
+
+
+def test_ground_truth_box_segments_the_polyp(kvasir, kvasir_predictor):
+    image, gt = kvasir
+    assert image.shape[0] != image.shape[1]  # a non-square endoscopy frame
+    masks, scores, low = kvasir_predictor.predict(box=box_from_mask(gt))
+    assert masks.shape == (1, 1) + gt.shape  # back at the original resolution
+    assert low.shape == (1, 1, 256, 256)
+    assert dice(masks[0, 0], gt) >= 0.8
+    assert 0.5 < scores[0, 0] <= 1.2
+
+
+def test_a_positive_point_gives_a_mask_that_contains_it(kvasir, kvasir_predictor):
+    _, gt = kvasir
+    x, y = centre_point(gt)
+    masks, scores, _ = kvasir_predictor.predict(point_coords=[[x, y]], point_labels=[1])
+    mask = masks[0, 0]
+    assert mask.any() and mask[y, x]
+    assert dice(mask, gt) > 0.5
+
+
+def test_a_negative_point_is_respected(kvasir, kvasir_predictor):
+    _, gt = kvasir
+    x, y = centre_point(gt)
+    ys, xs = np.nonzero(~gt)
+    far = int(np.argmax((ys - y) ** 2 + (xs - x) ** 2))
+    masks, _, _ = kvasir_predictor.predict(point_coords=[[x, y], [xs[far], ys[far]]], point_labels=[1, 0])
+    assert masks[0, 0, y, x] and not masks[0, 0, ys[far], xs[far]]
+
+
+def test_several_boxes_at_once(kvasir, kvasir_predictor):
+    _, gt = kvasir
+    box = box_from_mask(gt)
+    h, w = gt.shape
+    boxes = np.stack([box, [0, 0, w // 4, h // 4]])
+    masks, scores, low = kvasir_predictor.predict(box=boxes)
+    assert masks.shape == (2, 1, h, w) and scores.shape == (2, 1)
+    single, _, _ = kvasir_predictor.predict(box=box)
+    assert dice(masks[0, 0], single[0, 0]) > 0.99
+
+
+def test_multimask_and_mask_input(kvasir, kvasir_predictor):
+    _, gt = kvasir
+    masks, scores, low = kvasir_predictor.predict(box=box_from_mask(gt), multimask_output=True)
+    assert masks.shape == (1, 3) + gt.shape and low.shape == (1, 3, 256, 256)
+    refined, _, _ = kvasir_predictor.predict(box=box_from_mask(gt), mask_input=low[0, :1])
+    assert dice(refined[0, 0], gt) >= 0.8
+
+
+def test_the_embedding_is_computed_once_per_image(backbone, kvasir):
+    predictor = CASamPredictor(backbone)
+    predictor.set_image(kvasir[0])
+    predictor.set_image(kvasir[0].copy())
+    assert predictor.encoder_calls == 1
+    other = kvasir[0].copy()
+    other[0, 0, 0] ^= 1  # one different pixel is another image
+    predictor.set_image(other)
+    assert predictor.encoder_calls == 2
+
+
+def test_tasks_apply_to_cached_features_once(kvasir, kvasir_predictor):
+    _, gt = kvasir
+    box = box_from_mask(gt)
+    frozen, frozen_scores, _ = kvasir_predictor.predict(box=box)
+    layer = AlignmentLayer(form="gated")  # gate at 0: exactly the frozen model
+    calls = []
+    layer.register_forward_hook(lambda *a: calls.append(1))
+    kvasir_predictor.add_task("polyp", layer)
+    for _ in range(3):
+        aligned, aligned_scores, _ = kvasir_predictor.predict(box=box, task="polyp")
+    assert len(calls) == 1  # applied once, then cached per (image, task)
+    assert np.array_equal(aligned, frozen) and np.allclose(aligned_scores, frozen_scores)
+    # a paper-form layer with random init really changes what the decoder sees
+    torch.manual_seed(0)
+    kvasir_predictor.add_task("polyp", AlignmentLayer())  # replacing a task drops its cache
+    changed, _, _ = kvasir_predictor.predict(box=box, task="polyp")
+    assert not np.array_equal(changed, frozen)
+    with pytest.raises(KeyError, match="unknown task 'liver'"):
+        kvasir_predictor.predict(box=box, task="liver")
+    kvasir_predictor.remove_task("polyp")
+
+
+def test_disk_cache_reuses_and_detects_stale_entries(backbone, kvasir, tmp_path):
+    first = CASamPredictor(backbone, disk_cache=tmp_path)
+    rec = first.set_image(kvasir[0])
+    z = first.embedding().clone()
+    second = CASamPredictor(backbone, disk_cache=tmp_path)
+    second.set_image(kvasir[0])
+    assert second.encoder_calls == 0 and torch.equal(second.embedding(), z)
+    # an entry written for another backbone under the same name is stale: not used
+    from safetensors.torch import save_file
+
+    (entry,) = list(tmp_path.rglob(f"{rec.key}.safetensors"))
+    save_file({"embedding": torch.zeros(256, 64, 64)}, str(entry),
+              metadata={"format": "casam-embedding-1", "key": rec.key, "fingerprint": "sam_vit_b:0000"})
+    third = CASamPredictor(backbone, disk_cache=tmp_path)
+    third.set_image(kvasir[0])
+    assert third.encoder_calls == 1 and third.disk.stale_found == 1
+    assert torch.equal(third.embedding(), z)
+    entry.write_bytes(b"truncated")
+    fourth = CASamPredictor(backbone, disk_cache=tmp_path)
+    fourth.set_image(kvasir[0])
+    assert fourth.encoder_calls == 1 and torch.equal(fourth.embedding(), z)
+
+
+def test_memory_cache_is_bounded(backbone):
+    predictor = CASamPredictor(backbone, memory_bytes=2 * 256 * 64 * 64 * 4)
+    rng = np.random.default_rng(1)
+    images = [(rng.random((64, 64)) * 255).astype(np.uint8) for _ in range(3)]
+    for im in images:
+        predictor.set_image(im)
+    assert len(predictor.embeddings) == 2
+    predictor.set_image(images[0])  # evicted: computed again
+    assert predictor.encoder_calls == 4
+
+
+def test_prompt_errors_are_clear(kvasir_predictor):
+    with pytest.raises(PromptError, match="at least one prompt"):
+        kvasir_predictor.predict()
+    with pytest.raises(PromptError, match="x0 <= x1"):
+        kvasir_predictor.predict(box=[50, 50, 10, 10])
+    with pytest.raises(PromptError, match=r"\(4,\) or \(B, 4\)"):
+        kvasir_predictor.predict(box=[1, 2, 3])
+    with pytest.raises(PromptError, match="point_labels are needed"):
+        kvasir_predictor.predict(point_coords=[[10, 10]])
+    with pytest.raises(PromptError, match="outside"):
+        kvasir_predictor.predict(point_coords=[[10_000, 10]], point_labels=[1])
+    with pytest.raises(PromptError, match="finite"):
+        kvasir_predictor.predict(box=[0, 0, np.nan, 10])
+
+
+def test_predict_before_an_image_is_set(predictor):
+    with pytest.raises(RuntimeError, match="no image is set"):
+        predictor.predict(box=[0, 0, 10, 10])
