@@ -61,6 +61,8 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
     image = read_image(input_path)
     if image.is_volume and path_suffix(out) not in VOLUME_SUFFIXES:
         raise CLIError(f"{out}: a volume's mask is written as .nii.gz, .nii, .mha or .nrrd")
+    if not image.is_volume and slice_index is not None:
+        raise CLIError(f"{input_path} is a 2D image: --slice is for volumes")
     coords = np.array([p[0] for p in points]) if points else None
     labels = np.array([p[1] for p in points]) if points else None
     box = np.array(boxes) if boxes else None

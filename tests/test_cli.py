@@ -68,6 +68,8 @@ def test_errors_are_one_line_with_a_non_zero_exit(tmp_path, capsys):
     assert code == 2 and "--slice" in err
     code, _, err = _run(capsys, "segment", vol, "--out", tmp_path / "m.png", "--box", "1,1,5,5", "--slice", 3)
     assert code == 2 and ".nii.gz" in err
+    code, _, err = _run(capsys, "segment", HC18, "--out", tmp_path / "m.png", "--box", "1,1,5,5", "--slice", 3)
+    assert code == 2 and "2D image: --slice is for volumes" in err
     code, _, err = _run(capsys, "segment", HC18, "--out", tmp_path / "m.png", "--box", "1,1,5,5",
                         "--backbone", "sam_vit_h", "--checkpoint", tmp_path / "x.pth")
     assert code == 2 and "sam_vit_h_4b8939.pth" in err
