@@ -70,12 +70,7 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
     t0 = time.perf_counter()
     if not image.is_volume:
         predictor.set_image(image.array, window=window)
-        masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels, box=box)
-        # several boxes -> one label per box (1, 2, ...), later boxes on top
-        result = np.zeros(image.spatial_shape, np.uint8)
-        for i in range(masks.shape[0]):
-            result[masks[i, 0]] = i + 1
-        info["scores"] = [float(s) for s in scores[:, 0]]
+        result, info["scores"] = _labelled(predictor, coords, labels, box)
         picture = overlay(image.array, result, boxes[0] if boxes else None)
     else:
         n = image.array.shape[axis]
@@ -89,14 +84,13 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
             info["propagation"] = summary
         else:
             predictor.set_slice(slice_index)
-            masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels, box=box)
-            result = np.zeros(image.array.shape, bool)
+            result = np.zeros(image.array.shape, np.uint8)
             index = [slice(None)] * 3
             index[axis] = slice_index
-            result[tuple(index)] = masks[:, 0].any(0)
-            info["scores"] = [float(s) for s in scores[:, 0]]
+            result[tuple(index)], info["scores"] = _labelled(predictor, coords, labels, box)
         result = result.astype(np.uint8)
-        picture = volume_montage(image.array, result, axis, box_slice=slice_index,
+        # the montage reuses the predictor's once-windowed uint8 volume
+        picture = volume_montage(predictor.volume.volume, result, axis, box_slice=slice_index,
                                  box=boxes[0] if boxes else None)
     write_mask(result, out, reference=image)
     if overlay_path:
@@ -105,6 +99,15 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
     info["mask_voxels"] = int((result > 0).sum())
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return info
+
+
+def _labelled(predictor: CASamPredictor, coords, labels, box):
+    """Predict on the current image; several boxes -> one label each (1, 2, ...), later on top."""
+    masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels, box=box)
+    result = np.zeros(masks.shape[2:], np.uint8)
+    for i in range(masks.shape[0]):
+        result[masks[i, 0]] = i + 1
+    return result, [float(v) for v in scores[:, 0]]
 
 
 def cmd_segment(args) -> dict:

@@ -247,7 +247,7 @@ def take_slice(volume: np.ndarray, index: int, axis: int = 0) -> np.ndarray:
 # ---------------------------------------------------------------------------------
 # Writing (atomic: temp file in the same folder, then rename)
 # ---------------------------------------------------------------------------------
-def _atomic_target(path: Path) -> Path:
+def atomic_target(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path_suffix(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=str(path.parent))
@@ -280,7 +280,7 @@ def write_mask(mask: np.ndarray, path: PathLike, reference: Optional[MedicalImag
         img.SetSpacing(reference.spacing)
         img.SetOrigin(reference.origin)
         img.SetDirection(reference.direction)
-    tmp = _atomic_target(path)
+    tmp = atomic_target(path)
     try:
         sitk.WriteImage(img, str(tmp), True if suffix in VOLUME_SUFFIXES else False)
         os.replace(tmp, path)
@@ -292,7 +292,7 @@ def write_mask(mask: np.ndarray, path: PathLike, reference: Optional[MedicalImag
 
 def write_json(data, path: PathLike) -> Path:
     path = Path(path)
-    tmp = _atomic_target(path)
+    tmp = atomic_target(path)
     try:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
         os.replace(tmp, path)

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .io import normalize_intensity, take_slice, to_rgb
+from .io import atomic_target, normalize_intensity, take_slice, to_rgb
 
 COLORS = np.array([[255, 64, 64], [64, 200, 255], [255, 200, 0], [120, 255, 120], [220, 120, 255]], np.float32)
 
@@ -42,8 +42,12 @@ def overlay(image: np.ndarray, mask: np.ndarray, box: Optional[Sequence[float]] 
 
 def volume_montage(volume: np.ndarray, mask: np.ndarray, axis: int = 0, n: int = 6,
                    box_slice: Optional[int] = None, box: Optional[Sequence[float]] = None) -> np.ndarray:
-    """Up to ``n`` slices across the segmented range, side by side (volume windowed once)."""
-    vol8 = normalize_intensity(volume, keep_uint8=False)
+    """Up to ``n`` slices across the segmented range, side by side.
+
+    ``volume``: an already windowed uint8 volume (e.g. ``predictor.volume.volume``), used
+    as it is, or a raw one, windowed here once for the whole volume.
+    """
+    vol8 = volume if volume.dtype == np.uint8 else normalize_intensity(volume, keep_uint8=False)
     other = tuple(a for a in range(3) if a != axis)
     present = np.nonzero(np.asarray(mask).any(axis=other))[0]
     if present.size == 0:
@@ -57,9 +61,16 @@ def volume_montage(volume: np.ndarray, mask: np.ndarray, axis: int = 0, n: int =
 
 
 def save_png(rgb: np.ndarray, path) -> Path:
+    import os
+
     from PIL import Image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
+    tmp = atomic_target(path)  # temp file beside the target, then rename
+    try:
+        Image.fromarray(rgb).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path

@@ -80,3 +80,14 @@ def test_backbones_listing(capsys):
     code, out, _ = _run(capsys, "backbones", "--json")
     rows = json.loads(out)
     assert code == 0 and rows["litemedsam"]["input"] == 256 and rows["sam_vit_b"]["input"] == 1024
+
+
+def test_two_boxes_on_a_volume_slice_get_one_label_each(tmp_path, capsys):
+    src = read_image(SAMPLES / "hippocampus_mri" / "hippocampus_003.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(src.array[14:16]), str(tmp_path / "v.nii.gz"))
+    code, out, err = _run(capsys, "segment", tmp_path / "v.nii.gz", "--out", tmp_path / "s.nii.gz",
+                          "--box", "5,5,20,25", "--box", "20,20,33,45", "--slice", 0, "--json", "--device", "cpu")
+    assert code == 0, err
+    seg = read_labels(tmp_path / "s.nii.gz").array
+    assert set(np.unique(seg[0])) <= {0, 1, 2} and 2 in np.unique(seg[0]) and not seg[1].any()
+    assert len(json.loads(out)["details"]["scores"]) == 2
