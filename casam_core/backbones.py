@@ -171,17 +171,19 @@ class Backbone(nn.Module):
         return self.image_encoder(x)
 
     def decode(self, embeddings: torch.Tensor, points=None, boxes=None, masks=None,
-               multimask_output: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+               multimask_output: bool = False, mask_decoder: Optional[nn.Module] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder on (already aligned) embeddings of ONE image.
 
         ``embeddings``: (1, 256, 64, 64); prompts in the model frame, batched over B:
         ``points`` = (coords (B, N, 2), labels (B, N)), ``boxes`` (B, 4), ``masks``
         (B, 1, 256, 256) logits. Returns low-res logits (B, C, 256, 256) and the
         decoder's IoU predictions (B, C). Not wrapped in inference mode: training
-        back-propagates through it into an Alignment Layer.
+        back-propagates through it into an Alignment Layer. ``mask_decoder`` replaces the
+        frozen decoder (the decoder fine-tuning baseline of the continual benchmark).
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        return self.mask_decoder(
+        return (mask_decoder or self.mask_decoder)(
             image_embeddings=embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
             multimask_output=multimask_output,

@@ -20,9 +20,12 @@ from .backbones import BACKBONES, DEFAULT_BACKBONE, BackboneError, build_backbon
 from .io import VOLUME_SUFFIXES, WINDOWS, ImageIOError, path_suffix, read_image, read_labels, write_mask
 from .metrics import dice
 from .overlay import overlay, save_png, volume_montage
-from .predictor import CASamPredictor, PromptError
+from .evaluate import evaluate_dataset
+from .library import TaskLibrary, TaskLibraryError, default_library_path
+from .predictor import AUTO, FROZEN_NAMES, CASamPredictor, PromptError
 from .progress import Cancelled, TqdmProgress
 from .prompts import box_from_mask, parse_box, parse_point, propagate_box
+from .training import LearnConfig, TaskDataError, learn_task, load_task_data
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -39,9 +42,36 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="on-disk embedding cache folder (optional)")
 
 
-def _predictor(args) -> CASamPredictor:
+def _add_library_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--library", default=None,
+                   help=f"task library folder (default $CASAM_LIBRARY or {default_library_path()})")
+
+
+def _library(args) -> TaskLibrary:
+    return TaskLibrary(getattr(args, "library", None))
+
+
+def _predictor(args, with_tasks: bool = False) -> CASamPredictor:
     backbone = build_backbone(args.backbone, args.checkpoint, args.device)
-    return CASamPredictor(backbone, disk_cache=args.cache_dir)
+    predictor = CASamPredictor(backbone, disk_cache=args.cache_dir)
+    if with_tasks:
+        skipped = predictor.load_tasks(_library(args))
+        for name, why in skipped.items():
+            print(f"casam: task {name!r} not loaded: {why}", file=sys.stderr)
+    return predictor
+
+
+def _route(predictor: CASamPredictor, task: Optional[str], volume: bool, progress=None) -> dict:
+    """Resolve --task for the current image/volume -> the route report (stable keys)."""
+    mode = (task or "none").lower()
+    if mode == AUTO:
+        decision = predictor.route_volume(progress=progress) if volume else predictor.route()
+        return dict(decision.to_json(), mode="auto")
+    if mode in FROZEN_NAMES:
+        return {"decision": None, "scores": {}, "tau": {}, "mode": "frozen"}
+    if task not in predictor.layers:
+        raise CLIError(f"unknown task {task!r}; the library has: {', '.join(predictor.layers) or 'no tasks'}")
+    return {"decision": task, "scores": {}, "tau": {}, "mode": "named"}
 
 
 def _echo(args, text: str) -> None:
@@ -54,8 +84,13 @@ def _echo(args, text: str) -> None:
 # ---------------------------------------------------------------------------------
 def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: List[List[float]],
                  points: List, slice_index: Optional[int] = None, axis: int = 0, window=None,
-                 propagate: bool = True, overlay_path: Optional[str] = None, progress=None) -> dict:
-    """Segment one 2D image or volume with box/point prompts and write the mask (+ overlay)."""
+                 propagate: bool = True, overlay_path: Optional[str] = None, progress=None,
+                 task: Optional[str] = None) -> dict:
+    """Segment one 2D image or volume with box/point prompts and write the mask (+ overlay).
+
+    ``task``: "auto" (the router decides; one route per image or volume), "none"/None
+    (frozen model) or a task name. The report's ``route`` says what was used.
+    """
     if not boxes and not points:
         raise CLIError("give a prompt: --box x0,y0,x1,y1 and/or --point x,y[,label]")
     image = read_image(input_path)
@@ -70,7 +105,8 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
     t0 = time.perf_counter()
     if not image.is_volume:
         predictor.set_image(image.array, window=window)
-        result, info["scores"] = _labelled(predictor, coords, labels, box)
+        info["route"] = _route(predictor, task, False)
+        result, info["scores"] = _labelled(predictor, coords, labels, box, info["route"]["decision"])
         picture = overlay(image.array, result, boxes[0] if boxes else None)
     else:
         n = image.array.shape[axis]
@@ -79,15 +115,17 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
         if not 0 <= slice_index < n:
             raise CLIError(f"--slice {slice_index} is outside 0..{n - 1} for {input_path} along axis {axis}")
         predictor.set_volume(image.array, axis=axis, window=window)
+        info["route"] = _route(predictor, task, True, progress)
+        chosen = info["route"]["decision"]
         if propagate and box is not None and len(box) == 1 and coords is None:
-            result, summary = propagate_box(predictor, slice_index, box[0], progress=progress)
+            result, summary = propagate_box(predictor, slice_index, box[0], task=chosen, progress=progress)
             info["propagation"] = summary
         else:
             predictor.set_slice(slice_index)
             result = np.zeros(image.array.shape, np.uint8)
             index = [slice(None)] * 3
             index[axis] = slice_index
-            result[tuple(index)], info["scores"] = _labelled(predictor, coords, labels, box)
+            result[tuple(index)], info["scores"] = _labelled(predictor, coords, labels, box, chosen)
         result = result.astype(np.uint8)
         # the montage reuses the predictor's once-windowed uint8 volume
         picture = volume_montage(predictor.volume.volume, result, axis, box_slice=slice_index,
@@ -101,9 +139,9 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
     return info
 
 
-def _labelled(predictor: CASamPredictor, coords, labels, box):
+def _labelled(predictor: CASamPredictor, coords, labels, box, task: Optional[str] = None):
     """Predict on the current image; several boxes -> one label each (1, 2, ...), later on top."""
-    masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels, box=box)
+    masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels, box=box, task=task)
     result = np.zeros(masks.shape[2:], np.uint8)
     for i in range(masks.shape[0]):
         result[masks[i, 0]] = i + 1
@@ -113,12 +151,146 @@ def _labelled(predictor: CASamPredictor, coords, labels, box):
 def cmd_segment(args) -> dict:
     boxes = [parse_box(b) for b in args.box]
     points = [parse_point(p) for p in args.point]
-    predictor = _predictor(args)
+    predictor = _predictor(args, with_tasks=args.task.lower() not in FROZEN_NAMES)
     progress = None if args.json else TqdmProgress()
     info = segment_file(predictor, args.input, args.out, boxes, points, args.slice, args.axis, args.window,
-                        not args.no_propagate, args.overlay, progress)
+                        not args.no_propagate, args.overlay, progress, task=args.task)
+    _echo(args, f"route: {_route_text(info['route'])}")
     _echo(args, f"wrote {info['out']} ({info['mask_voxels']} foreground pixels/voxels)")
     return {"out": info["out"], "route": info["route"], "mask_voxels": info["mask_voxels"], "details": info}
+
+
+def _route_text(route: dict) -> str:
+    if route.get("mode") == "named":
+        return f"task {route['decision']} (chosen with --task)"
+    if route.get("mode") == "frozen":
+        return "frozen model (chosen with --task)"
+    if not route["scores"]:
+        return "frozen model (no learned task for this backbone)"
+    best = min(route["scores"], key=route["scores"].get)
+    s, t = route["scores"][best], route["tau"][best]
+    if route["decision"] is None:
+        return f"frozen model: out of distribution (closest task {best}: score {s:.4g} > tau {t:.4g})"
+    return f"task {route['decision']} (score {s:.4g} <= tau {t:.4g})"
+
+
+# ---------------------------------------------------------------------------------
+# route, eval, learn, tasks
+# ---------------------------------------------------------------------------------
+def cmd_route(args) -> dict:
+    predictor = _predictor(args, with_tasks=True)
+    image = read_image(args.input)
+    if image.is_volume:
+        predictor.set_volume(image.array, axis=args.axis, window=args.window)
+        route = _route(predictor, AUTO, True, None if args.json else TqdmProgress())
+    else:
+        predictor.set_image(image.array, window=args.window)
+        route = _route(predictor, AUTO, False)
+    route.pop("mode", None)
+    if not args.json:
+        print(f"{args.input}: {_route_text(dict(route, mode='auto'))}")
+        for name in sorted(route["scores"], key=route["scores"].get):
+            flag = "in" if route["scores"][name] <= route["tau"][name] else "out"
+            print(f"    {name:24s} score {route['scores'][name]:10.4g}   tau {route['tau'][name]:10.4g}   {flag}")
+    return route
+
+
+def cmd_eval(args) -> dict:
+    task = args.task
+    predictor = _predictor(args, with_tasks=task.lower() not in FROZEN_NAMES)
+    if task.lower() not in FROZEN_NAMES + (AUTO,) and task not in predictor.layers:
+        raise CLIError(f"unknown task {task!r}; the library has: {', '.join(predictor.layers) or 'no tasks'}")
+    progress = None if args.json else TqdmProgress()
+    result = evaluate_dataset(predictor, args.dataset, split=args.split, task=task, limit=args.limit,
+                              axis=args.axis, progress=progress)
+    if not args.json:
+        print(f"{result['dataset']} ({result['split']}, task {task}): {result['n_images']} images  "
+              f"IoU {result['iou']:.4f}  Dice {result['dice']:.4f}  boundary IoU {result['biou']:.4f}")
+        print("routes: " + ", ".join(f"{k} {v}" for k, v in sorted(result["routes"].items())))
+    return result
+
+
+def cmd_learn(args) -> dict:
+    library = _library(args)
+    if args.name in library and not args.replace:
+        raise CLIError(f"a task named {args.name!r} already exists in {library.root} (use --replace, "
+                       f"or another name)")
+    progress = None if args.json else TqdmProgress()
+    data = load_task_data(args.data, args.masks, axis=args.axis, window=args.window, limit=args.limit,
+                          background_slices=args.background_slices, progress=progress)
+    predictor = _predictor(args)
+    config = LearnConfig(epochs=args.epochs, form=args.form, lr=args.lr, n_blocks=args.blocks,
+                         val_fraction=args.val_fraction,
+                         augment_copies=args.augment_copies, seed=args.seed)
+    task = learn_task(predictor, args.name, data, config, progress=progress)
+    path = library.save(task, replace=args.replace)
+    card = library.card(args.name)
+    if not args.json:
+        v = card["validation"]
+        print(f"learned task {args.name!r} -> {path}")
+        print(f"    validation Dice on {v['images']} held-out images: frozen {v['dice_zero_shot']:.4f}, "
+              f"aligned {v['dice_aligned']:.4f}")
+        if "warning" in card:
+            print(f"    WARNING: {card['warning']}")
+        print(f"    router threshold tau {card['router']['tau']:.4g}; {card['seconds']['total']:.0f} s")
+    return card
+
+
+def cmd_tasks(args) -> dict:
+    library = _library(args)
+    action = args.action
+    if action == "list":
+        rows = []
+        for name in library.names():
+            try:
+                c = library.card(name)
+                rows.append({"name": name, "backbone": c.get("backbone_fingerprint"), "modality": c.get("modality"),
+                             "labels": c.get("labels"), "use_alignment": c.get("use_alignment"),
+                             "validation": c.get("validation"), "created": c.get("created")})
+            except TaskLibraryError as exc:
+                rows.append({"name": name, "error": str(exc)})
+        if not args.json:
+            print(f"{library.root}: {len(rows)} task(s)")
+            for r in rows:
+                if "error" in r:
+                    print(f"  {r['name']:24s} unreadable: {r['error']}")
+                    continue
+                v = r["validation"] or {}
+                print(f"  {r['name']:24s} {r['backbone']}  {r['modality'] or ''}  Dice frozen "
+                      f"{v.get('dice_zero_shot', float('nan')):.3f} -> aligned {v.get('dice_aligned', float('nan')):.3f}"
+                      f"{'' if r['use_alignment'] else '  (routes to frozen)'}")
+        return {"library": str(library.root), "tasks": rows}
+    if not args.args:
+        raise CLIError(f"casam tasks {action} needs a task name")
+    name = args.args[0]
+    if action == "show":
+        card = library.card(name)
+        if not args.json:
+            print(json.dumps(card, indent=2))
+        return card
+    if action == "remove":
+        library.remove(name)
+        _echo(args, f"removed task {name!r} from {library.root}")
+        return {"removed": name}
+    if action == "rename":
+        if len(args.args) != 2:
+            raise CLIError("casam tasks rename OLD NEW")
+        library.rename(name, args.args[1])
+        _echo(args, f"renamed task {name!r} to {args.args[1]!r}")
+        return {"renamed": name, "to": args.args[1]}
+    if action == "export":
+        out = args.args[1] if len(args.args) > 1 else f"{name}.casam-task"
+        path = library.export(name, out)
+        _echo(args, f"exported task {name!r} to {path}")
+        return {"exported": name, "pack": str(path)}
+    if action == "import":
+        fingerprint = None
+        if not args.any_backbone:
+            fingerprint = build_backbone(args.backbone, args.checkpoint, "cpu").fingerprint
+        task = library.import_pack(name, fingerprint=fingerprint, name=args.name)
+        _echo(args, f"imported task {task.name!r} into {library.root}")
+        return {"imported": task.name, "card": task.card}
+    raise CLIError(f"unknown action {action!r}")
 
 
 # ---------------------------------------------------------------------------------
@@ -194,9 +366,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default=None, choices=sorted(WINDOWS), help="CT window preset (Hounsfield units)")
     p.add_argument("--no-propagate", action="store_true", help="volumes: segment the prompted slice only")
     p.add_argument("--overlay", default=None, help="also write an overlay PNG here")
+    p.add_argument("--task", default=AUTO, help="auto (the router decides), none (frozen model) or a task name")
     p.add_argument("--json", action="store_true")
     _add_backbone_args(p)
+    _add_library_args(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("route", help="which learned task an image or volume belongs to (scores, tau, decision)")
+    p.add_argument("input", help="2D image, volume or DICOM folder")
+    p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="volumes: slicing axis of the array")
+    p.add_argument("--window", default=None, choices=sorted(WINDOWS), help="CT window preset")
+    p.add_argument("--json", action="store_true")
+    _add_backbone_args(p)
+    _add_library_args(p)
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("eval", help="the paper's evaluation (GT boxes) on a dataset folder")
+    p.add_argument("dataset", help="folder with dataset.json (the ../shared/data format)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--task", default=AUTO, help="auto (routed), none (frozen model) or a task name")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N cases only")
+    p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="volumes: slicing axis of the array")
+    p.add_argument("--json", action="store_true")
+    _add_backbone_args(p)
+    _add_library_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("learn", help="learn a new task (Alignment Layer + router) from annotated data")
+    p.add_argument("name", help="task name (letters, digits, _ - .)")
+    p.add_argument("data", nargs="+", help="a dataset folder (dataset.json), a folder of 2D images, or volumes")
+    p.add_argument("--masks", action="append", default=[],
+                   help="the folder of masks (matched by file stem), or one label volume per volume, in order")
+    p.add_argument("--epochs", type=int, default=24, help="training epochs (paper: 24)")
+    p.add_argument("--form", default="paper", choices=("paper", "gated"), help="Alignment Layer form")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
+    p.add_argument("--blocks", type=int, default=3, help="CAResBlocks in the Alignment Layer (paper: 3)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of annotated images held out")
+    p.add_argument("--augment-copies", type=int, default=0, help="intensity-augmented copies per training image")
+    p.add_argument("--limit", type=int, default=None, help="use the first N cases only")
+    p.add_argument("--background-slices", type=int, default=None,
+                   help="volumes: at most N slices without annotation feed the router (default all)")
+    p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="volumes: slicing axis of the array")
+    p.add_argument("--window", default=None, choices=sorted(WINDOWS), help="CT window preset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replace", action="store_true", help="replace a task of the same name")
+    p.add_argument("--json", action="store_true")
+    _add_backbone_args(p)
+    _add_library_args(p)
+    p.set_defaults(func=cmd_learn)
+
+    p = sub.add_parser("tasks", help="the task library: list, show, remove, rename, export, import")
+    p.add_argument("action", choices=("list", "show", "remove", "rename", "export", "import"))
+    p.add_argument("args", nargs="*", help="show/remove NAME; rename OLD NEW; export NAME [PACK]; import PACK")
+    p.add_argument("--name", default=None, help="import: the name to give the imported task")
+    p.add_argument("--any-backbone", action="store_true",
+                   help="import: skip the check that the task fits --backbone (it is checked again on use)")
+    p.add_argument("--json", action="store_true")
+    _add_backbone_args(p)
+    _add_library_args(p)
+    p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("demo", help="segment the bundled samples (2D ultrasound, 3D MRI) and report Dice")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
@@ -215,12 +443,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except (CLIError, BackboneError, ImageIOError, PromptError, ValueError, IndexError, KeyError) as exc:
+    except (CLIError, BackboneError, ImageIOError, PromptError, TaskLibraryError, TaskDataError, ValueError,
+            IndexError, KeyError, OSError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"casam {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except Cancelled:
-        print(f"casam {args.command}: cancelled", file=sys.stderr)
+    except (Cancelled, KeyboardInterrupt):
+        print(f"casam {args.command}: cancelled (nothing was written to the task library)"
+              if args.command == "learn" else f"casam {args.command}: cancelled", file=sys.stderr)
         return 130
     if args.json:
         print(json.dumps(result, indent=2))

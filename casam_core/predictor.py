@@ -28,9 +28,13 @@ from .backbones import Backbone, preprocess_shape
 from .cache import DiskEmbeddingCache, TensorLRU, data_signature
 from .io import normalize_intensity, take_slice, to_rgb
 from .progress import CancelFn, ProgressFn, check_cancel, report
+from .router import RouteDecision, Router, TaskVAE, router_feature
 
 DEFAULT_MEMORY_BYTES = 2 * 1024**3
 DEFAULT_ALIGNED_BYTES = 512 * 1024**2
+# ``task`` values of predict(): the router's choice, or the frozen model
+AUTO = "auto"
+FROZEN_NAMES = ("none", "frozen")
 # Box sizes tried around point-only clicks on box-only backbones, as fractions of the
 # longest side of the image (plus the spread of the positive clicks).
 POINT_SEARCH_FRACTIONS = (0.06, 0.1, 0.16, 0.25, 0.4, 0.6)
@@ -50,6 +54,7 @@ class VolumeState:
     volume: np.ndarray  # uint8, normalised once for the whole volume
     axis: int
     records: Dict[int, ImageRecord] = field(default_factory=dict)
+    route: Optional[RouteDecision] = None  # one decision for the whole volume, once computed
 
     @property
     def n_slices(self) -> int:
@@ -71,7 +76,10 @@ class CASamPredictor:
         self.embeddings = TensorLRU(memory_bytes)
         self.aligned = TensorLRU(aligned_bytes)
         self.disk = DiskEmbeddingCache(disk_cache, backbone.fingerprint) if disk_cache else None
-        self.layers: Dict[str, nn.Module] = {}
+        self.layers: Dict[str, Optional[nn.Module]] = {}
+        self.cards: Dict[str, dict] = {}
+        self.router = Router()
+        self._features: Dict[str, torch.Tensor] = {}
         self.encoder_calls = 0  # how many slices went through the image encoder
         self._current: Optional[ImageRecord] = None
         self._current_rgb: Optional[np.ndarray] = None  # to re-embed if the LRU evicted it
@@ -83,16 +91,113 @@ class CASamPredictor:
         return self.backbone.device
 
     # -- tasks ----------------------------------------------------------------------
-    def add_task(self, name: str, layer: nn.Module) -> None:
-        """Register (or replace) the Alignment Layer used by ``predict(task=name)``."""
-        layer = layer.to(self.device).eval()
-        layer.requires_grad_(False)
+    def add_task(self, name: str, layer: Optional[nn.Module], vae: Optional[TaskVAE] = None,
+                 tau: Optional[float] = None, card: Optional[dict] = None) -> None:
+        """Register (or replace) a task.
+
+        ``layer`` is the Alignment Layer used by ``predict(task=name)``; ``None`` means the
+        task's images are segmented by the frozen model (a task whose layer did not beat
+        the frozen model on validation). With ``vae`` and ``tau`` the task joins the router.
+        """
+        if name.lower() in (AUTO,) + FROZEN_NAMES:
+            raise ValueError(f"{name!r} is reserved and cannot name a task")
+        if layer is not None:
+            layer = layer.to(self.device).eval()
+            layer.requires_grad_(False)
         self.layers[name] = layer
+        if vae is not None:
+            if tau is None:
+                raise ValueError(f"task {name!r}: a router VAE needs its threshold tau")
+            self.router.add(name, vae, tau)
+        else:
+            self.router.remove(name)
+        self.cards[name] = dict(card or {})
         self.aligned.discard_where(lambda k: k[1] == name)
+        self._forget_routes()
 
     def remove_task(self, name: str) -> None:
         self.layers.pop(name, None)
+        self.cards.pop(name, None)
+        self.router.remove(name)
         self.aligned.discard_where(lambda k: k[1] == name)
+        self._forget_routes()
+
+    def load_tasks(self, library, names: Optional[Iterable[str]] = None) -> Dict[str, str]:
+        """Register the library's tasks made for this backbone; returns {skipped task: reason}."""
+        from .library import TaskLibraryError
+
+        skipped = {}
+        for name in (library.names() if names is None else names):
+            try:
+                task = library.load(name, self.backbone.fingerprint)
+            except TaskLibraryError as exc:
+                skipped[name] = str(exc)
+                continue
+            self.add_task(task.name, task.layer if task.use_alignment else None, task.vae, task.tau, task.card)
+        return skipped
+
+    def _forget_routes(self) -> None:
+        if self._volume is not None:
+            self._volume.route = None
+
+    # -- routing --------------------------------------------------------------------
+    def router_feature(self, record: Optional[ImageRecord] = None) -> torch.Tensor:
+        """The router feature (256,) of an image, from its frozen embedding (cached)."""
+        record = record or self._require_current()
+        f = self._features.get(record.key)
+        if f is None:
+            f = router_feature(self.embedding(record)).cpu()
+            self._features[record.key] = f
+            if len(self._features) > 100_000:
+                self._features.pop(next(iter(self._features)))
+        return f
+
+    def route(self, record: Optional[ImageRecord] = None) -> RouteDecision:
+        """Which task the image belongs to (``decision`` None: the frozen model)."""
+        if not len(self.router):
+            return RouteDecision(None, {}, {})
+        return self.router.route(self.router_feature(record))
+
+    def route_volume(self, progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
+                     embed_missing: bool = True) -> RouteDecision:
+        """One route for the current volume from all its slices (embedding those not cached yet).
+
+        With ``embed_missing=False`` the route uses only the slices embedded so far (a
+        provisional answer while a viewer embeds in the background); it is kept once
+        every slice has been seen.
+        """
+        vol = self._require_volume()
+        if vol.route is None and not len(self.router):
+            return RouteDecision(None, {}, {})  # no task to recognise: nothing to embed for it
+        if vol.route is not None:
+            return vol.route
+        if embed_missing:
+            records = self.embed_slices(None, progress=progress, cancel=cancel)
+        else:
+            records = [vol.records[i] for i in sorted(vol.records) if vol.records[i].key in self.embeddings]
+            if not records:
+                raise RuntimeError("no slice of this volume is embedded yet")
+        decision = self.router.route_volume(torch.stack([self.router_feature(r) for r in records]))
+        if len(records) == vol.n_slices:
+            vol.route = decision
+        return decision
+
+    def resolve_task(self, task: Optional[str], record: Optional[ImageRecord] = None) -> Optional[str]:
+        """``task`` as given to predict -> the Alignment Layer to use (None: frozen features).
+
+        ``"auto"`` asks the router (one decision per volume when a volume is set);
+        ``None``, ``"none"`` or ``"frozen"`` choose the frozen model; otherwise a task name.
+        """
+        if task is None or task.lower() in FROZEN_NAMES:
+            return None
+        if task.lower() == AUTO:
+            decision = self.route_volume() if self._volume is not None else self.route(record)
+            task = decision.decision
+            if task is None:
+                return None
+        if task not in self.layers:
+            raise KeyError(f"unknown task {task!r}; registered: {', '.join(self.layers) or 'none'}")
+        return task if self.layers[task] is not None else None
 
     # -- images ---------------------------------------------------------------------
     def prepare(self, image: np.ndarray, window=None) -> np.ndarray:
@@ -198,8 +303,9 @@ class CASamPredictor:
         z = self.embedding(record)[None]
         if task is None:
             return z
-        if task not in self.layers:
-            raise KeyError(f"unknown task {task!r}; registered: {', '.join(self.layers) or 'none'}")
+        if self.layers.get(task) is None:
+            raise KeyError(f"no Alignment Layer for task {task!r}; with layers: "
+                           f"{', '.join(n for n, l in self.layers.items() if l is not None) or 'none'}")
         cache_key = (record.key, task)
         aligned = self.aligned.get(cache_key)
         if aligned is None:
@@ -225,8 +331,19 @@ class CASamPredictor:
         ``low_res_logits`` (B, C, 256, 256); C = 3 with ``multimask_output`` else 1.
         """
         record = self._require_current()
+        return self.predict_features(self.features(self.resolve_task(task, record), record), record, point_coords,
+                                     point_labels, box, mask_input, multimask_output, return_logits)
+
+    @torch.inference_mode()
+    def predict_features(self, z: torch.Tensor, record: ImageRecord, point_coords=None, point_labels=None, box=None,
+                         mask_input=None, multimask_output: bool = False,
+                         return_logits: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``predict`` on given decoder features ``z`` (1, 256, 64, 64) of the image ``record``.
+
+        The one decoding path: ``predict`` calls it with the frozen or aligned cached
+        features; task learning calls it with a layer that is still being validated.
+        """
         points, boxes, masks = self._prompts(record, point_coords, point_labels, box, mask_input)
-        z = self.features(task, record)
         if points is not None and boxes is None and not self.backbone.spec.point_prompts:
             low_res, iou = self._point_box_search(z, record, points, masks, multimask_output)
         else:

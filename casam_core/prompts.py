@@ -121,3 +121,25 @@ def propagate_box(predictor, start: int, box: Sequence[float], task=None, max_ar
         summary[f"stopped_{name}"] = reason
     summary["slices"] = sorted(summary["slices"])
     return out, summary
+
+
+def object_masks(labels: np.ndarray, objects: str = "class",
+                 label_values: Optional[Sequence[int]] = None) -> List[Tuple[int, np.ndarray]]:
+    """The objects a label map holds, one binary mask each, as (label value, mask).
+
+    ``objects="class"``: one mask per non-zero label value present; ``"instance"``: one
+    mask per 8-connected component of the foreground (label value = component number).
+    ``label_values`` restricts which values count as foreground.
+    """
+    labels = np.asarray(labels)
+    if objects not in ("class", "instance"):
+        raise ValueError(f"objects must be 'class' or 'instance', got {objects!r}")
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    if label_values is not None:
+        values = [v for v in values if v in set(int(x) for x in label_values)]
+    if objects == "class":
+        return [(v, labels == v) for v in values]
+    from scipy import ndimage
+
+    comp, n = ndimage.label(np.isin(labels, values), structure=np.ones((3, 3), bool))
+    return [(i, comp == i) for i in range(1, n + 1)]

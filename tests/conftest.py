@@ -14,6 +14,25 @@ SAMPLES = REPO / "samples"
 DATA = Path(os.environ.get("CASAM_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def _isolated_task_library(tmp_path_factory, monkeypatch):
+    """No test reads or writes the user's own task library."""
+    monkeypatch.setenv("CASAM_LIBRARY", str(tmp_path_factory.mktemp("library")))
+
+
+@pytest.fixture(scope="session")
+def embedding_cache(tmp_path_factory):
+    """One on-disk embedding cache for the session, so tests share their real embeddings."""
+    return tmp_path_factory.mktemp("embeddings")
+
+
+def dataset_root(name: str) -> Path:
+    root = DATA / name
+    if not (root / "dataset.json").is_file():
+        pytest.skip(f"real data not found at {root} (set CASAM_DATA to the shared data folder)")
+    return root
+
+
 @pytest.fixture(scope="session")
 def backbone():
     from casam_core import build_backbone
@@ -30,9 +49,7 @@ def predictor(backbone):
 
 def dataset_case(name: str, split: str = "test", index: int = 0):
     """(image array, label array) of one real case; skips the test when the data is absent."""
-    root = DATA / name
-    if not (root / "dataset.json").is_file():
-        pytest.skip(f"real data not found at {root} (set CASAM_DATA to the shared data folder)")
+    root = dataset_root(name)
     from casam_core.io import read_image, read_labels
 
     case = json.loads((root / "dataset.json").read_text())[split][index]

@@ -1,0 +1,323 @@
+"""The task library: one folder per learned task, and task packs to share them.
+
+    <library>/<task name>/task.json              the card (name, backbone fingerprint, tau,
+                                                 labels, validation Dice, file hashes, ...)
+    <library>/<task name>/alignment.safetensors  the Alignment Layer's weights
+    <library>/<task name>/router.safetensors     the task's router VAE
+
+The library folder is ``--library``, else ``$CASAM_LIBRARY``, else ``~/.casam/tasks``.
+
+Every change is atomic: a task is written into a hidden temporary folder and renamed into
+place, so a crash or a cancel never leaves a half-written task. Loading checks the backbone
+fingerprint, the files' SHA-256 and every tensor's name and shape. Nothing is unpickled.
+
+A task pack is one zip file holding ``manifest.json`` (format, task name, SHA-256 of each
+file) and the three files above: how two hospitals share what was learned without sharing
+data. Import refuses unexpected members (so no path traversal and no pickles), bad hashes,
+unknown manifest keys, tensors that do not fit, another backbone's task, and name clashes
+(unless the task is renamed on import).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
+
+from .alignment import AlignmentLayer
+from .io import atomic_target
+from .router import TaskVAE
+
+PathLike = Union[str, os.PathLike]
+CARD = "task.json"
+ALIGNMENT = "alignment.safetensors"
+ROUTER = "router.safetensors"
+MANIFEST = "manifest.json"
+PACK_FORMAT = "casam-task-pack"
+PACK_VERSION = 1
+PACK_MEMBERS = {MANIFEST, CARD, ALIGNMENT, ROUTER}
+MANIFEST_KEYS = {"format", "version", "task", "files", "casam_version"}
+MAX_MEMBER_BYTES = 256 * 1024**2
+ENV_LIBRARY = "CASAM_LIBRARY"
+
+
+class TaskLibraryError(ValueError):
+    """A task or pack that cannot be used; the message says which and why."""
+
+
+@dataclass
+class Task:
+    name: str
+    layer: AlignmentLayer
+    vae: TaskVAE
+    tau: float
+    card: dict
+
+    @property
+    def use_alignment(self) -> bool:
+        return bool(self.card.get("use_alignment", True))
+
+
+def default_library_path() -> Path:
+    env = os.environ.get(ENV_LIBRARY)
+    return Path(env).expanduser() if env else Path.home() / ".casam" / "tasks"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_name(name: str) -> str:
+    from .training import check_task_name  # one naming rule
+
+    return check_task_name(name)
+
+
+def _tensors_from_bytes(data: bytes, what: str) -> Dict[str, torch.Tensor]:
+    try:
+        return load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise TaskLibraryError(f"{what} is not a valid safetensors file ({exc})") from None
+
+
+def _load_state(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], what: str) -> None:
+    expected = module.state_dict()
+    unknown = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unknown or missing:
+        raise TaskLibraryError(f"{what}: unknown tensors {unknown[:5]} / missing tensors {missing[:5]}")
+    for key, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise TaskLibraryError(f"{what}: tensor {key} has shape {tuple(t.shape)}, "
+                                   f"expected {tuple(expected[key].shape)}")
+    module.load_state_dict(tensors, strict=True)
+
+
+def task_from_files(card: dict, alignment: bytes, router: bytes, where: str,
+                    fingerprint: Optional[str] = None) -> Task:
+    """Build a Task from a card and the two safetensors files' bytes, checking everything."""
+    for key in ("name", "backbone_fingerprint", "alignment", "router", "files"):
+        if key not in card:
+            raise TaskLibraryError(f"{where}: task.json has no {key!r}")
+    files = card["files"]
+    for fname, data in ((ALIGNMENT, alignment), (ROUTER, router)):
+        if files.get(fname) != sha256_bytes(data):
+            raise TaskLibraryError(f"{where}: {fname} does not match its SHA-256 in task.json (changed or damaged)")
+    if fingerprint is not None and card["backbone_fingerprint"] != fingerprint:
+        raise TaskLibraryError(
+            f"{where}: task {card['name']!r} was learned on backbone {card['backbone_fingerprint']}; "
+            f"the current backbone is {fingerprint}. Its Alignment Layer only fits the backbone it was learned on.")
+    try:
+        layer = AlignmentLayer.from_config(card["alignment"])
+        tau = float(card["router"]["tau"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TaskLibraryError(f"{where}: task.json has a bad alignment/router entry ({exc})") from None
+    _load_state(layer, _tensors_from_bytes(alignment, f"{where}/{ALIGNMENT}"), f"{where}/{ALIGNMENT}")
+    vae = TaskVAE()
+    _load_state(vae, _tensors_from_bytes(router, f"{where}/{ROUTER}"), f"{where}/{ROUTER}")
+    return Task(card["name"], layer.eval(), vae.eval(), tau, card)
+
+
+class TaskLibrary:
+    def __init__(self, root: Optional[PathLike] = None) -> None:
+        self.root = Path(root).expanduser() if root else default_library_path()
+
+    # -- reading ------------------------------------------------------------------
+    def names(self) -> List[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and (p / CARD).is_file())
+
+    def __contains__(self, name: str) -> bool:
+        return (self.root / name / CARD).is_file()
+
+    def _folder(self, name: str) -> Path:
+        _check_name(name)
+        folder = self.root / name
+        if not (folder / CARD).is_file():
+            raise TaskLibraryError(f"no task {name!r} in {self.root} (tasks: {', '.join(self.names()) or 'none'})")
+        return folder
+
+    def card(self, name: str) -> dict:
+        path = self._folder(name) / CARD
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TaskLibraryError(f"{path}: unreadable task card ({exc})") from None
+
+    def load(self, name: str, fingerprint: Optional[str] = None) -> Task:
+        folder = self._folder(name)
+        card = self.card(name)
+        try:
+            alignment, router = (folder / ALIGNMENT).read_bytes(), (folder / ROUTER).read_bytes()
+        except OSError as exc:
+            raise TaskLibraryError(f"{folder}: {exc}") from None
+        task = task_from_files(card, alignment, router, str(folder), fingerprint)
+        task.name = name  # the folder name is the task's name
+        return task
+
+    # -- writing (always atomic) --------------------------------------------------------
+    def _staging(self, name: str) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._sweep()
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=str(self.root)))
+
+    def _sweep(self, older_than_s: float = 24 * 3600) -> None:
+        """Remove leftovers of crashed writes (hidden temp/trash folders over a day old)."""
+        now = time.time()
+        for p in self.root.iterdir():
+            if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".trash-")):
+                try:
+                    if now - p.stat().st_mtime > older_than_s:
+                        shutil.rmtree(p, ignore_errors=True)
+                except OSError:
+                    pass
+
+    def _commit(self, staging: Path, name: str, replace: bool = False) -> Path:
+        target = self.root / name
+        trash = None
+        if target.exists():
+            if not replace:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise TaskLibraryError(f"a task named {name!r} already exists in {self.root}")
+            trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(target, trash)
+        os.rename(staging, target)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return target
+
+    def save(self, task: Task, replace: bool = False) -> Path:
+        """Write a task (atomically). Refuses an existing name unless ``replace``."""
+        name = _check_name(task.name)
+        if name in self and not replace:
+            raise TaskLibraryError(f"a task named {name!r} already exists in {self.root}; choose another name "
+                                   f"or remove it first")
+        staging = self._staging(name)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in task.layer.state_dict().items()},
+                      str(staging / ALIGNMENT))
+            save_file({k: v.detach().cpu().contiguous() for k, v in task.vae.state_dict().items()},
+                      str(staging / ROUTER))
+            card = dict(task.card, name=name)
+            card["files"] = {f: sha256_bytes((staging / f).read_bytes()) for f in (ALIGNMENT, ROUTER)}
+            (staging / CARD).write_text(json.dumps(card, indent=2) + "\n")
+            return self._commit(staging, name, replace)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def remove(self, name: str) -> None:
+        folder = self._folder(name)
+        trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+        os.rename(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def rename(self, old: str, new: str) -> Path:
+        folder = self._folder(old)
+        _check_name(new)
+        if new in self:
+            raise TaskLibraryError(f"a task named {new!r} already exists in {self.root}")
+        staging = self._staging(new)
+        try:
+            for f in (ALIGNMENT, ROUTER):
+                shutil.copy2(folder / f, staging / f)
+            card = self.card(old)
+            card["name"] = new
+            (staging / CARD).write_text(json.dumps(card, indent=2) + "\n")
+            target = self._commit(staging, new)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.remove(old)
+        return target
+
+    # -- packs ----------------------------------------------------------------------
+    def export(self, name: str, out: PathLike) -> Path:
+        """Write task ``name`` as one pack file (zip + SHA-256 manifest), atomically."""
+        folder = self._folder(name)
+        out = Path(out)
+        files = {f: (folder / f).read_bytes() for f in (CARD, ALIGNMENT, ROUTER)}
+        self.load(name)  # refuse to export a damaged task
+        from . import __version__
+
+        manifest = {"format": PACK_FORMAT, "version": PACK_VERSION, "task": name, "casam_version": __version__,
+                    "files": {f: sha256_bytes(b) for f, b in files.items()}}
+        tmp = atomic_target(out)
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                zf.writestr(MANIFEST, json.dumps(manifest, indent=2) + "\n")
+                for f, b in files.items():
+                    zf.writestr(f, b)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return out
+
+    def import_pack(self, pack: PathLike, fingerprint: Optional[str] = None, name: Optional[str] = None) -> Task:
+        """Check a pack completely, then add its task (as ``name`` if given). Returns the task."""
+        task = read_pack(pack, fingerprint)
+        new_name = _check_name(name or task.name)
+        if new_name in self:
+            raise TaskLibraryError(f"{pack}: a task named {new_name!r} already exists in {self.root}; "
+                                   f"import it under another name")
+        task.name = new_name
+        task.card = dict(task.card, name=new_name, imported_from=Path(pack).name)
+        self.save(task)
+        return self.load(new_name, fingerprint)
+
+
+def read_pack(pack: PathLike, fingerprint: Optional[str] = None) -> Task:
+    """Read and verify a task pack without touching any library."""
+    pack = Path(pack)
+    try:
+        zf = zipfile.ZipFile(pack)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise TaskLibraryError(f"{pack}: not a task pack ({exc})") from None
+    with zf:
+        infos = zf.infolist()
+        names = [i.filename for i in infos]
+        for n in names:
+            if n not in PACK_MEMBERS:
+                why = "a path outside the pack" if (".." in n or n.startswith("/") or "\\" in n) else "not part of a task pack"
+                raise TaskLibraryError(f"{pack}: refused member {n!r} ({why})")
+        if len(names) != len(set(names)) or set(names) != PACK_MEMBERS:
+            raise TaskLibraryError(f"{pack}: a task pack holds exactly {sorted(PACK_MEMBERS)}; found {sorted(names)}")
+        for info in infos:
+            if info.file_size > MAX_MEMBER_BYTES:
+                raise TaskLibraryError(f"{pack}: {info.filename} is too large ({info.file_size} bytes)")
+        data = {n: zf.read(n) for n in names}
+    try:
+        manifest = json.loads(data[MANIFEST])
+        card = json.loads(data[CARD])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TaskLibraryError(f"{pack}: manifest.json or task.json is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(card, dict):
+        raise TaskLibraryError(f"{pack}: manifest.json and task.json must be JSON objects")
+    unknown = sorted(set(manifest) - MANIFEST_KEYS)
+    if unknown:
+        raise TaskLibraryError(f"{pack}: unknown manifest keys {unknown}")
+    if manifest.get("format") != PACK_FORMAT or manifest.get("version") != PACK_VERSION:
+        raise TaskLibraryError(f"{pack}: not a {PACK_FORMAT} version {PACK_VERSION} file")
+    hashes = manifest.get("files")
+    if not isinstance(hashes, dict) or set(hashes) != PACK_MEMBERS - {MANIFEST}:
+        raise TaskLibraryError(f"{pack}: the manifest must list the SHA-256 of {sorted(PACK_MEMBERS - {MANIFEST})}")
+    for n, h in hashes.items():
+        if sha256_bytes(data[n]) != h:
+            raise TaskLibraryError(f"{pack}: {n} does not match its SHA-256 in the manifest (changed or damaged)")
+    return task_from_files(card, data[ALIGNMENT], data[ROUTER], str(pack), fingerprint)

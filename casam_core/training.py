@@ -1,0 +1,521 @@
+"""Learning one task: an Alignment Layer (only it learns) and the task's router VAE.
+
+    data = load_task_data(["../shared/data/kvasir_polyp"])          # or folders / volumes
+    task = learn_task(predictor, "kvasir", data, LearnConfig(epochs=24), progress, cancel)
+    TaskLibrary().save(task)                                         # atomic; nothing before
+
+The recipe is method.md's "Training one task": Adam 1e-4, batches of 6 images x 5 masks,
+prompts 50/50 one positive point (from the half of the mask nearest its centroid) or the
+box of the largest connected region shifted by up to 5 px at 1024 scale, Focal + Dice +
+IoU-MSE, gradients through the frozen decoder into the layer. The frozen embeddings are
+computed once (through the predictor's caches) and the layer trains on them.
+
+Our choices, documented in README: the loss is computed on the decoder's 256 x 256
+low-resolution logits against the mask resized to that grid (the decoder's native
+output, 16x fewer pixels than 1024 x 1024); a validation part of the annotated images is
+held out and the task routes to the frozen model when the layer does not beat it there
+("never worse than frozen"); intensity augmentation is a number of fixed augmented copies
+per training image, embedded once (``augment_copies``, default 0: see README for why).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .alignment import AlignmentLayer, count_parameters
+from .io import (read_dataset, read_image, read_labels, normalize_intensity, path_suffix, take_slice,
+                 to_rgb, VOLUME_SUFFIXES)
+from .library import Task
+from .metrics import dice
+from .predictor import AUTO, FROZEN_NAMES, CASamPredictor, ImageRecord
+from .progress import CancelFn, ProgressFn, check_cancel, report
+from .prompts import box_from_mask, object_masks
+from .router import BETA, fit_threshold, router_feature, train_vae
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class TaskDataError(ValueError):
+    """Training data that cannot be used; the message names the file."""
+
+
+def check_task_name(name: str) -> str:
+    if not isinstance(name, str) or not TASK_NAME.match(name):
+        raise ValueError(f"task name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a "
+                         f"letter or digit")
+    if name.lower() in (AUTO,) + FROZEN_NAMES:
+        raise ValueError(f"task name {name!r} is reserved")
+    return name
+
+
+# ---------------------------------------------------------------------------------
+# training data
+# ---------------------------------------------------------------------------------
+@dataclass
+class TrainingSlice:
+    """One 2D image as the encoder sees it, with its label map (None: router only)."""
+
+    rgb: np.ndarray  # uint8 (H, W, 3)
+    labels: Optional[np.ndarray]  # integer (H, W), 0 = background
+    source: str
+
+    @property
+    def annotated(self) -> bool:
+        return self.labels is not None and bool((self.labels != 0).any())
+
+
+@dataclass
+class TaskData:
+    slices: List[TrainingSlice]
+    objects: str = "class"  # "class" or "instance"
+    label_names: Dict[int, str] = field(default_factory=dict)
+    modality: Optional[str] = None
+    sources: List[str] = field(default_factory=list)  # the files, for the task card
+
+    def summary(self) -> dict:
+        annotated = [s for s in self.slices if s.annotated]
+        return {"images_or_slices": len(self.slices), "annotated": len(annotated),
+                "files": len(self.sources), "file_names": [Path(s).name for s in self.sources[:50]],
+                "objects": self.objects}
+
+
+def _check_labels(labels: np.ndarray, path) -> np.ndarray:
+    if not (labels != 0).any():
+        raise TaskDataError(f"{path}: the mask has no foreground (all zero)")
+    return labels
+
+
+def volume_slices(image, labels: Optional[np.ndarray], axis: int = 0, window=None,
+                  background_slices: Optional[int] = None, source: str = "") -> List[TrainingSlice]:
+    """A volume (array or MedicalImage) as training slices, normalised once for the whole volume.
+
+    Slices whose labels have no foreground still feed the router; ``background_slices``
+    caps how many of those are kept (evenly spaced), None = all.
+    """
+    array = getattr(image, "array", image)
+    vol = normalize_intensity(np.asarray(array), window, keep_uint8=False)
+    n = vol.shape[axis]
+    fg = [labels is not None and bool(take_slice(labels, i, axis).any()) for i in range(n)]
+    background = [i for i in range(n) if not fg[i]]
+    if background_slices is not None and len(background) > background_slices:
+        keep = np.linspace(0, len(background) - 1, background_slices).round().astype(int) if background_slices else []
+        background = [background[k] for k in sorted(set(keep))]
+    chosen = sorted([i for i in range(n) if fg[i]] + background)
+    return [TrainingSlice(to_rgb(take_slice(vol, i, axis)),
+                          take_slice(labels, i, axis) if labels is not None else None, f"{source}[{i}]")
+            for i in chosen]
+
+
+def image_slice(path, mask_path=None, window=None) -> TrainingSlice:
+    image = read_image(path)
+    if image.is_volume:
+        raise TaskDataError(f"{path}: a volume among 2D images; give volumes with their label volumes")
+    labels = None
+    if mask_path is not None:
+        labels = _check_labels(read_labels(mask_path, like=image).array, mask_path)
+    return image_slice_from_array(image.array, labels, str(path), window)
+
+
+def image_slice_from_array(image: np.ndarray, labels: Optional[np.ndarray], source: str = "",
+                           window=None) -> TrainingSlice:
+    """One 2D image (gray or RGB array) with its label map as a training slice."""
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = arr[..., :3]
+    if labels is not None and np.asarray(labels).shape != arr.shape[:2]:
+        raise TaskDataError(f"{source}: labels of shape {np.shape(labels)} for an image of shape {arr.shape[:2]}")
+    return TrainingSlice(to_rgb(normalize_intensity(arr, window)), labels, source)
+
+
+def load_task_data(inputs: Sequence, masks: Sequence = (), axis: int = 0, window=None, split: str = "train",
+                   limit: Optional[int] = None, background_slices: Optional[int] = None,
+                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> TaskData:
+    """Training data from one of three kinds of input.
+
+    * a dataset folder with ``dataset.json`` (the ../shared/data format; its ``split``);
+    * a folder of 2D images and (``masks``) a folder of masks matched by file stem;
+      images without a mask feed the router only;
+    * volume files (NIfTI/MHA/NRRD) or DICOM folders with as many label volumes in ``masks``.
+    ``limit`` keeps the first N cases.
+    """
+    inputs = [Path(p) for p in inputs]
+    masks = [Path(p) for p in masks]
+    if not inputs:
+        raise TaskDataError("no training data given")
+    for p in inputs + masks:
+        if not p.exists():
+            raise TaskDataError(f"{p}: no such file or folder")
+    if len(inputs) == 1 and (inputs[0] / "dataset.json").is_file():
+        if masks:
+            raise TaskDataError(f"{inputs[0]} is a dataset folder: its masks come from dataset.json")
+        ds = read_dataset(inputs[0])
+        pairs = [(c.image, c.mask) for c in ds.cases(split)][:limit]
+        data = TaskData([], ds.objects, {k: v for k, v in ds.labels.items() if k != 0}, ds.modality)
+    elif len(inputs) == 1 and inputs[0].is_dir() and not _is_dicom_dir(inputs[0]):
+        if len(masks) != 1 or not masks[0].is_dir():
+            raise TaskDataError(f"{inputs[0]} is a folder of images: give the folder of masks too (--masks DIR)")
+        by_stem = {_stem(p): p for p in sorted(masks[0].iterdir()) if path_suffix(p) in IMAGE_SUFFIXES}
+        images = [p for p in sorted(inputs[0].iterdir()) if path_suffix(p) in IMAGE_SUFFIXES]
+        if not images:
+            raise TaskDataError(f"{inputs[0]}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        stems = {_stem(p) for p in images}
+        orphans = sorted(set(by_stem) - stems)
+        if orphans:
+            raise TaskDataError(f"{by_stem[orphans[0]]}: a mask with no image of the same name in {inputs[0]}")
+        pairs = [(p, by_stem.get(_stem(p))) for p in images][:limit]
+        data = TaskData([], "class")
+    else:
+        if len(masks) != len(inputs):
+            raise TaskDataError(f"{len(inputs)} volumes but {len(masks)} label volumes: give one --masks per volume")
+        pairs = list(zip(inputs, masks))[:limit]
+        data = TaskData([], "class")
+    for done, (img, msk) in enumerate(pairs, start=1):
+        check_cancel(cancel)
+        data.slices.extend(_case_slices(img, msk, axis, window, background_slices))
+        data.sources.append(str(img))
+        report(progress, done, len(pairs), f"reading: {Path(img).name}")
+    if not any(s.annotated for s in data.slices):
+        raise TaskDataError("no annotated image or slice among the training data")
+    if not data.label_names:
+        values = sorted({int(v) for s in data.slices if s.labels is not None for v in np.unique(s.labels) if v})
+        data.label_names = {v: f"label {v}" for v in values}
+    return data
+
+
+def _case_slices(img: Path, msk: Optional[Path], axis, window, background_slices) -> List[TrainingSlice]:
+    if path_suffix(img) in VOLUME_SUFFIXES or _is_dicom_dir(img):
+        image = read_image(img)
+        labels = None
+        if msk is not None:
+            labels = _check_labels(read_labels(msk, like=image).array, msk)
+        return volume_slices(image, labels, axis, window, background_slices, source=img.name)
+    return [image_slice(img, msk, window)]
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for suffix in (".nii.gz",) + IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return p.stem
+
+
+def _is_dicom_dir(p: Path) -> bool:
+    return p.is_dir() and any(f.suffix.lower() == ".dcm" for f in p.iterdir())
+
+
+# ---------------------------------------------------------------------------------
+# learning
+# ---------------------------------------------------------------------------------
+@dataclass
+class LearnConfig:
+    epochs: int = 24
+    batch_images: int = 6
+    masks_per_image: int = 5
+    lr: float = 1e-4
+    point_fraction: float = 0.5  # share of steps prompted by one point (else a box)
+    jitter_px: float = 5.0  # box shift, in pixels at 1024 scale
+    form: str = "paper"  # "paper" (PyTorch default init) or "gated" (identity at step 0)
+    n_blocks: int = 3
+    val_fraction: float = 0.2
+    augment_copies: int = 0
+    seed: int = 0
+    vae_epochs: int = 10
+
+
+@dataclass
+class _Object:
+    slice_index: int  # into the embedded list
+    target: torch.Tensor  # (L, L) float, L = low-res size
+    near_points: np.ndarray  # (K, 2) x, y on the low-res grid: the half nearest the centroid
+    box: np.ndarray  # x0, y0, x1, y1 of the largest connected region, low-res grid
+
+
+def augment_intensity(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """method.md's intensity augmentation on the [0, 1] image: scale by up to +-20 % (p 0.2),
+    shift by up to +-0.2 (p 0.2). For a fixed copy at least one of the two is applied."""
+    x = rgb.astype(np.float32) / 255.0
+    while True:
+        do_scale, do_shift = rng.random() < 0.2, rng.random() < 0.2
+        if do_scale or do_shift:
+            break
+    if do_scale:
+        x = x * (1.0 + rng.uniform(-0.2, 0.2))
+    if do_shift:
+        x = x + rng.uniform(-0.2, 0.2)
+    return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _objects_for(labels: np.ndarray, objects: str, record: ImageRecord, img_size: int, low: int,
+                 slice_index: int) -> List[_Object]:
+    out = []
+    from scipy import ndimage
+
+    h_in, w_in = record.input_size
+    for _, mask in object_masks(labels, objects):
+        m = torch.from_numpy(mask.astype(np.float32))[None, None]
+        m = F.interpolate(m, size=(h_in, w_in), mode="bilinear", align_corners=False)
+        m = F.pad(m, (0, img_size - w_in, 0, img_size - h_in))
+        if low != img_size:
+            m = F.interpolate(m, size=(low, low), mode="bilinear", align_corners=False)
+        target = (m[0, 0] >= 0.5)
+        if not target.any():  # smaller than one low-res pixel: cannot be learned at this scale
+            continue
+        t = target.numpy()
+        comp, n = ndimage.label(t, structure=np.ones((3, 3), bool))
+        largest = comp == (1 + int(np.argmax(ndimage.sum(t, comp, range(1, n + 1))))) if n > 1 else t
+        ys, xs = np.nonzero(t)
+        d = (xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2
+        near = np.argsort(d, kind="stable")[: max(1, (len(d) + 1) // 2)]
+        out.append(_Object(slice_index, target.float(), np.stack([xs[near], ys[near]], 1).astype(np.float32),
+                           box_from_mask(largest).astype(np.float32)))
+    return out
+
+
+def _focal(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25) -> torch.Tensor:
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.mean()
+
+
+def _dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    p = torch.sigmoid(logits)
+    return 1 - (2 * (p * target).sum() + smooth) / (p.sum() + target.sum() + smooth)
+
+
+def _soft_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    inter = (p * t).sum(1)
+    return inter / (p.sum(1) + t.sum(1) - inter + 1e-6)
+
+
+def task_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Focal + Dice + MSE(IoU prediction, soft IoU of the prediction), all weight 1.
+
+    ``logits`` (M, L, L), ``iou_pred`` (M,), ``target`` (M, L, L) in {0, 1}.
+    """
+    return (_focal(logits, target) + _dice_loss(logits, target)
+            + F.mse_loss(iou_pred, _soft_iou(logits, target).detach()))
+
+
+def _validation_split(annotated: List[int], fraction: float) -> Tuple[List[int], List[int]]:
+    """Evenly spaced validation images among the annotated ones (deterministic; spans a volume)."""
+    n = len(annotated)
+    if n < 2:
+        raise TaskDataError("at least 2 annotated images or slices are needed (one is held out to validate)")
+    n_val = min(n - 1, max(1, int(round(fraction * n))))
+    pick = set(np.linspace(0, n - 1, n_val + 2)[1:-1].round().astype(int).tolist()) if n_val < n - 1 else None
+    if pick is None or len(pick) < n_val:
+        pick = set(np.linspace(0, n - 1, n_val).round().astype(int).tolist())
+    val = [annotated[i] for i in sorted(pick)]
+    train = [i for i in annotated if i not in set(val)]
+    return train, val
+
+
+def _validation_dice(predictor: CASamPredictor, z: torch.Tensor, record: ImageRecord, labels: np.ndarray,
+                     objects: str) -> List[float]:
+    objs = object_masks(labels, objects)
+    boxes = np.stack([box_from_mask(m) for _, m in objs])
+    masks, _, _ = predictor.predict_features(z, record, box=boxes)
+    return [dice(masks[i, 0], m) for i, (_, m) in enumerate(objs)]
+
+
+def batch_loss(backbone, z: torch.Tensor, batch: List[int], per_image: Dict[int, List[_Object]],
+               config: LearnConfig, rng: np.random.Generator, use_point: bool,
+               mask_decoder: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    """The task loss of one batch: ``z`` (B, 256, 64, 64) decoder features of the images ``batch``;
+    ``masks_per_image`` objects per image, each with its own point or jittered box prompt."""
+    device = backbone.device
+    low = 4 * backbone.embedding_shape[1]
+    img_size = backbone.img_size
+    scale = img_size / low
+    jitter = config.jitter_px * img_size / 1024.0
+    loss = 0.0
+    for b, i in enumerate(batch):
+        objs = per_image[i]
+        pick = rng.choice(len(objs), config.masks_per_image, replace=len(objs) < config.masks_per_image)
+        chosen = [objs[k] for k in pick]
+        target = torch.stack([o.target for o in chosen]).to(device)
+        if use_point:
+            pts = np.stack([o.near_points[rng.integers(len(o.near_points))] for o in chosen])[:, None]
+            coords = torch.as_tensor(pts * scale, dtype=torch.float32, device=device)
+            labels = torch.ones(coords.shape[:2], dtype=torch.int, device=device)
+            logits, iou = backbone.decode(z[b:b + 1], (coords, labels), None, None, False, mask_decoder)
+        else:
+            boxes = []
+            for o in chosen:
+                x0, y0, x1, y1 = o.box * scale
+                lim = min(jitter, 0.5 * min(x1 - x0, y1 - y0))
+                dx, dy = rng.uniform(-lim, lim, 2) if lim > 0 else (0.0, 0.0)
+                boxes.append([x0 + dx, y0 + dy, x1 + dx, y1 + dy])
+            boxes_t = torch.as_tensor(np.clip(boxes, 0, img_size - 1), dtype=torch.float32, device=device)
+            logits, iou = backbone.decode(z[b:b + 1], None, boxes_t, None, False, mask_decoder)
+        loss = loss + task_loss(logits[:, 0], iou[:, 0], target)
+    return loss / len(batch)
+
+
+def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Object]], config: LearnConfig,
+        rng: np.random.Generator, layer: Optional[torch.nn.Module] = None,
+        mask_decoder: Optional[torch.nn.Module] = None, penalty=None,
+        progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> Tuple[int, float]:
+    """The training loop of method.md on cached embeddings; returns (steps, last loss).
+
+    Trains ``layer`` (an Alignment Layer, the product) or, for the benchmark's baselines, a
+    copy of the mask decoder (``mask_decoder``, with ``layer`` None); ``penalty()`` adds a
+    regulariser (EWC). ``per_image`` maps an index of ``z_all`` to that image's objects.
+    """
+    device = backbone.device
+    params = [p for p in (layer if layer is not None else mask_decoder).parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=config.lr)
+    images = sorted(per_image)
+    total_steps = math.ceil(len(images) / config.batch_images) * config.epochs
+    step, last_loss = 0, float("nan")
+    for epoch in range(1, config.epochs + 1):
+        order = rng.permutation(images)
+        for start in range(0, len(order), config.batch_images):
+            check_cancel(cancel)
+            batch = order[start:start + config.batch_images].tolist()
+            use_point = rng.random() < config.point_fraction
+            z = torch.stack([z_all[i] for i in batch]).to(device)
+            if layer is not None:
+                z = layer(z)
+            loss = batch_loss(backbone, z, batch, per_image, config, rng, use_point, mask_decoder)
+            if penalty is not None:
+                loss = loss + penalty()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            last_loss = float(loss.detach())
+            report(progress, step, total_steps, f"training: epoch {epoch}/{config.epochs} loss {last_loss:.4f}")
+    return step, last_loss
+
+
+def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Optional[LearnConfig] = None,
+               progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> Task:
+    """Learn one task's Alignment Layer and router VAE from ``data``. Writes nothing.
+
+    Progress messages: ``embedding: ...``, ``training: epoch e/E loss x``, ``router: ...``.
+    ``cancel`` is checked between every unit of work; it raises ``Cancelled``.
+    """
+    config = config or LearnConfig()
+    check_task_name(name)
+    if config.epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {config.epochs}")
+    backbone = predictor.backbone
+    device = predictor.device
+    rng = np.random.default_rng(config.seed)
+    t_start = time.perf_counter()
+
+    # 1. frozen embeddings, once (the predictor's caches: memory and optional disk)
+    annotated = [i for i, s in enumerate(data.slices) if s.annotated]
+    train_idx, val_idx = _validation_split(annotated, config.val_fraction)
+    n_aug = config.augment_copies * len(train_idx)
+    total = len(data.slices) + n_aug
+    records: List[ImageRecord] = []
+    z_all: List[torch.Tensor] = []
+    for i, s in enumerate(data.slices):
+        check_cancel(cancel)
+        rec = predictor.embed_rgb(s.rgb)
+        records.append(rec)
+        z_all.append(predictor.embedding(rec).detach().clone())
+        report(progress, i + 1, total, f"embedding: {i + 1}/{total}")
+    router_features = torch.stack([router_feature(z) for z in z_all]).cpu()
+    aug_of: Dict[int, int] = {}
+    for k in range(config.augment_copies):
+        for i in train_idx:
+            check_cancel(cancel)
+            rec = predictor.embed_rgb(augment_intensity(data.slices[i].rgb, rng))
+            aug_of[len(records)] = i
+            records.append(rec)
+            z_all.append(predictor.embedding(rec).detach().clone())
+            report(progress, len(records), total, f"embedding: {len(records)}/{total} (augmented copies)")
+    t_embed = time.perf_counter() - t_start
+
+    # 2. objects and prompts of the training images, on the decoder's low-res grid
+    low = 4 * backbone.embedding_shape[1]
+    img_size = backbone.img_size
+    per_image: Dict[int, List[_Object]] = {}
+    for i in train_idx + list(aug_of):
+        src = aug_of.get(i, i)
+        objs = _objects_for(data.slices[src].labels, data.objects, records[i], img_size, low, i)
+        if objs:
+            per_image[i] = objs
+    if not per_image:
+        raise TaskDataError("no training object is large enough to learn from at the decoder's resolution")
+
+    # 3. zero-shot validation Dice (frozen features)
+    def validate(layer: Optional[AlignmentLayer]) -> float:
+        scores = []
+        for i in val_idx:
+            check_cancel(cancel)
+            z = z_all[i][None].to(device)
+            if layer is not None:
+                with torch.inference_mode():
+                    z = layer(z)
+            scores.extend(_validation_dice(predictor, z, records[i], data.slices[i].labels, data.objects))
+        return float(np.mean(scores))
+
+    zero_shot = validate(None)
+
+    # 4. the Alignment Layer: only it learns; gradients flow through the frozen decoder
+    torch.manual_seed(config.seed)
+    layer = AlignmentLayer(n_blocks=config.n_blocks, form=config.form).to(device).train()
+    t_train = time.perf_counter()
+    step, last_loss = fit(backbone, z_all, per_image, config, rng, layer=layer, progress=progress, cancel=cancel)
+    layer.eval()
+    t_train = time.perf_counter() - t_train
+    aligned = validate(layer)
+
+    # 5. the router: a VAE on every image's feature (annotated or not), tau by 5-fold CV
+    report(progress, 0, 1, "router: training the VAE and its threshold")
+    vae = train_vae(router_features, epochs=config.vae_epochs, seed=config.seed, cancel=cancel)
+    tau = fit_threshold(router_features, cancel=cancel, epochs=config.vae_epochs)
+    report(progress, 1, 1, "router: done")
+
+    use_alignment = aligned > zero_shot
+    card = {
+        "name": name,
+        "backbone": backbone.spec.name,
+        "backbone_fingerprint": backbone.fingerprint,
+        "alignment": {"form": config.form, "n_blocks": config.n_blocks, "channels": 256,
+                      "parameters": count_parameters(layer)},
+        "router": {"tau": tau, "beta": BETA, "feature": "attention-pooled frozen embedding",
+                   "vae_parameters": sum(p.numel() for p in vae.parameters())},
+        "use_alignment": use_alignment,
+        "labels": {str(k): v for k, v in data.label_names.items()},
+        "objects": data.objects,
+        "modality": data.modality,
+        "training_data": {**data.summary(), "train_images": len(train_idx), "validation_images": len(val_idx),
+                          "augmented_copies": n_aug, "objects_per_image": round(
+                              float(np.mean([len(v) for v in per_image.values()])), 2)},
+        "validation": {"images": len(val_idx), "dice_zero_shot": round(zero_shot, 4),
+                       "dice_aligned": round(aligned, 4), "aligned_better": use_alignment},
+        "training": {**asdict(config), "steps": step, "final_loss": round(last_loss, 5),
+                     "device": str(device)},
+        "seconds": {"embedding": round(t_embed, 1), "training": round(t_train, 1),
+                    "total": round(time.perf_counter() - t_start, 1)},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "casam_version": __version__,
+    }
+    if not use_alignment:
+        card["warning"] = (f"the Alignment Layer did not beat the frozen model on the held-out images "
+                           f"(Dice {aligned:.3f} vs {zero_shot:.3f}): images routed to this task are "
+                           f"segmented by the frozen model")
+    return Task(name, layer.cpu(), vae, tau, card)

@@ -1,0 +1,391 @@
+"""The continual engine on real weights and real data: learn, route, library, packs, CLI."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from casam_core.library import (ALIGNMENT, CARD, MANIFEST, ROUTER, TaskLibrary, TaskLibraryError, read_pack,
+                                sha256_bytes)
+from casam_core.progress import Cancelled
+from casam_core.training import LearnConfig, TaskDataError, learn_task, load_task_data
+
+from conftest import dataset_case, dataset_root
+
+N_TRAIN = 16
+
+
+@pytest.fixture(scope="module")
+def kvasir_task(backbone, tmp_path_factory):
+    """A task learned on 16 real kvasir training images, 1 epoch (embeddings on a shared disk cache)."""
+    from casam_core import CASamPredictor
+
+    cache = tmp_path_factory.getbasetemp() / "embeddings-tasks"
+    predictor = CASamPredictor(backbone, disk_cache=cache)
+    data = load_task_data([dataset_root("kvasir_polyp")], limit=N_TRAIN)
+    calls = []
+    task = learn_task(predictor, "kvasir", data, LearnConfig(epochs=1),
+                      progress=lambda d, t, m: calls.append((d, t, m)))
+    return task, calls, cache
+
+
+def _predictor_with(backbone, cache, library):
+    from casam_core import CASamPredictor
+
+    predictor = CASamPredictor(backbone, disk_cache=cache)
+    assert predictor.load_tasks(library) == {}
+    return predictor
+
+
+def test_learned_task_card_and_progress(kvasir_task):
+    task, calls, _ = kvasir_task
+    card = task.card
+    assert card["backbone_fingerprint"].startswith("litemedsam:")
+    assert card["alignment"]["parameters"] == 3_541_007
+    assert card["router"]["vae_parameters"] == 90_752
+    assert card["training_data"]["annotated"] == N_TRAIN
+    assert card["validation"]["images"] == 3 and card["training_data"]["train_images"] == 13
+    v = card["validation"]
+    assert 0.5 < v["dice_zero_shot"] <= 1 and 0 <= v["dice_aligned"] <= 1
+    assert card["use_alignment"] == (v["dice_aligned"] > v["dice_zero_shot"])
+    assert ("warning" in card) == (not card["use_alignment"])
+    assert card["training"]["steps"] == 3  # ceil(13 / 6) steps x 1 epoch
+    assert np.isfinite(card["training"]["final_loss"]) and task.tau > 0
+    messages = {m.split(":")[0] for _, _, m in calls}
+    assert {"embedding", "training", "router"} <= messages
+
+
+def test_own_images_route_to_the_task_others_fall_back(kvasir_task, backbone, tmp_path):
+    task, _, cache = kvasir_task
+    library = TaskLibrary(tmp_path / "lib")
+    library.save(task)
+    predictor = _predictor_with(backbone, cache, library)
+    # tau is the 97th percentile of held-out scores from 16 images: most, not all, of the
+    # task's own images fall under it by construction
+    routed = []
+    for i in range(4):
+        image, _ = dataset_case("kvasir_polyp", "test", i)
+        predictor.set_image(image)
+        route = predictor.route()
+        assert route.best == "kvasir"
+        assert (route.decision == "kvasir") == (route.scores["kvasir"] <= route.tau["kvasir"])
+        routed.append(route.decision)
+    assert routed.count("kvasir") >= 3, routed
+    for name in ("cxr_lungs", "hc18_fetal_head", "skin_lesion"):
+        image, _ = dataset_case(name, "test", 0)
+        predictor.set_image(image)
+        route = predictor.route()
+        assert route.decision is None and route.best == "kvasir", (name, route)
+        assert route.scores["kvasir"] > route.tau["kvasir"]
+
+
+def test_auto_mode_uses_the_routed_layer_unless_it_lost_to_frozen(kvasir_task, backbone, tmp_path):
+    task, _, cache = kvasir_task
+    predictor = _predictor_with(backbone, cache, _saved(task, tmp_path))
+    image, labels = dataset_case("kvasir_polyp", "test", 0)
+    predictor.set_image(image)
+    ys, xs = np.nonzero(labels)
+    box = [xs.min(), ys.min(), xs.max(), ys.max()]
+    frozen = predictor.predict(box=box, task="none", return_logits=True)[0]
+    auto = predictor.predict(box=box, task="auto", return_logits=True)[0]
+    if task.use_alignment:
+        aligned = predictor.predict(box=box, task="kvasir", return_logits=True)[0]
+        assert np.array_equal(auto, aligned) and not np.array_equal(auto, frozen)
+    else:  # never worse than frozen: the task routes to the frozen model
+        assert predictor.resolve_task("kvasir") is None
+        assert np.array_equal(auto, frozen)
+    # forcing the layer on regardless (what a task that won its validation would use)
+    predictor.add_task("forced", task.layer, task.vae, task.tau)
+    forced = predictor.predict(box=box, task="forced", return_logits=True)[0]
+    assert not np.array_equal(forced, frozen)
+
+
+def _saved(task, tmp_path):
+    library = TaskLibrary(tmp_path / "lib")
+    library.save(task)
+    return library
+
+
+def test_library_round_trip(kvasir_task, tmp_path):
+    task, _, _ = kvasir_task
+    library = _saved(task, tmp_path)
+    assert library.names() == ["kvasir"]
+    assert sorted(p.name for p in (tmp_path / "lib" / "kvasir").iterdir()) == sorted([CARD, ALIGNMENT, ROUTER])
+    loaded = library.load("kvasir", task.card["backbone_fingerprint"])
+    for a, b in zip(task.layer.state_dict().values(), loaded.layer.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(task.vae.state_dict().values(), loaded.vae.state_dict().values()):
+        assert torch.equal(a, b)
+    assert loaded.tau == task.tau and loaded.card["validation"] == task.card["validation"]
+    with pytest.raises(TaskLibraryError, match="already exists"):
+        library.save(task)
+    with pytest.raises(TaskLibraryError, match="learned on backbone"):
+        library.load("kvasir", "sam_vit_b:0123456789abcdef")
+    # a changed weight file is detected
+    path = tmp_path / "lib" / "kvasir" / ALIGNMENT
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(TaskLibraryError, match="SHA-256"):
+        library.load("kvasir")
+    library.remove("kvasir")
+    assert library.names() == [] and not any((tmp_path / "lib").iterdir())
+
+
+def test_rename_keeps_the_task(kvasir_task, tmp_path):
+    task, _, _ = kvasir_task
+    library = _saved(task, tmp_path)
+    library.rename("kvasir", "polyps")
+    assert library.names() == ["polyps"]
+    assert library.load("polyps").card["name"] == "polyps"
+    with pytest.raises(ValueError, match="reserved"):
+        library.rename("polyps", "auto")
+
+
+def test_pack_export_and_import(kvasir_task, tmp_path):
+    task, _, _ = kvasir_task
+    library = _saved(task, tmp_path)
+    pack = library.export("kvasir", tmp_path / "kvasir.casam-task")
+    with zipfile.ZipFile(pack) as zf:
+        names = set(zf.namelist())
+        manifest = json.loads(zf.read(MANIFEST))
+    assert names == {MANIFEST, CARD, ALIGNMENT, ROUTER}
+    assert set(manifest["files"]) == {CARD, ALIGNMENT, ROUTER}
+    other = TaskLibrary(tmp_path / "hospital_b")
+    imported = other.import_pack(pack, fingerprint=task.card["backbone_fingerprint"])
+    assert other.names() == ["kvasir"] and imported.tau == task.tau
+    with pytest.raises(TaskLibraryError, match="already exists"):
+        other.import_pack(pack)
+    other.import_pack(pack, name="kvasir_b")
+    assert other.names() == ["kvasir", "kvasir_b"] and other.card("kvasir_b")["name"] == "kvasir_b"
+
+
+def _repack(src, dst, edit):
+    """Copy a pack, passing each member through ``edit(name, bytes) -> [(name, bytes), ...]``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            for n, b in edit(name, zin.read(name)):
+                zout.writestr(n, b)
+    return dst
+
+
+@pytest.fixture()
+def pack(kvasir_task, tmp_path):
+    task, _, _ = kvasir_task
+    return _saved(task, tmp_path).export("kvasir", tmp_path / "kvasir.casam-task")
+
+
+def test_tampered_pack_is_refused(pack, tmp_path):
+    def flip(name, data):
+        if name == ALIGNMENT:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        return [(name, data)]
+
+    bad = _repack(pack, tmp_path / "tampered.casam-task", flip)
+    with pytest.raises(TaskLibraryError, match="SHA-256"):
+        TaskLibrary(tmp_path / "b").import_pack(bad)
+    assert TaskLibrary(tmp_path / "b").names() == []
+
+
+def test_pack_from_another_backbone_is_refused(pack, kvasir_task, tmp_path):
+    def other_backbone(name, data):
+        if name == CARD:
+            card = json.loads(data)
+            card["backbone_fingerprint"] = "sam_vit_b:0123456789abcdef"
+            data = json.dumps(card).encode()
+            other_backbone.card = data
+        return [(name, data)]
+
+    def fix_manifest(name, data):
+        if name == MANIFEST:
+            m = json.loads(data)
+            m["files"][CARD] = sha256_bytes(other_backbone.card)
+            data = json.dumps(m).encode()
+        return [(name, data)]
+
+    step = _repack(pack, tmp_path / "step.zip", other_backbone)
+    foreign = _repack(step, tmp_path / "vitb.casam-task", fix_manifest)
+    assert read_pack(foreign).card["backbone_fingerprint"].startswith("sam_vit_b")  # a consistent pack...
+    with pytest.raises(TaskLibraryError, match="learned on backbone sam_vit_b"):  # ...for another backbone
+        TaskLibrary(tmp_path / "b").import_pack(foreign, fingerprint=kvasir_task[0].card["backbone_fingerprint"])
+
+
+@pytest.mark.parametrize("member", ["../evil.json", "/etc/passwd", "alignment.pt", "sub/task.json"])
+def test_pack_with_foreign_members_is_refused(pack, tmp_path, member):
+    import pickle
+
+    payload = pickle.dumps({"x": 1}) if member.endswith(".pt") else b"{}"
+    bad = _repack(pack, tmp_path / "bad.casam-task",
+                  lambda n, d: [(n, d)] + ([(member, payload)] if n == MANIFEST else []))
+    with pytest.raises(TaskLibraryError, match="refused member"):
+        TaskLibrary(tmp_path / "b").import_pack(bad)
+    assert not (tmp_path / "evil.json").exists() and TaskLibrary(tmp_path / "b").names() == []
+
+
+def test_pack_with_unknown_manifest_keys_or_pickled_weights_is_refused(pack, tmp_path):
+    import pickle
+
+    def add_key(name, data):
+        if name == MANIFEST:
+            m = json.loads(data)
+            m["run"] = "rm -rf /"
+            data = json.dumps(m).encode()
+        return [(name, data)]
+
+    with pytest.raises(TaskLibraryError, match="unknown manifest keys"):
+        read_pack(_repack(pack, tmp_path / "keys.zip", add_key))
+
+    pickled = pickle.dumps({"blocks.0.conv1.weight": [0.0]})
+
+    def pickle_weights(name, data):
+        if name == ALIGNMENT:
+            data = pickled
+        if name == CARD:
+            card = json.loads(data)
+            card["files"][ALIGNMENT] = sha256_bytes(pickled)
+            data = json.dumps(card).encode()
+            pickle_weights.card = data
+        return [(name, data)]
+
+    def fix(name, data):
+        if name == MANIFEST:
+            m = json.loads(data)
+            m["files"][ALIGNMENT] = sha256_bytes(pickled)
+            m["files"][CARD] = sha256_bytes(pickle_weights.card)
+            data = json.dumps(m).encode()
+        return [(name, data)]
+
+    bad = _repack(_repack(pack, tmp_path / "p1.zip", pickle_weights), tmp_path / "p2.zip", fix)
+    with pytest.raises(TaskLibraryError, match="not a valid safetensors file"):
+        read_pack(bad)
+
+
+def test_cancelled_training_leaves_the_library_unchanged(backbone, kvasir_task, tmp_path):
+    from casam_core import CASamPredictor
+
+    task, _, cache = kvasir_task
+    library = _saved(task, tmp_path)
+    before = sorted(p.name for p in library.root.rglob("*"))
+    predictor = CASamPredictor(backbone, disk_cache=cache)
+    data = load_task_data([dataset_root("kvasir_polyp")], limit=N_TRAIN)
+    seen = []
+
+    def cancel():
+        return any(m.startswith("training") for m in seen)
+
+    with pytest.raises(Cancelled):
+        learn_task(predictor, "second", data, LearnConfig(epochs=3),
+                   progress=lambda d, t, m: seen.append(m), cancel=cancel)
+    assert sorted(p.name for p in library.root.rglob("*")) == before
+
+
+def test_a_crash_while_saving_leaves_no_partial_task(kvasir_task, tmp_path, monkeypatch):
+    import casam_core.library as lib
+
+    task, _, _ = kvasir_task
+    library = TaskLibrary(tmp_path / "lib")
+    real = lib.save_file
+    calls = []
+
+    def crash_on_second(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(tensors, path)
+
+    monkeypatch.setattr(lib, "save_file", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        library.save(task)
+    assert library.names() == [] and list(library.root.iterdir()) == []
+
+
+def test_training_data_errors_name_the_file(tmp_path):
+    from PIL import Image
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    Image.fromarray(np.zeros((32, 40), np.uint8)).save(images / "a.png")
+    Image.fromarray(np.zeros((32, 40), np.uint8)).save(masks / "a.png")
+    with pytest.raises(TaskDataError, match=r"a\.png: the mask has no foreground"):
+        load_task_data([images], [masks])
+    m = np.zeros((30, 40), np.uint8)
+    m[5:10, 5:10] = 1
+    Image.fromarray(m).save(masks / "a.png")
+    with pytest.raises(ValueError, match=r"a\.png"):
+        load_task_data([images], [masks])
+    Image.fromarray(np.zeros((32, 40), np.uint8)).save(masks / "b.png")
+    with pytest.raises(TaskDataError, match=r"b\.png: a mask with no image"):
+        load_task_data([images], [masks])
+    with pytest.raises(TaskDataError, match="give the folder of masks"):
+        load_task_data([images])
+    with pytest.raises(TaskDataError, match="no such file"):
+        load_task_data([tmp_path / "nothing"])
+
+
+def test_volume_training_data_keeps_background_slices_for_the_router():
+    from casam_core.io import read_image, read_labels
+    from conftest import SAMPLES
+    from casam_core.training import volume_slices
+
+    image = read_image(SAMPLES / "hippocampus_mri" / "hippocampus_003.nii.gz")
+    labels = read_labels(SAMPLES / "hippocampus_mri" / "hippocampus_003_mask.nii.gz", like=image).array
+    slices = volume_slices(image, labels)
+    n_fg = int((labels.reshape(labels.shape[0], -1) > 0).any(1).sum())
+    assert len(slices) == labels.shape[0]
+    assert sum(s.annotated for s in slices) == n_fg < len(slices)
+    capped = volume_slices(image, labels, background_slices=2)
+    assert len(capped) == n_fg + 2
+
+
+def test_cli_learn_route_eval_segment_tasks_json(kvasir_task, tmp_path, capsys):
+    from casam_core.cli import main
+
+    _, _, cache = kvasir_task
+    lib = str(tmp_path / "lib")
+    common = ["--library", lib, "--cache-dir", str(cache), "--device", "cpu", "--json"]
+
+    def run(*argv):
+        code = main(list(argv) + common)
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return json.loads(out.out)
+
+    card = run("learn", "kv", str(dataset_root("kvasir_polyp")), "--limit", "4", "--epochs", "1")
+    assert card["name"] == "kv" and card["validation"]["images"] == 1
+    assert {"backbone_fingerprint", "router", "alignment", "validation", "training_data", "seconds",
+            "created", "casam_version", "files"} <= set(card)
+
+    root = dataset_root("kvasir_polyp")
+    test_case = json.loads((root / "dataset.json").read_text())["test"][0]
+    route = run("route", str(root / test_case["image"]))
+    assert set(route) == {"decision", "scores", "tau"} and set(route["scores"]) == {"kv"}
+
+    ev = run("eval", str(root), "--limit", "2", "--task", "none")
+    assert {"n_images", "iou", "dice", "biou", "routes", "per_image"} <= set(ev)
+    assert ev["n_images"] == 2 and ev["routes"] == {"frozen": 2} and 0.7 < ev["dice"] <= 1
+
+    labels = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(root / test_case["mask"])) > 0
+    ys, xs = np.nonzero(labels if labels.ndim == 2 else labels[..., 0])
+    seg = run("segment", str(root / test_case["image"]), "--out", str(tmp_path / "m.png"),
+              "--box", f"{xs.min()},{ys.min()},{xs.max()},{ys.max()}", "--task", "auto")
+    assert {"out", "route", "mask_voxels"} <= set(seg) and seg["mask_voxels"] > 0
+    assert seg["route"]["mode"] == "auto" and "kv" in seg["route"]["scores"]
+
+    listing = run("tasks", "list")
+    assert [t["name"] for t in listing["tasks"]] == ["kv"]
+    run("tasks", "export", "kv", str(tmp_path / "kv.casam-task"))
+    assert run("tasks", "import", str(tmp_path / "kv.casam-task"), "--name", "kv2")["imported"] == "kv2"
+    run("tasks", "rename", "kv2", "kv3")
+    run("tasks", "remove", "kv3")
+    assert [t["name"] for t in run("tasks", "list")["tasks"]] == ["kv"]
+
+    # errors: one line on stderr, non-zero exit
+    assert main(["tasks", "show", "missing"] + common) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("casam tasks: error: no task 'missing'") and "\n" not in err
+    assert main(["learn", "auto", str(root)] + common) == 2
+    assert "reserved" in capsys.readouterr().err
