@@ -1,21 +1,28 @@
 # Two commands do all the set-up on a fresh Debian/Ubuntu machine with Python 3.11:
 #   make demo   - install (once) and run the headless segmentation demo on the samples
 #   make test   - install (once), add the system packages the GUI tests need, run all tests
+#   make napari - napari with the CA-SAM widget docked and the 3D sample loaded (needs a display)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install sysdeps clean
+.PHONY: demo napari test bench install sysdeps clean
 
 demo: $(STAMP)
 	$(BIN)/casam demo --out demo_out
 
+napari: $(STAMP)
+	$(BIN)/python -m napari_casam
+
 test: $(STAMP) sysdeps
 	scripts/run_tests.sh
 
-bench: $(STAMP)
+bench: $(STAMP) sysdeps
 	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/learn.py --configs paper:1,gated:1:0.001
+	if [ -z "$$DISPLAY" ]; then xvfb-run -a $(BIN)/python benchmarks/gui_latency.py; \
+	else $(BIN)/python benchmarks/gui_latency.py; fi
 
 install: $(STAMP)
 
@@ -24,7 +31,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[napari,test]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[napari,test,bench]"
 	touch $(STAMP)
 
 sysdeps:

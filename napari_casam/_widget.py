@@ -1,0 +1,768 @@
+"""The CA-SAM dock widget: click-to-segment on 2D images and volumes, routing, learning.
+
+Thin over casam_core: every model call goes through the one ``CASamPredictor``, run in
+worker threads (never on the UI thread) and serialised by a lock; learning a task runs in
+a separate process (``_learn_process``). Layers the widget manages:
+
+* ``CA-SAM points``  positive (green) / negative (red) clicks; ``T`` toggles the kind
+* ``CA-SAM boxes``   rectangles drawn with the Shapes tools
+* ``CA-SAM preview`` the current mask (not saved)
+* ``CA-SAM labels``  committed masks, one label id per commit (``C`` commits, ``Ctrl+Z`` undoes)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import List, Optional
+
+import numpy as np
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QInputDialog,
+                            QLabel, QLineEdit, QListWidget, QMessageBox, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from casam_core.backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
+from casam_core.library import TaskLibrary, TaskLibraryError
+from casam_core.predictor import CASamPredictor
+from casam_core.prompts import box_from_mask, propagate_box
+
+POINTS, BOXES, PREVIEW, LABELS = "CA-SAM points", "CA-SAM boxes", "CA-SAM preview", "CA-SAM labels"
+AUTO, FROZEN = "Auto (router)", "Frozen model"
+DEBOUNCE_MS = 150
+POSITIVE, NEGATIVE = "positive", "negative"
+COLOURS = {POSITIVE: "lime", NEGATIVE: "red"}
+
+
+class CASamWidget(QWidget):
+    def __init__(self, napari_viewer, library: Optional[str] = None, cache_dir: Optional[str] = None):
+        super().__init__()
+        import os
+        from pathlib import Path
+
+        self.viewer = napari_viewer
+        self.library = TaskLibrary(library)
+        self.cache_dir = cache_dir or os.environ.get("CASAM_CACHE_DIR") or str(
+            Path.home() / ".cache" / "casam" / "embeddings")
+        self.predictor: Optional[CASamPredictor] = None
+        self._predictor_key = None
+        self.lock = threading.Lock()  # one model call at a time
+        self.image_layer = None
+        self.is_volume = False
+        self.undo_stack: List[tuple] = []
+        self.learn_job = None
+        self._learn_progress = None
+        self._embed_worker = None
+        self._segment_pending = False
+        self._generation = 0  # bumps when the image changes: stale worker results are dropped
+        self.last_route = None
+        self.last_seconds = None
+        self._positive = True
+        self._build_ui()
+        self._debounce = QTimer(self)
+        self._debounce.setSingleShot(True)
+        self._debounce.timeout.connect(self.segment)
+        self._poll = QTimer(self)
+        self._poll.timeout.connect(self._poll_learning)
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self.viewer.dims.events.current_step.connect(self._on_slice_change)
+        self._bind_keys()
+        self._refresh_layers()
+        self.refresh_tasks()
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        layout = QVBoxLayout(self)
+
+        box = QGroupBox("Image")
+        form = QFormLayout(box)
+        self.image_combo = QComboBox()
+        self.backbone_combo = QComboBox()
+        self.backbone_combo.addItems(sorted(BACKBONES))
+        self.backbone_combo.setCurrentText(DEFAULT_BACKBONE)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.checkpoint_edit = QLineEdit()
+        self.checkpoint_edit.setPlaceholderText("checkpoint .pth (SAM ViT backbones only)")
+        self.embed_button = QPushButton("Embed image")
+        self.embed_button.clicked.connect(self.embed)
+        form.addRow("image layer", self.image_combo)
+        form.addRow("backbone", self.backbone_combo)
+        form.addRow("device", self.device_combo)
+        form.addRow("checkpoint", self.checkpoint_edit)
+        form.addRow(self.embed_button)
+        layout.addWidget(box)
+
+        box = QGroupBox("Task")
+        form = QFormLayout(box)
+        self.task_combo = QComboBox()
+        self.task_combo.currentTextChanged.connect(self._on_task_change)
+        self.route_label = QLabel("route: -")
+        self.route_label.setWordWrap(True)
+        self.scores_button = QPushButton("All scores")
+        self.scores_button.clicked.connect(self.show_scores)
+        form.addRow("task", self.task_combo)
+        form.addRow(self.route_label)
+        form.addRow(self.scores_button)
+        layout.addWidget(box)
+
+        box = QGroupBox("Segment")
+        v = QVBoxLayout(box)
+        self.positive_check = QCheckBox("positive clicks (T toggles)")
+        self.positive_check.setChecked(True)
+        self.positive_check.toggled.connect(self._set_positive)
+        self.auto_check = QCheckBox("segment on every prompt change")
+        self.auto_check.setChecked(True)
+        v.addWidget(self.positive_check)
+        v.addWidget(self.auto_check)
+        row = QHBoxLayout()
+        for text, slot in (("Segment (S)", self.segment), ("Commit (C)", self.commit), ("Undo", self.undo),
+                           ("Clear", self.clear)):
+            b = QPushButton(text)
+            b.clicked.connect(slot)
+            row.addWidget(b)
+        v.addLayout(row)
+        self.propagate_button = QPushButton("Propagate through the volume")
+        self.propagate_button.clicked.connect(self.propagate)
+        v.addWidget(self.propagate_button)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        v.addWidget(self.status_label)
+        layout.addWidget(box)
+
+        box = QGroupBox("Learn new task")
+        form = QFormLayout(box)
+        self.task_name_edit = QLineEdit()
+        self.task_name_edit.setPlaceholderText("e.g. liver_ct")
+        self.labels_combo = QComboBox()
+        self.epochs_spin = QSpinBox()
+        self.epochs_spin.setRange(1, 200)
+        self.epochs_spin.setValue(24)
+        self.form_combo = QComboBox()
+        self.form_combo.addItems(["paper", "gated"])
+        self.learn_button = QPushButton("Learn new task")
+        self.learn_button.clicked.connect(self.learn)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel_learning)
+        form.addRow("task name", self.task_name_edit)
+        form.addRow("annotations", self.labels_combo)
+        form.addRow("epochs", self.epochs_spin)
+        form.addRow("layer form", self.form_combo)
+        row = QHBoxLayout()
+        row.addWidget(self.learn_button)
+        row.addWidget(self.cancel_button)
+        form.addRow(row)
+        layout.addWidget(box)
+
+        box = QGroupBox("Task library")
+        v = QVBoxLayout(box)
+        self.task_list = QListWidget()
+        self.task_list.currentTextChanged.connect(self._show_card)
+        self.card_label = QLabel("")
+        self.card_label.setWordWrap(True)
+        v.addWidget(self.task_list)
+        v.addWidget(self.card_label)
+        row = QHBoxLayout()
+        for text, slot in (("Rename", self._rename_clicked), ("Delete", self._delete_clicked),
+                           ("Export", self._export_clicked), ("Import", self._import_clicked)):
+            b = QPushButton(text)
+            b.clicked.connect(slot)
+            row.addWidget(b)
+        v.addLayout(row)
+        layout.addWidget(box)
+        layout.addStretch(1)
+
+    def _bind_keys(self) -> None:
+        def bind(key, fn):
+            try:
+                self.viewer.bind_key(key, lambda v: fn(), overwrite=True)
+            except TypeError:  # older napari
+                self.viewer.bind_key(key, lambda v: fn())
+
+        bind("t", self.toggle_positive)
+        bind("s", self.segment)
+        bind("c", self.commit)
+        bind("Control-z", self.undo)
+
+    def _refresh_layers(self, event=None) -> None:
+        from napari.layers import Image, Labels
+
+        for combo, kind, skip in ((self.image_combo, Image, ()), (self.labels_combo, Labels, (PREVIEW,))):
+            current = combo.currentText()
+            names = [layer.name for layer in self.viewer.layers if isinstance(layer, kind) and layer.name not in skip]
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+
+    def _notify(self, text: str) -> None:
+        from napari.utils.notifications import show_info
+
+        self.status_label.setText(text)
+        show_info(text)
+
+    def _error(self, text: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status_label.setText(text)
+        show_error(text)
+
+    # ------------------------------------------------------------------ embedding
+    def _ensure_predictor(self) -> CASamPredictor:
+        key = (self.backbone_combo.currentText(), self.checkpoint_edit.text().strip() or None,
+               self.device_combo.currentText())
+        if self.predictor is None or key != self._predictor_key:
+            backbone = build_backbone(key[0], key[1], key[2])
+            self.predictor = CASamPredictor(backbone, disk_cache=self.cache_dir)
+            self._predictor_key = key
+            self._load_tasks()
+        return self.predictor
+
+    def _load_tasks(self) -> None:
+        if self.predictor is None:
+            return
+        for name in list(self.predictor.layers):
+            self.predictor.remove_task(name)
+        skipped = self.predictor.load_tasks(self.library)
+        for name, why in skipped.items():
+            self.status_label.setText(f"task {name} not loaded: {why}")
+
+    def embed(self) -> None:
+        """Embed the chosen image layer: the current slice first (so clicks work at once), then the rest."""
+        from napari.qt.threading import create_worker
+
+        name = self.image_combo.currentText()
+        if not name:
+            self._error("CA-SAM: open an image first")
+            return
+        try:
+            predictor = self._ensure_predictor()
+        except Exception as exc:  # bad checkpoint path etc.
+            self._error(f"CA-SAM: {exc}")
+            return
+        layer = self.viewer.layers[name]
+        data = np.asarray(layer.data)
+        self.image_layer = layer
+        self.is_volume = data.ndim == 3 and not layer.rgb
+        self._generation += 1
+        self._ensure_layers(data.shape[:3] if self.is_volume else data.shape[:2], layer)
+        with self.lock:
+            if self.is_volume:
+                predictor.set_volume(data, axis=0)
+            else:
+                predictor.set_image(data)  # 2D: one embedding, a second or two
+        if not self.is_volume:
+            self._after_embedding()
+            return
+        current = self._current_slice()
+        order = [current] + [i for i in range(data.shape[0]) if i != current]
+        generation = self._generation
+
+        def work():
+            for done, index in enumerate(order, start=1):
+                if generation != self._generation:
+                    return
+                with self.lock:
+                    predictor.slice_record(index)
+                yield done, len(order), index
+
+        from napari.utils import progress
+
+        bar = progress(total=len(order), desc="CA-SAM: embedding slices")
+        worker = create_worker(work, _start_thread=False)
+
+        def on_yield(value):
+            done, total, index = value
+            bar.update(1)
+            if done == 1:
+                self._notify("CA-SAM: current slice ready; embedding the others in the background")
+                self._after_embedding()
+
+        def finish():
+            bar.close()
+            self._embed_worker = None
+            self.update_route()
+
+        worker.yielded.connect(on_yield)
+        worker.finished.connect(finish)
+        self._embed_worker = worker
+        worker.start()
+
+    def _after_embedding(self) -> None:
+        self.update_route()
+        if self._prompts_present():
+            self.segment()
+
+    def _ensure_layers(self, shape, image_layer) -> None:
+        kw = {"scale": image_layer.scale[-len(shape):], "translate": image_layer.translate[-len(shape):]}
+        if POINTS not in self.viewer.layers:
+            pts = self.viewer.add_points(np.empty((0, len(shape))), name=POINTS, size=max(shape) / 80,
+                                         face_color=COLOURS[POSITIVE], features={"kind": np.array([], dtype=object)},
+                                         **kw)
+            pts.feature_defaults["kind"] = POSITIVE
+            pts.events.data.connect(self._on_prompt_change)
+            pts.mode = "add"
+        if BOXES not in self.viewer.layers:
+            shapes = self.viewer.add_shapes(name=BOXES, ndim=len(shape), edge_color="yellow", face_color="transparent",
+                                            edge_width=max(shape) / 300, **kw)
+            shapes.events.data.connect(self._on_prompt_change)
+        meta = {"metadata": dict(image_layer.metadata)}
+        for name in (PREVIEW, LABELS):
+            if name in self.viewer.layers and self.viewer.layers[name].data.shape != tuple(shape):
+                self.viewer.layers.remove(name)
+            if name not in self.viewer.layers:
+                self.viewer.add_labels(np.zeros(shape, np.int32), name=name, opacity=0.5 if name == PREVIEW else 0.6,
+                                       **kw, **meta)
+        self.viewer.layers.selection.active = self.viewer.layers[POINTS]
+
+    # ------------------------------------------------------------------ prompts
+    def _current_slice(self) -> int:
+        if not self.is_volume or self.image_layer is None:
+            return 0
+        step = self.viewer.dims.current_step[-3]
+        return int(np.clip(step, 0, self.image_layer.data.shape[0] - 1))
+
+    def toggle_positive(self) -> None:
+        self.positive_check.setChecked(not self.positive_check.isChecked())
+
+    def _set_positive(self, positive: bool) -> None:
+        self._positive = positive
+        if POINTS in self.viewer.layers:
+            pts = self.viewer.layers[POINTS]
+            kind = POSITIVE if positive else NEGATIVE
+            pts.feature_defaults["kind"] = kind
+            pts.current_face_color = COLOURS[kind]
+
+    def _on_prompt_change(self, event=None) -> None:
+        if POINTS in self.viewer.layers:  # colour each point by its kind
+            pts = self.viewer.layers[POINTS]
+            kinds = list(pts.features["kind"]) if "kind" in pts.features else []
+            if len(kinds) == len(pts.data) and len(kinds):
+                colours = np.array([_rgba(COLOURS.get(k, COLOURS[POSITIVE])) for k in kinds])
+                if not np.allclose(np.asarray(pts.face_color), colours):
+                    pts.face_color = colours
+        if self.auto_check.isChecked():
+            self._debounce.start(DEBOUNCE_MS)
+
+    def _prompts_present(self) -> bool:
+        coords, _, boxes = self.current_prompts()
+        return coords is not None or boxes is not None
+
+    def current_prompts(self):
+        """Points (x, y) with labels and boxes (x0, y0, x1, y1) on the current slice/image."""
+        k = self._current_slice()
+        coords = labels = boxes = None
+        if POINTS in self.viewer.layers:
+            pts = self.viewer.layers[POINTS]
+            data = np.asarray(pts.data)
+            if len(data):
+                kinds = np.asarray(pts.features["kind"]) if "kind" in pts.features else np.full(len(data), POSITIVE)
+                keep = np.ones(len(data), bool) if data.shape[1] == 2 else np.round(data[:, 0]) == k
+                if keep.any():
+                    coords = data[keep][:, -2:][:, ::-1]
+                    labels = (kinds[keep] != NEGATIVE).astype(int)
+        if BOXES in self.viewer.layers:
+            out = []
+            for shape, verts in zip(self.viewer.layers[BOXES].shape_type, self.viewer.layers[BOXES].data):
+                verts = np.asarray(verts)
+                if shape != "rectangle" or (verts.shape[1] == 3 and np.round(verts[0, 0]) != k):
+                    continue
+                ys, xs = verts[:, -2], verts[:, -1]
+                out.append([xs.min(), ys.min(), xs.max(), ys.max()])
+            if out:
+                boxes = np.array(out)
+        if coords is not None and self.image_layer is not None:
+            h, w = self.image_layer.data.shape[-2:] if not self.image_layer.rgb else self.image_layer.data.shape[:2]
+            coords = np.clip(coords, 0, [w - 1, h - 1])
+        return (coords, labels, boxes) if coords is not None else (None, None, boxes)
+
+    def task_choice(self) -> Optional[str]:
+        text = self.task_combo.currentText()
+        if text == AUTO or not text:
+            return "auto"
+        if text == FROZEN:
+            return None
+        return text
+
+    # ------------------------------------------------------------------ segmenting
+    def segment(self) -> None:
+        """Segment the current slice/image from the prompts, in a worker; the preview shows the result."""
+        from napari.qt.threading import create_worker
+
+        if self.predictor is None or self.image_layer is None:
+            return
+        coords, labels, boxes = self.current_prompts()
+        if coords is None and boxes is None:
+            self.viewer.layers[PREVIEW].data = np.zeros_like(self.viewer.layers[PREVIEW].data)
+            return
+        k = self._current_slice()
+        task = self.task_choice()
+        generation = self._generation
+        t0 = time.perf_counter()
+
+        def work():
+            with self.lock:
+                p = self.predictor
+                if self.is_volume:
+                    p.set_slice(k)
+                chosen, route = self._resolve(task)
+                masks, scores, _ = p.predict(point_coords=coords, point_labels=labels, box=boxes, task=chosen)
+            return masks[:, 0].any(0), route
+
+        def done(result):
+            if generation != self._generation:
+                return
+            mask, route = result
+            preview = self.viewer.layers[PREVIEW]
+            data = np.zeros_like(preview.data)
+            if self.is_volume:
+                data[k] = mask
+            else:
+                data[:] = mask
+            preview.data = data
+            self.last_seconds = time.perf_counter() - t0
+            self._show_route(route)
+
+        worker = create_worker(work, _start_thread=False)
+        worker.returned.connect(done)
+        worker.errored.connect(lambda exc: self._error(f"CA-SAM: {exc}"))
+        worker.start()
+
+    def _resolve(self, task):
+        """(layer to use, route report) for the current image; call with the lock held."""
+        p = self.predictor
+        if task != "auto":
+            return p.resolve_task(task), {"mode": "named" if task else "frozen", "decision": task}
+        if self.is_volume:
+            route = p.route_volume(embed_missing=False)
+            complete = p.volume.route is not None
+        else:
+            route, complete = p.route(), True
+        chosen = route.decision
+        layer = chosen if chosen is not None and p.layers.get(chosen) is not None else None
+        return layer, {"mode": "auto", "decision": chosen, "scores": route.scores, "tau": route.tau,
+                       "best": route.best, "complete": complete}
+
+    def update_route(self) -> None:
+        if self.predictor is None or self.image_layer is None:
+            return
+        with self.lock:
+            try:
+                _, route = self._resolve(self.task_choice())
+            except RuntimeError:
+                return
+        self._show_route(route)
+
+    def _show_route(self, route: dict) -> None:
+        self.last_route = route
+        if route["mode"] == "frozen":
+            text = "route: frozen model (chosen)"
+        elif route["mode"] == "named":
+            text = f"route: task {route['decision']} (chosen)"
+        elif not route["scores"]:
+            text = "route: frozen model (no learned task for this backbone)"
+        else:
+            best = route["best"]
+            s, t = route["scores"][best], route["tau"][best]
+            provisional = "" if route.get("complete", True) else " [provisional: volume still embedding]"
+            if route["decision"] is None:
+                text = f"route: frozen model, out of distribution (closest {best}: {s:.3g} > tau {t:.3g}){provisional}"
+            else:
+                card = self.predictor.cards.get(best, {})
+                note = "" if card.get("use_alignment", True) else " (its layer lost to frozen: frozen model used)"
+                text = f"route: task {best} (score {s:.3g} <= tau {t:.3g}){note}{provisional}"
+        self.route_label.setText(text)
+
+    def show_scores(self) -> None:
+        route = self.last_route or {}
+        scores = route.get("scores") or {}
+        lines = [f"{n}: score {s:.4g}, tau {route['tau'][n]:.4g} {'in' if s <= route['tau'][n] else 'out'}"
+                 for n, s in sorted(scores.items(), key=lambda kv: kv[1])]
+        self._notify("CA-SAM scores:\n" + ("\n".join(lines) if lines else "no learned task"))
+
+    def _on_task_change(self, text: str) -> None:
+        if self.predictor is not None and self.image_layer is not None:
+            self.update_route()
+            if self._prompts_present():
+                self.segment()  # aligned features come from the cached embedding: no re-embedding
+
+    def _on_slice_change(self, event=None) -> None:
+        if self.is_volume and self.predictor is not None and self._prompts_present() and self.auto_check.isChecked():
+            self._debounce.start(DEBOUNCE_MS)
+
+    # ------------------------------------------------------------------ commit / undo
+    def commit(self) -> Optional[int]:
+        """Write the preview into the labels layer with the next free label id (undoable)."""
+        if PREVIEW not in self.viewer.layers:
+            return None
+        mask = np.asarray(self.viewer.layers[PREVIEW].data) > 0
+        if not mask.any():
+            self._notify("CA-SAM: nothing to commit")
+            return None
+        label_id = self._write_label(mask)
+        self.clear_prompts()
+        return label_id
+
+    def _write_label(self, mask: np.ndarray) -> int:
+        labels = self.viewer.layers[LABELS]
+        data = np.asarray(labels.data)
+        label_id = int(data.max()) + 1
+        index = np.nonzero(mask)
+        self.undo_stack.append((index, data[index].copy()))
+        data[index] = label_id
+        labels.data = data
+        labels.refresh()
+        self.viewer.layers[PREVIEW].data = np.zeros_like(self.viewer.layers[PREVIEW].data)
+        self.status_label.setText(f"committed label {label_id} ({len(index[0])} voxels)")
+        return label_id
+
+    def undo(self) -> None:
+        if not self.undo_stack or LABELS not in self.viewer.layers:
+            return
+        index, old = self.undo_stack.pop()
+        labels = self.viewer.layers[LABELS]
+        data = np.asarray(labels.data)
+        data[index] = old
+        labels.data = data
+        labels.refresh()
+        self.status_label.setText("undid the last commit")
+
+    def clear_prompts(self) -> None:
+        for name in (POINTS, BOXES):
+            if name in self.viewer.layers:
+                layer = self.viewer.layers[name]
+                layer.events.data.disconnect(self._on_prompt_change)
+                if name == POINTS:
+                    layer.data = np.empty((0, layer.ndim))
+                else:
+                    layer.data = []
+                layer.events.data.connect(self._on_prompt_change)
+
+    def clear(self) -> None:
+        self.clear_prompts()
+        if PREVIEW in self.viewer.layers:
+            self.viewer.layers[PREVIEW].data = np.zeros_like(self.viewer.layers[PREVIEW].data)
+
+    # ------------------------------------------------------------------ propagation
+    def propagate(self) -> None:
+        """Carry the current slice's mask (or box) up and down the volume; one undoable commit."""
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        if not self.is_volume or self.predictor is None:
+            self._error("CA-SAM: propagation needs an embedded volume")
+            return
+        k = self._current_slice()
+        preview = np.asarray(self.viewer.layers[PREVIEW].data)[k]
+        box = box_from_mask(preview) if preview.any() else None
+        if box is None:
+            _, _, boxes = self.current_prompts()
+            box = boxes[0] if boxes is not None else None
+        if box is None:
+            self._error("CA-SAM: segment the current slice (or draw a box) before propagating")
+            return
+        task = self.task_choice()
+        bar = progress(total=self.image_layer.data.shape[0], desc="CA-SAM: propagating")
+
+        def work():
+            with self.lock:
+                chosen, _ = self._resolve(task)
+                return propagate_box(self.predictor, k, box, task=chosen,
+                                     progress=lambda d, t, m: None)
+
+        def done(result):
+            bar.close()
+            mask, summary = result
+            if mask.any():
+                self._write_label(mask > 0)
+                self.clear_prompts()
+            self._notify(f"CA-SAM: propagated over {len(summary['slices'])} slices")
+
+        worker = create_worker(work, _start_thread=False)
+        worker.returned.connect(done)
+        worker.errored.connect(lambda exc: (bar.close(), self._error(f"CA-SAM: {exc}")))
+        worker.start()
+
+    # ------------------------------------------------------------------ learning
+    def learn(self, name: Optional[str] = None, labels_layer: Optional[str] = None) -> bool:
+        """Start learning a task from the image layer and an annotated Labels layer (separate process)."""
+        from napari.utils import progress
+
+        from ._learn_process import LearnJob
+
+        name = (name or self.task_name_edit.text()).strip()
+        labels_name = labels_layer or self.labels_combo.currentText()
+        image_name = self.image_layer.name if self.image_layer is not None else self.image_combo.currentText()
+        if self.learn_job is not None:
+            self._error("CA-SAM: a task is already being learned")
+            return False
+        if not name or not image_name or not labels_name:
+            self._error("CA-SAM: choose an image, an annotated Labels layer and a task name")
+            return False
+        if name in self.library:
+            self._error(f"CA-SAM: a task named {name!r} already exists")
+            return False
+        image = np.asarray(self.viewer.layers[image_name].data)
+        labels = np.asarray(self.viewer.layers[labels_name].data)
+        if labels.shape != image.shape[: labels.ndim] or labels.ndim not in (2, 3):
+            self._error(f"CA-SAM: {labels_name} ({labels.shape}) does not match {image_name} ({image.shape})")
+            return False
+        if not labels.any():
+            self._error(f"CA-SAM: {labels_name} has no annotation")
+            return False
+        values = sorted(int(v) for v in np.unique(labels) if v)
+        self.learn_job = LearnJob(
+            name=name, image=image, labels=labels.astype(np.int32), backbone=self.backbone_combo.currentText(),
+            checkpoint=self.checkpoint_edit.text().strip() or None, device=self.device_combo.currentText(),
+            library=str(self.library.root), cache_dir=self.cache_dir, epochs=int(self.epochs_spin.value()),
+            form=self.form_combo.currentText(), label_names={v: f"label {v}" for v in values}, modality=None)
+        self.learn_job.start()
+        self._learn_name = name
+        self._learn_progress = progress(total=1, desc=f"CA-SAM: learning {name}")
+        self.learn_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self._poll.start(200)
+        self.status_label.setText(f"learning task {name} in a separate process...")
+        return True
+
+    def cancel_learning(self) -> None:
+        if self.learn_job is not None:
+            self.learn_job.cancel()
+            self.status_label.setText("cancelling...")
+
+    def _poll_learning(self) -> None:
+        job = self.learn_job
+        if job is None:
+            self._poll.stop()
+            return
+        final = None
+        for msg in job.messages():
+            if msg[0] == "progress":
+                _, done, total, text = msg
+                bar = self._learn_progress
+                if bar.total != total:
+                    bar.total = total
+                bar.n = done
+                bar.set_description(f"CA-SAM {self._learn_name}: {text}")
+                bar.refresh()
+            else:
+                final = msg
+        if final is None and not job.alive():
+            final = ("error", "the learning process ended unexpectedly", "")
+        if final is None:
+            return
+        self._poll.stop()
+        self._learn_progress.close()
+        self.learn_job = None
+        self.learn_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        job.process.join(timeout=5)
+        if final[0] == "done":
+            card = final[1]
+            v = card["validation"]
+            text = (f"CA-SAM: learned task {card['name']}: validation Dice frozen {v['dice_zero_shot']:.3f} "
+                    f"vs aligned {v['dice_aligned']:.3f}")
+            if "warning" in card:
+                text += " - the layer did not beat the frozen model; this task will use the frozen model"
+            self.refresh_tasks()
+            self._load_tasks()
+            self.update_route()
+            self._notify(text)
+        elif final[0] == "cancelled":
+            self._notify("CA-SAM: learning cancelled; the task library is unchanged")
+        else:
+            self._error(f"CA-SAM: learning failed: {final[1]}")
+        self.last_learn_result = final
+
+    # ------------------------------------------------------------------ task library
+    def refresh_tasks(self) -> None:
+        names = self.library.names()
+        current = self.task_combo.currentText()
+        self.task_combo.blockSignals(True)
+        self.task_combo.clear()
+        self.task_combo.addItems([AUTO, FROZEN] + names)
+        self.task_combo.setCurrentText(current if current in [AUTO, FROZEN] + names else AUTO)
+        self.task_combo.blockSignals(False)
+        self.task_list.clear()
+        self.task_list.addItems(names)
+
+    def _show_card(self, name: str) -> None:
+        if not name:
+            self.card_label.setText("")
+            return
+        try:
+            c = self.library.card(name)
+        except TaskLibraryError as exc:
+            self.card_label.setText(str(exc))
+            return
+        v = c.get("validation", {})
+        self.card_label.setText(
+            f"{name}: {c.get('modality') or 'modality unknown'}; labels {', '.join((c.get('labels') or {}).values())}\n"
+            f"backbone {c.get('backbone_fingerprint')}; {c.get('alignment', {}).get('form')} layer, "
+            f"{c.get('training_data', {}).get('annotated')} annotated images\n"
+            f"validation Dice frozen {v.get('dice_zero_shot')} vs aligned {v.get('dice_aligned')}"
+            f"{'' if c.get('use_alignment', True) else ' (uses the frozen model)'}; created {c.get('created')}")
+
+    def _after_library_change(self) -> None:
+        self.refresh_tasks()
+        self._load_tasks()
+
+    def rename_task(self, old: str, new: str) -> None:
+        self.library.rename(old, new)
+        self._after_library_change()
+
+    def delete_task(self, name: str) -> None:
+        self.library.remove(name)
+        self._after_library_change()
+
+    def export_task(self, name: str, path: str) -> None:
+        self.library.export(name, path)
+
+    def import_task(self, path: str, name: Optional[str] = None) -> None:
+        fingerprint = self.predictor.backbone.fingerprint if self.predictor is not None else None
+        self.library.import_pack(path, fingerprint=fingerprint, name=name)
+        self._after_library_change()
+
+    def _selected(self) -> Optional[str]:
+        item = self.task_list.currentItem()
+        return item.text() if item is not None else None
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except (TaskLibraryError, ValueError, OSError) as exc:
+            self._error(f"CA-SAM: {exc}")
+
+    def _rename_clicked(self) -> None:
+        name = self._selected()
+        if name:
+            new, ok = QInputDialog.getText(self, "Rename task", f"new name for {name}:")
+            if ok and new.strip():
+                self._guard(self.rename_task, name, new.strip())
+
+    def _delete_clicked(self) -> None:
+        name = self._selected()
+        if name and QMessageBox.question(self, "Delete task", f"Delete task {name!r} from {self.library.root}? "
+                                         "This cannot be undone.") == QMessageBox.Yes:
+            self._guard(self.delete_task, name)
+
+    def _export_clicked(self) -> None:
+        name = self._selected()
+        if name:
+            path, _ = QFileDialog.getSaveFileName(self, "Export task pack", f"{name}.casam-task")
+            if path:
+                self._guard(self.export_task, name, path)
+
+    def _import_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import task pack", "", "CA-SAM task packs (*.casam-task *.zip)")
+        if path:
+            self._guard(self.import_task, path)
+
+
+def _rgba(colour: str) -> np.ndarray:
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    return transform_color(colour)[0]

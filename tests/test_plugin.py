@@ -1,0 +1,139 @@
+"""The napari plugin under xvfb: manifest, reader/writer, samples, widget, learning in a process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from casam_core.io import read_image, read_labels
+from casam_core.metrics import dice
+
+from conftest import SAMPLES
+
+napari = pytest.importorskip("napari", reason="napari is an optional extra ([napari])")
+
+
+def test_manifest_is_valid():
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution("napari-casam")
+    kinds = {c.id.split(".")[-1] for c in manifest.contributions.commands}
+    assert {"widget", "get_reader", "write_labels", "sample_2d", "sample_3d"} <= kinds
+
+
+def test_reader_writer_round_trip_keeps_geometry(tmp_path):
+    from napari_casam._reader import get_reader
+    from napari_casam._writer import write_labels
+
+    path = SAMPLES / "brats_glioma" / "brats_2013_pat0005_1.nii.gz"
+    source = read_image(path)
+    reader = get_reader(str(path))
+    assert reader is not None and get_reader(str(SAMPLES / "hc18_fetal_head" / "006_HC.png")) is None
+    data, kwargs, kind = reader(str(path))[0]
+    assert kind == "image" and data.shape == source.array.shape
+    assert tuple(kwargs["scale"]) == tuple(source.spacing[::-1])
+    assert tuple(kwargs["translate"]) == tuple(source.origin[::-1])
+
+    labels_path = SAMPLES / "brats_glioma" / "brats_2013_pat0005_1_mask.nii.gz"
+    ldata, lkwargs, lkind = get_reader(str(labels_path))(str(labels_path))[0]
+    assert lkind == "labels"
+    out = tmp_path / "labels.nii.gz"
+    written = write_labels(str(out), ldata, {"metadata": lkwargs["metadata"], "scale": lkwargs["scale"]})
+    back = read_image(written[0])
+    assert np.array_equal(back.array, ldata)
+    assert np.allclose(back.spacing, source.spacing) and np.allclose(back.origin, source.origin)
+    assert np.allclose(back.direction, source.direction)
+    with pytest.raises(ValueError, match="do not match the source image"):
+        write_labels(str(tmp_path / "bad.nii.gz"), ldata[:10], {"metadata": lkwargs["metadata"]})
+
+
+def test_sample_data_is_real_with_annotations():
+    from napari_casam._sample_data import sample_2d, sample_3d
+
+    (img, _, k1), (lab, _, k2) = sample_2d()
+    assert (k1, k2) == ("image", "labels") and img.shape[:2] == lab.shape and lab.max() > 0
+    (vol, meta, _), (vlab, _, kind) = sample_3d()
+    assert vol.ndim == 3 and vlab.shape == vol.shape and kind == "labels"
+    assert "CC BY-NC-SA" in meta["metadata"]["licence"]
+
+
+@pytest.fixture()
+def widget(make_napari_viewer, tmp_path, embedding_cache):
+    from napari_casam._widget import CASamWidget
+
+    viewer = make_napari_viewer()
+    w = CASamWidget(viewer, library=str(tmp_path / "library"), cache_dir=str(embedding_cache))
+    viewer.window.add_dock_widget(w, name="CA-SAM")
+    w.device_combo.setCurrentText("cpu")
+    return viewer, w
+
+
+def test_widget_box_segments_commit_and_undo(widget, qtbot):
+    from napari_casam._sample_data import sample_2d
+    from napari_casam._widget import BOXES, LABELS, PREVIEW
+
+    viewer, w = widget
+    (img, kw, _), (gt, _, _) = sample_2d()
+    viewer.add_image(img, **kw)
+    w.image_combo.setCurrentText(kw["name"])
+    w.embed()
+    ys, xs = np.nonzero(gt)
+    viewer.layers[BOXES].add_rectangles(np.array([[ys.min(), xs.min()], [ys.max(), xs.max()]], float))
+    qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any(), timeout=30000)
+    preview = viewer.layers[PREVIEW].data > 0
+    assert dice(preview, gt > 0) >= 0.8
+    assert w.route_label.text().startswith("route: frozen model")
+    label_id = w.commit()
+    labels = viewer.layers[LABELS].data
+    assert label_id == 1 and np.array_equal(labels > 0, preview) and not viewer.layers[PREVIEW].data.any()
+    assert len(viewer.layers[BOXES].data) == 0
+    w.undo()
+    assert not viewer.layers[LABELS].data.any()
+
+
+def _hippocampus_stack():
+    """Six annotated slices of the committed hippocampus sample (a small real volume)."""
+    image = read_image(SAMPLES / "hippocampus_mri" / "hippocampus_003.nii.gz")
+    labels = read_labels(SAMPLES / "hippocampus_mri" / "hippocampus_003_mask.nii.gz", like=image).array
+    return image.array[14:20].astype(np.float32), labels[14:20].astype(np.int32)
+
+
+def _wait_for_learning(w, qtbot, timeout=240000):
+    qtbot.waitUntil(lambda: w.learn_job is None, timeout=timeout)
+    return w.last_learn_result
+
+
+def test_learn_new_task_then_auto_routes_to_it(widget, qtbot):
+    viewer, w = widget
+    vol, lab = _hippocampus_stack()
+    viewer.add_image(vol, name="hippo")
+    viewer.add_labels(lab, name="hippo annotation")
+    w.image_combo.setCurrentText("hippo")
+    w.embed()
+    qtbot.waitUntil(lambda: w._embed_worker is None, timeout=120000)
+    assert w.route_label.text() == "route: frozen model (no learned task for this backbone)"
+    w.epochs_spin.setValue(1)
+    assert w.learn(name="hippo_test", labels_layer="hippo annotation")
+    result = _wait_for_learning(w, qtbot)
+    assert result[0] == "done", result
+    assert w.library.names() == ["hippo_test"]
+    assert w.task_combo.findText("hippo_test") >= 0 and w.task_list.count() == 1
+    assert "hippo_test" in w.predictor.router
+    assert w.task_choice() == "auto"
+    w.update_route()
+    assert w.route_label.text().startswith("route: task hippo_test"), w.route_label.text()
+
+
+def test_cancel_leaves_the_library_unchanged(widget, qtbot):
+    viewer, w = widget
+    vol, lab = _hippocampus_stack()
+    viewer.add_image(vol, name="hippo")
+    viewer.add_labels(lab, name="hippo annotation")
+    w.image_combo.setCurrentText("hippo")
+    before = sorted(p.name for p in w.library.root.rglob("*")) if w.library.root.exists() else []
+    assert w.learn(name="never", labels_layer="hippo annotation")
+    w.cancel_learning()
+    result = _wait_for_learning(w, qtbot)
+    assert result[0] == "cancelled"
+    after = sorted(p.name for p in w.library.root.rglob("*")) if w.library.root.exists() else []
+    assert after == before and "never" not in w.library.names()
