@@ -1,0 +1,1 @@
+"""The continual benchmark (``python -m training.continual``): CA-SAM vs baselines on real data."""
