@@ -7,7 +7,7 @@ Learning: ``--slices`` consecutive slices of a brats_glioma training volume cent
 slice with the most tumour (4 label classes), learned with ``learn_task`` as the CLI does
 (20 % of the annotated slices held out for validation). Embedding is timed once from a
 cold cache; each ``form:epochs`` config then trains on the same embeddings. Total =
-embedding + training + router (VAE and 5-fold threshold).
+embedding + training + validation (held-out Dice, frozen and aligned) + router (VAE and 5-fold threshold).
 
 Routing: ``Router.route`` on one image's feature with 1, 10 and 50 tasks (their VAEs
 stacked), plus the attention pooling that makes the feature from a cached embedding.
@@ -106,7 +106,7 @@ def main() -> None:
         f"Embedding all {args.slices} slices from a cold cache: **{t_embed:.0f} s** "
         f"({1000 * t_embed / args.slices:.0f} ms per slice).",
         "",
-        "| form | epochs | lr | steps (6 images x 5 masks) | training s | router s | **total s** (embed + train + router) "
+        "| form | epochs | lr | steps (6 images x 5 masks) | training s | validation + router s | **total s** (embed + train + validation + router) "
         "| val Dice frozen | val Dice aligned |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
