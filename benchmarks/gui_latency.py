@@ -97,13 +97,16 @@ def main() -> None:
     viewer.add_image(img, **kw)
     w.image_combo.setCurrentText(kw["name"])
     w.embed()
+    spin_until(app, lambda: w._embed_worker is None, 120)
     ys, xs = np.nonzero(gt)
     y0, x0, y1, x1 = ys.min(), xs.min(), ys.max(), xs.max()
     lat = []
     rng = np.random.default_rng(0)
     for i in range(args.clicks + 2):
         d = rng.integers(-6, 7, 4)
-        viewer.layers[BOXES].data = [np.array([[y0 + d[0], x0 + d[1]], [y1 + d[2], x1 + d[3]]], float)]
+        boxes = viewer.layers[BOXES]
+        boxes.data = []
+        boxes.add_rectangles(np.array([[y0 + d[0], x0 + d[1]], [y1 + d[2], x1 + d[3]]], float))
         viewer.layers[PREVIEW].data = np.zeros_like(viewer.layers[PREVIEW].data)
         t0 = time.perf_counter()
         w.segment()
@@ -140,13 +143,15 @@ def main() -> None:
     learn_s = time.perf_counter() - t0
     learn_stall = meter.stop()
     result = w.last_learn_result
+    print(f"clicks {med:.0f}/{p95:.0f} ms; embedding {embed_s:.0f} s stall {embed_stall:.0f} ms; "
+          f"learning {learn_s:.0f} s stall {learn_stall:.0f} ms ({result[0]})", flush=True)
 
     # screenshot: a volume segmented by one box on the middle slice, propagated
     k = 17
     viewer.dims.set_current_step(0, k)
     box = box_from_mask(lab[k] > 0)
-    viewer.layers[BOXES].data = [np.array([[k, box[1], box[0]], [k, box[1], box[2]], [k, box[3], box[2]],
-                                           [k, box[3], box[0]]], float)]
+    viewer.layers[BOXES].add_rectangles(np.array([[k, box[1], box[0]], [k, box[1], box[2]], [k, box[3], box[2]],
+                                                  [k, box[3], box[0]]], float))
     w.segment()
     spin_until(app, lambda: viewer.layers[PREVIEW].data.any(), 60)
     w.propagate()

@@ -52,7 +52,7 @@ class CASamWidget(QWidget):
         self.learn_job = None
         self._learn_progress = None
         self._embed_worker = None
-        self._segment_pending = False
+        self._ready = False  # the current image (or volume slice) is embedded
         self._generation = 0  # bumps when the image changes: stale worker results are dropped
         self.last_route = None
         self.last_seconds = None
@@ -216,19 +216,37 @@ class CASamWidget(QWidget):
                self.device_combo.currentText())
         if self.predictor is None or key != self._predictor_key:
             backbone = build_backbone(key[0], key[1], key[2])
-            self.predictor = CASamPredictor(backbone, disk_cache=self.cache_dir)
-            self._predictor_key = key
-            self._load_tasks()
+            predictor = CASamPredictor(backbone, disk_cache=self.cache_dir)
+            skipped = predictor.load_tasks(self.library)
+            for name, why in skipped.items():
+                self.status_label.setText(f"task {name} not loaded: {why}")
+            self.predictor, self._predictor_key = predictor, key
         return self.predictor
 
-    def _load_tasks(self) -> None:
+    def _load_tasks(self) -> dict:
+        """(Re)register the library's tasks with the predictor; returns {skipped task: reason}."""
         if self.predictor is None:
-            return
+            return {}
         for name in list(self.predictor.layers):
             self.predictor.remove_task(name)
-        skipped = self.predictor.load_tasks(self.library)
-        for name, why in skipped.items():
-            self.status_label.setText(f"task {name} not loaded: {why}")
+        return self.predictor.load_tasks(self.library)
+
+    def _reload_tasks(self) -> None:
+        """After a library change: reload the tasks in a worker (under the model lock), then re-route."""
+        from napari.qt.threading import create_worker
+
+        def work():
+            with self.lock:
+                return self._load_tasks()
+
+        def done(skipped):
+            for name, why in skipped.items():
+                self.status_label.setText(f"task {name} not loaded: {why}")
+            self.update_route()
+
+        worker = create_worker(work, _start_thread=False)
+        worker.returned.connect(done)
+        worker.start()
 
     def embed(self) -> None:
         """Embed the chosen image layer: the current slice first (so clicks work at once), then the rest."""
@@ -248,46 +266,51 @@ class CASamWidget(QWidget):
         self.image_layer = layer
         self.is_volume = data.ndim == 3 and not layer.rgb
         self._generation += 1
+        self._ready = False
         self._ensure_layers(data.shape[:3] if self.is_volume else data.shape[:2], layer)
-        with self.lock:
-            if self.is_volume:
-                predictor.set_volume(data, axis=0)
-            else:
-                predictor.set_image(data)  # 2D: one embedding, a second or two
-        if not self.is_volume:
-            self._after_embedding()
-            return
-        current = self._current_slice()
-        order = [current] + [i for i in range(data.shape[0]) if i != current]
         generation = self._generation
+        current = self._current_slice()
+        order = [current] + [i for i in range(data.shape[0]) if i != current] if self.is_volume else [0]
+        is_volume = self.is_volume
 
-        def work():
+        def work():  # every model call off the UI thread; the lock is released between slices
+            with self.lock:
+                if is_volume:
+                    predictor.set_volume(data, axis=0)
+                else:
+                    predictor.set_image(data)
             for done, index in enumerate(order, start=1):
                 if generation != self._generation:
                     return
-                with self.lock:
-                    predictor.slice_record(index)
+                if is_volume:
+                    with self.lock:
+                        predictor.slice_record(index)
                 yield done, len(order), index
 
         from napari.utils import progress
 
-        bar = progress(total=len(order), desc="CA-SAM: embedding slices")
+        bar = progress(total=len(order), desc="CA-SAM: embedding" + (" slices" if is_volume else ""))
         worker = create_worker(work, _start_thread=False)
 
         def on_yield(value):
             done, total, index = value
             bar.update(1)
-            if done == 1:
-                self._notify("CA-SAM: current slice ready; embedding the others in the background")
+            if done == 1 and generation == self._generation:
+                self._ready = True
+                if is_volume:
+                    self._notify("CA-SAM: current slice ready; embedding the others in the background")
                 self._after_embedding()
 
         def finish():
             bar.close()
-            self._embed_worker = None
-            self.update_route()
+            if self._embed_worker is worker:
+                self._embed_worker = None
+            if generation == self._generation:
+                self.update_route()
 
         worker.yielded.connect(on_yield)
         worker.finished.connect(finish)
+        worker.errored.connect(lambda exc: (bar.close(), self._error(f"CA-SAM: embedding failed: {exc}")))
         self._embed_worker = worker
         worker.start()
 
@@ -392,8 +415,8 @@ class CASamWidget(QWidget):
         """Segment the current slice/image from the prompts, in a worker; the preview shows the result."""
         from napari.qt.threading import create_worker
 
-        if self.predictor is None or self.image_layer is None:
-            return
+        if self.predictor is None or self.image_layer is None or not self._ready:
+            return  # segmentation starts by itself once the (current slice's) embedding is ready
         coords, labels, boxes = self.current_prompts()
         if coords is None and boxes is None:
             self.viewer.layers[PREVIEW].data = np.zeros_like(self.viewer.layers[PREVIEW].data)
@@ -447,14 +470,26 @@ class CASamWidget(QWidget):
                        "best": route.best, "complete": complete}
 
     def update_route(self) -> None:
-        if self.predictor is None or self.image_layer is None:
+        """Recompute the route shown for the current image, in a worker (the UI never waits on the model)."""
+        from napari.qt.threading import create_worker
+
+        if self.predictor is None or self.image_layer is None or not self._ready:
             return
-        with self.lock:
-            try:
-                _, route = self._resolve(self.task_choice())
-            except RuntimeError:
-                return
-        self._show_route(route)
+        task = self.task_choice()
+        generation = self._generation
+
+        def work():
+            with self.lock:
+                return self._resolve(task)[1]
+
+        def done(route):
+            if generation == self._generation:
+                self._show_route(route)
+
+        worker = create_worker(work, _start_thread=False)
+        worker.returned.connect(done)
+        worker.errored.connect(lambda exc: None if isinstance(exc, RuntimeError) else self._error(f"CA-SAM: {exc}"))
+        worker.start()
 
     def _show_route(self, route: dict) -> None:
         self.last_route = route
@@ -668,8 +703,7 @@ class CASamWidget(QWidget):
             if "warning" in card:
                 text += " - the layer did not beat the frozen model; this task will use the frozen model"
             self.refresh_tasks()
-            self._load_tasks()
-            self.update_route()
+            self._reload_tasks()
             self._notify(text)
         elif final[0] == "cancelled":
             self._notify("CA-SAM: learning cancelled; the task library is unchanged")
@@ -708,7 +742,7 @@ class CASamWidget(QWidget):
 
     def _after_library_change(self) -> None:
         self.refresh_tasks()
-        self._load_tasks()
+        self._reload_tasks()
 
     def rename_task(self, old: str, new: str) -> None:
         self.library.rename(old, new)

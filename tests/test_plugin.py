@@ -82,7 +82,7 @@ def test_widget_box_segments_commit_and_undo(widget, qtbot):
     qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any(), timeout=30000)
     preview = viewer.layers[PREVIEW].data > 0
     assert dice(preview, gt > 0) >= 0.8
-    assert w.route_label.text().startswith("route: frozen model")
+    qtbot.waitUntil(lambda: w.route_label.text().startswith("route: frozen model"), timeout=10000)
     label_id = w.commit()
     labels = viewer.layers[LABELS].data
     assert label_id == 1 and np.array_equal(labels > 0, preview) and not viewer.layers[PREVIEW].data.any()
@@ -111,17 +111,17 @@ def test_learn_new_task_then_auto_routes_to_it(widget, qtbot):
     w.image_combo.setCurrentText("hippo")
     w.embed()
     qtbot.waitUntil(lambda: w._embed_worker is None, timeout=120000)
-    assert w.route_label.text() == "route: frozen model (no learned task for this backbone)"
+    qtbot.waitUntil(lambda: w.route_label.text() == "route: frozen model (no learned task for this backbone)",
+                    timeout=10000)
     w.epochs_spin.setValue(1)
     assert w.learn(name="hippo_test", labels_layer="hippo annotation")
     result = _wait_for_learning(w, qtbot)
     assert result[0] == "done", result
     assert w.library.names() == ["hippo_test"]
     assert w.task_combo.findText("hippo_test") >= 0 and w.task_list.count() == 1
-    assert "hippo_test" in w.predictor.router
+    qtbot.waitUntil(lambda: "hippo_test" in w.predictor.router, timeout=30000)
     assert w.task_choice() == "auto"
-    w.update_route()
-    assert w.route_label.text().startswith("route: task hippo_test"), w.route_label.text()
+    qtbot.waitUntil(lambda: w.route_label.text().startswith("route: task hippo_test"), timeout=30000)
 
 
 def test_cancel_leaves_the_library_unchanged(widget, qtbot):
