@@ -46,6 +46,10 @@ class CASamWidget(QWidget):
         self.predictor: Optional[CASamPredictor] = None
         self._predictor_key = None
         self.lock = threading.Lock()  # one model call at a time
+        from qtpy.QtCore import QThreadPool
+
+        pool = QThreadPool.globalInstance()  # workers waiting on the lock must not starve napari's own
+        pool.setMaxThreadCount(max(pool.maxThreadCount(), 8))
         self.image_layer = None
         self.is_volume = False
         self.undo_stack: List[tuple] = []
@@ -211,17 +215,20 @@ class CASamWidget(QWidget):
         show_error(text)
 
     # ------------------------------------------------------------------ embedding
-    def _ensure_predictor(self) -> CASamPredictor:
-        key = (self.backbone_combo.currentText(), self.checkpoint_edit.text().strip() or None,
-               self.device_combo.currentText())
+    def _backbone_key(self):
+        return (self.backbone_combo.currentText(), self.checkpoint_edit.text().strip() or None,
+                self.device_combo.currentText())
+
+    def _predictor_for(self, key):
+        """The predictor for (backbone, checkpoint, device), built when needed (called in a worker).
+        Returns (predictor, {task not loaded: reason})."""
         if self.predictor is None or key != self._predictor_key:
             backbone = build_backbone(key[0], key[1], key[2])
             predictor = CASamPredictor(backbone, disk_cache=self.cache_dir)
             skipped = predictor.load_tasks(self.library)
-            for name, why in skipped.items():
-                self.status_label.setText(f"task {name} not loaded: {why}")
             self.predictor, self._predictor_key = predictor, key
-        return self.predictor
+            return predictor, skipped
+        return self.predictor, {}
 
     def _load_tasks(self) -> dict:
         """(Re)register the library's tasks with the predictor; returns {skipped task: reason}."""
@@ -256,11 +263,7 @@ class CASamWidget(QWidget):
         if not name:
             self._error("CA-SAM: open an image first")
             return
-        try:
-            predictor = self._ensure_predictor()
-        except Exception as exc:  # bad checkpoint path etc.
-            self._error(f"CA-SAM: {exc}")
-            return
+        key = self._backbone_key()
         layer = self.viewer.layers[name]
         data = np.asarray(layer.data)
         self.image_layer = layer
@@ -275,10 +278,12 @@ class CASamWidget(QWidget):
 
         def work():  # every model call off the UI thread; the lock is released between slices
             with self.lock:
+                predictor, skipped = self._predictor_for(key)  # a bad checkpoint path fails here
                 if is_volume:
                     predictor.set_volume(data, axis=0)
                 else:
                     predictor.set_image(data)
+            yield 0, len(order), skipped
             for done, index in enumerate(order, start=1):
                 if generation != self._generation:
                     return
@@ -294,6 +299,10 @@ class CASamWidget(QWidget):
 
         def on_yield(value):
             done, total, index = value
+            if done == 0:  # the predictor is ready; index = tasks not loaded
+                for task, why in index.items():
+                    self.status_label.setText(f"task {task} not loaded: {why}")
+                return
             bar.update(1)
             if done == 1 and generation == self._generation:
                 self._ready = True
