@@ -30,19 +30,25 @@ def _route_label(decision: Optional[str]) -> str:
     return FROZEN if decision is None else decision
 
 
-def score_current(predictor: CASamPredictor, labels: np.ndarray, objects: str, task: Optional[str]) -> Dict:
-    """Segment every object of the current image from its GT box with ``task``; metrics per mask."""
-    objs = object_masks(labels, objects)
+def object_metrics(predictor: CASamPredictor, z, record, objs) -> Dict[str, List[float]]:
+    """IoU, Dice and boundary IoU of each object (label, mask), segmented from its GT box on features ``z``."""
     out = {"iou": [], "dice": [], "biou": []}
     for start in range(0, len(objs), BOX_CHUNK):
         chunk = objs[start:start + BOX_CHUNK]
         boxes = np.stack([box_from_mask(m) for _, m in chunk])
-        masks, _, _ = predictor.predict(box=boxes, task=task)
+        masks, _, _ = predictor.predict_features(z, record, box=boxes)
         for i, (_, gt) in enumerate(chunk):
             out["iou"].append(iou(masks[i, 0], gt))
             out["dice"].append(dice(masks[i, 0], gt))
             out["biou"].append(boundary_iou(masks[i, 0], gt))
     return out
+
+
+def score_current(predictor: CASamPredictor, labels: np.ndarray, objects: str, task: Optional[str]) -> Dict:
+    """Segment every object of the current image from its GT box with ``task``; metrics per mask."""
+    record = predictor._require_current()
+    z = predictor.features(predictor.resolve_task(task, record), record)
+    return object_metrics(predictor, z, record, object_masks(labels, objects))
 
 
 def evaluate_dataset(predictor: CASamPredictor, dataset: Union[str, Path, Dataset], split: str = "test",

@@ -41,11 +41,12 @@ import torch
 
 from casam_core.alignment import AlignmentLayer, count_parameters
 from casam_core.backbones import build_backbone
+from casam_core.evaluate import object_metrics
 from casam_core.io import read_dataset, read_image, read_labels, write_json
-from casam_core.metrics import backward_transfer, boundary_iou, dice, forgetting, iou
+from casam_core.metrics import backward_transfer, forgetting
 from casam_core.predictor import CASamPredictor
 from casam_core.progress import TqdmProgress
-from casam_core.prompts import box_from_mask, object_masks
+from casam_core.prompts import object_masks
 from casam_core.router import Router, router_feature
 from casam_core.training import (LearnConfig, TaskData, TrainingSlice, _objects_for, augment_intensity, batch_loss,
                                  fit, image_slice, learn_task, volume_slices)
@@ -232,20 +233,12 @@ class Evaluator:
         feats = z[None].to(self.s.backbone.device)
         if layer is not None:
             feats = layer(feats)
-        out = {"iou": [], "dice": [], "biou": []}
         backbone = self.s.backbone
         original = backbone.mask_decoder
         try:
             if decoder is not None:
                 backbone.mask_decoder = decoder
-            for start in range(0, len(objs), 64):
-                chunk = objs[start:start + 64]
-                boxes = np.stack([box_from_mask(m) for _, m in chunk])
-                masks, _, _ = self.s.predictor.predict_features(feats, rec, box=boxes)
-                for i, (_, gt) in enumerate(chunk):
-                    out["iou"].append(iou(masks[i, 0], gt))
-                    out["dice"].append(dice(masks[i, 0], gt))
-                    out["biou"].append(boundary_iou(masks[i, 0], gt))
+            out = object_metrics(self.s.predictor, feats, rec, objs)
         finally:
             backbone.mask_decoder = original
         return {k: float(np.mean(v)) for k, v in out.items()}
