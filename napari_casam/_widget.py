@@ -12,6 +12,8 @@ a separate process (``_learn_process``). Layers the widget manages:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import time
 from typing import List, Optional
@@ -61,10 +63,18 @@ class CASamWidget(QWidget):
         self.last_route = None
         self.last_seconds = None
         self._positive = True
+        self._life = _Life()  # worker results that arrive after the widget is gone are dropped
+        self.destroyed.connect(self._life.end)
+        self._layers_source = None  # the image the prompt/preview/labels layers belong to
+        threading.Thread(target=_prewarm_imports, name="casam-prewarm", daemon=True).start()
         self._build_ui()
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
         self._debounce.timeout.connect(self.segment)
+        self._toast = QTimer(self)
+        self._toast.setSingleShot(True)
+        self._toast.timeout.connect(lambda: self._notify(self._toast_text))
+        self._toast_text = ""
         self._poll = QTimer(self)
         self._poll.timeout.connect(self._poll_learning)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -102,7 +112,7 @@ class CASamWidget(QWidget):
         self.task_combo = QComboBox()
         self.task_combo.currentTextChanged.connect(self._on_task_change)
         self.route_label = QLabel("route: -")
-        self.route_label.setWordWrap(True)
+        _steady(self.route_label)
         self.scores_button = QPushButton("All scores")
         self.scores_button.clicked.connect(self.show_scores)
         form.addRow("task", self.task_combo)
@@ -130,7 +140,7 @@ class CASamWidget(QWidget):
         self.propagate_button.clicked.connect(self.propagate)
         v.addWidget(self.propagate_button)
         self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
+        _steady(self.status_label)
         v.addWidget(self.status_label)
         layout.addWidget(box)
 
@@ -177,17 +187,18 @@ class CASamWidget(QWidget):
         layout.addWidget(box)
         layout.addStretch(1)
 
-    def _bind_keys(self) -> None:
-        def bind(key, fn):
-            try:
-                self.viewer.bind_key(key, lambda v: fn(), overwrite=True)
-            except TypeError:  # older napari
-                self.viewer.bind_key(key, lambda v: fn())
+    def _keys(self):
+        return (("t", self.toggle_positive), ("s", self.segment), ("c", self.commit), ("Control-z", self.undo))
 
-        bind("t", self.toggle_positive)
-        bind("s", self.segment)
-        bind("c", self.commit)
-        bind("Control-z", self.undo)
+    def _bind_keys(self, target=None) -> None:
+        """T, S, C and Ctrl+Z on the viewer, and on each CA-SAM prompt layer: a layer's own bindings
+        come first in napari (S selects on a Points layer, T draws paths on a Shapes layer)."""
+        target = self.viewer if target is None else target
+        for key, fn in self._keys():
+            try:
+                target.bind_key(key, lambda _, fn=fn: fn(), overwrite=True)
+            except TypeError:  # older napari
+                target.bind_key(key, lambda _, fn=fn: fn())
 
     def _refresh_layers(self, event=None) -> None:
         from napari.layers import Image, Labels
@@ -213,6 +224,17 @@ class CASamWidget(QWidget):
 
         self.status_label.setText(text)
         show_error(text)
+
+    def _guarded(self, fn):
+        """``fn`` as a worker callback that does nothing once the widget has been destroyed (a worker can
+        finish after napari closed: its callback must not touch deleted Qt objects)."""
+        life = self._life
+
+        def call(*args):
+            if life.alive:
+                return fn(*args)
+
+        return call
 
     # ------------------------------------------------------------------ embedding
     def _backbone_key(self):
@@ -251,8 +273,9 @@ class CASamWidget(QWidget):
                 self.status_label.setText(f"task {name} not loaded: {why}")
             self.update_route()
 
-        worker = create_worker(work, _start_thread=False)
-        worker.returned.connect(done)
+        worker = create_worker(_reraise(work), _start_thread=False, _ignore_errors=True)  # errored: below
+        worker.returned.connect(self._guarded(done))
+        worker.errored.connect(self._guarded(lambda exc: self._error(f"CA-SAM: reloading the tasks failed: {exc}")))
         worker.start()
 
     def embed(self) -> None:
@@ -265,9 +288,9 @@ class CASamWidget(QWidget):
             return
         key = self._backbone_key()
         layer = self.viewer.layers[name]
-        data = np.asarray(layer.data)
+        data = layer.data  # read into memory in the worker (a lazy array would block the UI here)
         self.image_layer = layer
-        self.is_volume = data.ndim == 3 and not layer.rgb
+        self.is_volume = len(data.shape) == 3 and not layer.rgb
         self._generation += 1
         self._ready = False
         self._ensure_layers(data.shape[:3] if self.is_volume else data.shape[:2], layer)
@@ -275,14 +298,18 @@ class CASamWidget(QWidget):
         current = self._current_slice()
         order = [current] + [i for i in range(data.shape[0]) if i != current] if self.is_volume else [0]
         is_volume = self.is_volume
+        # said now, with the click, rather than when the slice is ready: each text change costs a redraw
+        self.status_label.setText("embedding the current slice first: prompts work as soon as it is ready"
+                                  + ("; the other slices follow in the background" if is_volume else ""))
 
         def work():  # every model call off the UI thread; the lock is released between slices
+            array = np.asarray(data)
             with self.lock:
                 predictor, skipped = self._predictor_for(key)  # a bad checkpoint path fails here
                 if is_volume:
-                    predictor.set_volume(data, axis=0)
+                    predictor.set_volume(array, axis=0)
                 else:
-                    predictor.set_image(data)
+                    predictor.set_image(array)
             yield 0, len(order), skipped
             for done, index in enumerate(order, start=1):
                 if generation != self._generation:
@@ -295,7 +322,7 @@ class CASamWidget(QWidget):
         from napari.utils import progress
 
         bar = progress(total=len(order), desc="CA-SAM: embedding" + (" slices" if is_volume else ""))
-        worker = create_worker(work, _start_thread=False)
+        worker = create_worker(_reraise(work), _start_thread=False, _ignore_errors=True)  # errored: below
 
         def on_yield(value):
             done, total, index = value
@@ -306,20 +333,25 @@ class CASamWidget(QWidget):
             bar.update(1)
             if done == 1 and generation == self._generation:
                 self._ready = True
-                if is_volume:
-                    self._notify("CA-SAM: current slice ready; embedding the others in the background")
                 self._after_embedding()
 
         def finish():
             bar.close()
             if self._embed_worker is worker:
                 self._embed_worker = None
-            if generation == self._generation:
+            if generation == self._generation and not failed:
+                self.status_label.setText(f"embedded all {len(order)} slices" if is_volume else "image embedded")
                 self.update_route()
 
-        worker.yielded.connect(on_yield)
-        worker.finished.connect(finish)
-        worker.errored.connect(lambda exc: (bar.close(), self._error(f"CA-SAM: embedding failed: {exc}")))
+        worker.yielded.connect(self._guarded(on_yield))
+        worker.finished.connect(self._guarded(finish))
+        failed = []
+
+        def on_error(exc):  # finish() runs after it and closes the bar
+            failed.append(exc)
+            self._error(f"CA-SAM: embedding failed: {exc}")
+
+        worker.errored.connect(self._guarded(on_error))
         self._embed_worker = worker
         worker.start()
 
@@ -329,26 +361,78 @@ class CASamWidget(QWidget):
             self.segment()
 
     def _ensure_layers(self, shape, image_layer) -> None:
-        kw = {"scale": image_layer.scale[-len(shape):], "translate": image_layer.translate[-len(shape):]}
+        """The prompt, preview and labels layers for this image. Existing layers are reused where they fit:
+        adding a napari layer costs the UI thread several times more than giving one new data. Labels
+        committed on another image are never overwritten: that layer is kept under a new name."""
+        ndim = len(shape)
+        kw = {"scale": image_layer.scale[-ndim:], "translate": image_layer.translate[-ndim:]}
+        source = image_layer.name
+        new_image = source != self._layers_source
+        for name in (POINTS, BOXES):
+            if name in self.viewer.layers and self.viewer.layers[name].ndim != ndim:
+                self.viewer.layers.remove(name)
+        if new_image:
+            self.clear_prompts()
         if POINTS not in self.viewer.layers:
-            pts = self.viewer.add_points(np.empty((0, len(shape))), name=POINTS, size=max(shape) / 80,
+            pts = self.viewer.add_points(np.empty((0, ndim)), name=POINTS, size=max(shape) / 80,
                                          face_color=COLOURS[POSITIVE], features={"kind": np.array([], dtype=object)},
                                          **kw)
             pts.feature_defaults["kind"] = POSITIVE
             pts.events.data.connect(self._on_prompt_change)
             pts.mode = "add"
+            self._bind_keys(pts)
         if BOXES not in self.viewer.layers:
-            shapes = self.viewer.add_shapes(name=BOXES, ndim=len(shape), edge_color="yellow", face_color="transparent",
+            shapes = self.viewer.add_shapes(name=BOXES, ndim=ndim, edge_color="yellow", face_color="transparent",
                                             edge_width=max(shape) / 300, **kw)
             shapes.events.data.connect(self._on_prompt_change)
-        meta = {"metadata": dict(image_layer.metadata)}
+            self._bind_keys(shapes)
+        for name in (POINTS, BOXES):
+            self._place(self.viewer.layers[name], kw)
+        metadata = {**image_layer.metadata, "casam_source": source}
+        labels = self.viewer.layers[LABELS] if LABELS in self.viewer.layers else None
+        if labels is not None:
+            mine = labels.metadata.get("casam_source", source) == source and labels.data.shape == tuple(shape)
+            if not mine and np.any(labels.data):  # another image's work: keep it, under its image's name
+                labels.name = self._free_name(f"{LABELS} [{labels.metadata.get('casam_source', 'previous image')}]")
+                labels.visible = False  # it belongs to another image
+                self.status_label.setText(f"the labels committed before are kept in the hidden layer {labels.name}")
+            if not mine:
+                self.undo_stack.clear()
         for name in (PREVIEW, LABELS):
-            if name in self.viewer.layers and self.viewer.layers[name].data.shape != tuple(shape):
-                self.viewer.layers.remove(name)
-            if name not in self.viewer.layers:
+            layer = self.viewer.layers[name] if name in self.viewer.layers else None
+            if layer is None:
                 self.viewer.add_labels(np.zeros(shape, np.int32), name=name, opacity=0.5 if name == PREVIEW else 0.6,
-                                       **kw, **meta)
+                                       metadata=metadata, **kw)
+                continue
+            if layer.data.shape != tuple(shape) or (name == PREVIEW and np.any(layer.data)):
+                layer.data = np.zeros(shape, np.int32)
+            layer.metadata = metadata
+            self._place(layer, kw)
+        layers = self.viewer.layers
+        for name in (LABELS, PREVIEW, BOXES, POINTS):  # reused layers may lie under an image opened since
+            if layers.index(name) < layers.index(image_layer):
+                layers.move(layers.index(name), len(layers))
+        self._layers_source = source
+        self._refresh_layers()  # a kept labels layer was renamed: the Labels choice must list it
+        if new_image:  # napari keeps the camera while layers remain: frame the new image
+            try:
+                self.viewer.reset_view(layers=[image_layer])
+            except TypeError:  # napari < 0.6 frames every layer
+                self.viewer.reset_view()
         self.viewer.layers.selection.active = self.viewer.layers[POINTS]
+
+    @staticmethod
+    def _place(layer, kw) -> None:
+        """Give a reused layer the image's scale and translate (only when they differ: each set redraws)."""
+        for attr in ("scale", "translate"):
+            if not np.allclose(getattr(layer, attr), kw[attr]):
+                setattr(layer, attr, kw[attr])
+
+    def _free_name(self, name: str) -> str:
+        base, k = name, 2
+        while name in self.viewer.layers:
+            name, k = f"{base} {k}", k + 1
+        return name
 
     # ------------------------------------------------------------------ prompts
     def _current_slice(self) -> int:
@@ -458,9 +542,9 @@ class CASamWidget(QWidget):
             self.last_seconds = time.perf_counter() - t0
             self._show_route(route)
 
-        worker = create_worker(work, _start_thread=False)
-        worker.returned.connect(done)
-        worker.errored.connect(lambda exc: self._error(f"CA-SAM: {exc}"))
+        worker = create_worker(_reraise(work), _start_thread=False, _ignore_errors=True)  # errored: below
+        worker.returned.connect(self._guarded(done))
+        worker.errored.connect(self._guarded(lambda exc: self._error(f"CA-SAM: {exc}")))
         worker.start()
 
     def _resolve(self, task):
@@ -489,15 +573,17 @@ class CASamWidget(QWidget):
 
         def work():
             with self.lock:
+                if generation != self._generation:  # another image since: its route comes with it
+                    return None
                 return self._resolve(task)[1]
 
         def done(route):
-            if generation == self._generation:
+            if route is not None and generation == self._generation:
                 self._show_route(route)
 
-        worker = create_worker(work, _start_thread=False)
-        worker.returned.connect(done)
-        worker.errored.connect(lambda exc: None if isinstance(exc, RuntimeError) else self._error(f"CA-SAM: {exc}"))
+        worker = create_worker(_reraise(work), _start_thread=False, _ignore_errors=True)  # errored: below
+        worker.returned.connect(self._guarded(done))
+        worker.errored.connect(self._guarded(lambda exc: self._error(f"CA-SAM: {exc}")))
         worker.start()
 
     def _show_route(self, route: dict) -> None:
@@ -625,9 +711,9 @@ class CASamWidget(QWidget):
                 self.clear_prompts()
             self._notify(f"CA-SAM: propagated over {len(summary['slices'])} slices")
 
-        worker = create_worker(work, _start_thread=False)
-        worker.returned.connect(done)
-        worker.errored.connect(lambda exc: (bar.close(), self._error(f"CA-SAM: {exc}")))
+        worker = create_worker(_reraise(work), _start_thread=False, _ignore_errors=True)  # errored: below
+        worker.returned.connect(self._guarded(done))
+        worker.errored.connect(self._guarded(lambda exc: (bar.close(), self._error(f"CA-SAM: {exc}"))))
         worker.start()
 
     # ------------------------------------------------------------------ learning
@@ -657,14 +743,14 @@ class CASamWidget(QWidget):
         if not labels.any():
             self._error(f"CA-SAM: {labels_name} has no annotation")
             return False
-        values = sorted(int(v) for v in np.unique(labels) if v)
         self.learn_job = LearnJob(
             name=name, image=image, labels=labels.astype(np.int32), backbone=self.backbone_combo.currentText(),
             checkpoint=self.checkpoint_edit.text().strip() or None, device=self.device_combo.currentText(),
             library=str(self.library.root), cache_dir=self.cache_dir, epochs=int(self.epochs_spin.value()),
-            form=self.form_combo.currentText(), label_names={v: f"label {v}" for v in values}, modality=None)
+            form=self.form_combo.currentText(), label_names=None, modality=None)
         self.learn_job.start()
         self._learn_name = name
+        self._learn_description = ""
         self._learn_progress = progress(total=1, desc=f"CA-SAM: learning {name}")
         self.learn_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -682,18 +768,23 @@ class CASamWidget(QWidget):
         if job is None:
             self._poll.stop()
             return
-        final = None
+        final = latest = None
         for msg in job.messages():
             if msg[0] == "progress":
-                _, done, total, text = msg
-                bar = self._learn_progress
-                if bar.total != total:
-                    bar.total = total
-                bar.n = done
-                bar.set_description(f"CA-SAM {self._learn_name}: {text}")
-                bar.refresh()
+                latest = msg
             else:
                 final = msg
+        if latest is not None:  # one progress bar update per poll, however many steps were reported
+            _, done, total, text = latest
+            bar = self._learn_progress
+            if bar.total != total:
+                bar.total = total
+            bar.n = done
+            description = f"CA-SAM {self._learn_name}: {text}"
+            if description != self._learn_description:
+                bar.set_description(description)
+                self._learn_description = description
+            bar.refresh()
         if final is None and not job.alive():
             final = ("error", "the learning process ended unexpectedly", "")
         if final is None:
@@ -703,7 +794,9 @@ class CASamWidget(QWidget):
         self.learn_job = None
         self.learn_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        job.process.join(timeout=5)
+        # the child may take seconds to exit after its last message (interpreter and torch teardown):
+        # it is reaped off the UI thread
+        threading.Thread(target=job.join, args=(60,), name="casam-learn-reap", daemon=True).start()
         if final[0] == "done":
             card = final[1]
             v = card["validation"]
@@ -713,12 +806,19 @@ class CASamWidget(QWidget):
                 text += " - the layer did not beat the frozen model; this task will use the frozen model"
             self.refresh_tasks()
             self._reload_tasks()
-            self._notify(text)
+            self._notify_soon(text)
         elif final[0] == "cancelled":
-            self._notify("CA-SAM: learning cancelled; the task library is unchanged")
+            self._notify_soon("CA-SAM: learning cancelled; the task library is unchanged")
         else:
             self._error(f"CA-SAM: learning failed: {final[1]}")
         self.last_learn_result = final
+
+    def _notify_soon(self, text: str) -> None:
+        """The status line now, the toast a moment later: not in the same UI turn as the progress bar
+        closing, the task list refreshing and the task reload (together they stalled the viewer ~0.12 s here)."""
+        self.status_label.setText(text)
+        self._toast_text = text
+        self._toast.start(1000)  # a child of the widget: it dies with it
 
     # ------------------------------------------------------------------ task library
     def refresh_tasks(self) -> None:
@@ -809,3 +909,56 @@ def _rgba(colour: str) -> np.ndarray:
     from napari.utils.colormaps.standardize_color import transform_color
 
     return transform_color(colour)[0]
+
+
+def _prewarm_imports() -> None:
+    """Import, off the UI thread, what the first Embed click would otherwise import on it
+    (napari's Points layer features need pandas: about 0.4 s here)."""
+    try:
+        import pandas  # noqa: F401
+    except ImportError:  # napari without pandas: the Points layer then imports what it needs itself
+        pass
+
+
+class _Life:
+    """Whether a widget's C++ object still exists (a plain object: it outlives the widget)."""
+
+    alive = True
+
+    def end(self, *_) -> None:
+        self.alive = False
+
+
+def _steady(label) -> None:
+    """A wrapped label that keeps room for three lines: a new text repaints the label but does not
+    re-lay out the dock (which, over napari's OpenGL canvas, means a whole-window redraw)."""
+    label.setWordWrap(True)
+    label.setMinimumHeight(3 * label.fontMetrics().lineSpacing() + 4)
+
+
+class WorkerError(Exception):
+    """An error raised in a CA-SAM worker thread, re-raised under a type that reaches the widget."""
+
+
+def _reraise(fn):
+    """``fn`` (a function or a generator function) with RuntimeError re-raised as WorkerError. superqt's
+    workers drop a RuntimeError without emitting ``errored`` or ``finished`` (it takes it for a deleted
+    Qt object), and torch (CUDA out of memory) and casam_core (a bad checkpoint) raise RuntimeErrors."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                return (yield from fn(*args, **kwargs))
+            except RuntimeError as exc:
+                raise WorkerError(str(exc)) from exc
+
+        return generator
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as exc:
+            raise WorkerError(str(exc)) from exc
+
+    return call

@@ -70,7 +70,7 @@ def widget(make_napari_viewer, tmp_path, embedding_cache):
 
 def test_widget_box_segments_commit_and_undo(widget, qtbot):
     from napari_casam._sample_data import sample_2d
-    from napari_casam._widget import BOXES, LABELS, PREVIEW
+    from napari_casam._widget import BOXES, LABELS, POINTS, PREVIEW
 
     viewer, w = widget
     (img, kw, _), (gt, _, _) = sample_2d()
@@ -83,11 +83,20 @@ def test_widget_box_segments_commit_and_undo(widget, qtbot):
     preview = viewer.layers[PREVIEW].data > 0
     assert dice(preview, gt > 0) >= 0.8
     qtbot.waitUntil(lambda: w.route_label.text().startswith("route: frozen model"), timeout=10000)
-    label_id = w.commit()
+    # keys go through napari's key map with a CA-SAM prompt layer active, as a real key press does:
+    # the widget's S, C and Ctrl+Z must win over the layer's own (S = select mode on a Points layer)
+    keys = viewer.window._qt_viewer._key_map_handler
+    viewer.layers.selection.active = viewer.layers[POINTS]
+    viewer.layers[PREVIEW].data = np.zeros_like(viewer.layers[PREVIEW].data)
+    keys.press_key("S")
+    qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any(), timeout=30000)
+    assert viewer.layers[POINTS].mode == "add"
+    assert np.array_equal(viewer.layers[PREVIEW].data > 0, preview)
+    keys.press_key("C")
     labels = viewer.layers[LABELS].data
-    assert label_id == 1 and np.array_equal(labels > 0, preview) and not viewer.layers[PREVIEW].data.any()
+    assert labels.max() == 1 and np.array_equal(labels > 0, preview) and not viewer.layers[PREVIEW].data.any()
     assert len(viewer.layers[BOXES].data) == 0
-    w.undo()
+    keys.press_key("Control-Z")
     assert not viewer.layers[LABELS].data.any()
 
 
@@ -96,6 +105,41 @@ def _hippocampus_stack():
     image = read_image(SAMPLES / "hippocampus_mri" / "hippocampus_003.nii.gz")
     labels = read_labels(SAMPLES / "hippocampus_mri" / "hippocampus_003_mask.nii.gz", like=image).array
     return image.array[14:20].astype(np.float32), labels[14:20].astype(np.int32)
+
+
+def test_next_image_keeps_the_labels_committed_on_the_last(widget, qtbot):
+    """Embedding another image reuses the CA-SAM layers but never overwrites committed labels."""
+    from napari_casam._sample_data import sample_2d
+    from napari_casam._widget import BOXES, LABELS, POINTS, PREVIEW
+
+    viewer, w = widget
+    (img, kw, _), (gt, _, _) = sample_2d()
+    viewer.add_image(img, **kw)
+    w.image_combo.setCurrentText(kw["name"])
+    w.embed()
+    ys, xs = np.nonzero(gt)
+    viewer.layers[BOXES].add_rectangles(np.array([[ys.min(), xs.min()], [ys.max(), xs.max()]], float))
+    qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any(), timeout=30000)
+    assert w.commit() == 1
+    committed = viewer.layers[LABELS].data.copy()
+    preview_layer = viewer.layers[PREVIEW]
+
+    vol, _ = _hippocampus_stack()
+    viewer.layers.remove(kw["name"])  # the user closes the 2D image and opens a volume
+    viewer.add_image(vol, name="hippo")
+    w.image_combo.setCurrentText("hippo")
+    w.embed()
+    kept = viewer.layers[f"{LABELS} [{kw['name']}]"]
+    assert np.array_equal(kept.data, committed) and not kept.visible
+    assert viewer.layers[LABELS].data.shape == vol.shape and not viewer.layers[LABELS].data.any()
+    assert viewer.layers[PREVIEW] is preview_layer and preview_layer.data.shape == vol.shape
+    assert viewer.layers[POINTS].ndim == 3 and viewer.layers[BOXES].ndim == 3
+    above = viewer.layers.index("hippo")
+    assert all(viewer.layers.index(name) > above for name in (LABELS, PREVIEW, POINTS, BOXES))  # drawn on top
+    assert np.allclose(viewer.camera.center[-2:], (np.array(vol.shape[1:]) - 1) / 2, atol=1)  # framed
+    w.undo()  # the undo history belonged to the 2D image's layer: nothing to undo here
+    assert np.array_equal(kept.data, committed) and not viewer.layers[LABELS].data.any()
+    qtbot.waitUntil(lambda: w._embed_worker is None, timeout=120000)
 
 
 def _wait_for_learning(w, qtbot, timeout=240000):
@@ -137,3 +181,57 @@ def test_cancel_leaves_the_library_unchanged(widget, qtbot):
     assert result[0] == "cancelled"
     after = sorted(p.name for p in w.library.root.rglob("*")) if w.library.root.exists() else []
     assert after == before and "never" not in w.library.names()
+
+
+def test_learn_job_reports_a_process_that_cannot_start():
+    """The process starts from a helper thread; a failure there reaches the widget as an error message."""
+    import time
+
+    from napari_casam._learn_process import LearnJob
+
+    job = LearnJob(name="x", image=np.zeros((4, 4)), labels=lambda: None)  # a lambda cannot be pickled
+    job.start()
+    deadline = time.time() + 30
+    while job.alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not job.alive()
+    messages = job.messages()
+    assert len(messages) == 1 and messages[0][0] == "error" and "could not start" in messages[0][1]
+    assert job.messages() == []
+    job.join(timeout=1)
+
+
+def test_worker_results_after_the_widget_is_gone_are_dropped(make_napari_viewer, qtbot, tmp_path):
+    """A worker may finish after napari closed the widget: its callback must not touch deleted Qt objects."""
+    from napari_casam._widget import CASamWidget
+
+    viewer = make_napari_viewer()
+    w = CASamWidget(viewer, library=str(tmp_path / "library"), cache_dir=str(tmp_path / "cache"))
+    calls = []
+    callback = w._guarded(lambda *args: calls.append(w.status_label.text()))
+    callback(1)
+    assert calls == [""]
+    life = w._life
+    w.deleteLater()
+    qtbot.waitUntil(lambda: not life.alive, timeout=5000)
+    callback(2)  # would raise "wrapped C/C++ object ... has been deleted" if it ran
+    assert calls == [""]
+
+
+def test_a_bad_checkpoint_is_reported_and_not_overwritten(widget, qtbot, tmp_path):
+    from napari_casam._sample_data import sample_2d
+
+    viewer, w = widget
+    (img, kw, _), _ = sample_2d()
+    viewer.add_image(img, **kw)
+    w.image_combo.setCurrentText(kw["name"])
+    w.backbone_combo.setCurrentText("sam_vit_b")
+    assert w.backbone_combo.currentText() == "sam_vit_b"
+    missing = tmp_path / "sam_vit_b.pth"
+    w.checkpoint_edit.setText(str(missing))
+    w.embed()
+    qtbot.waitUntil(lambda: w._embed_worker is None, timeout=30000)
+    qtbot.wait(100)
+    text = w.status_label.text()
+    assert text.startswith("CA-SAM: embedding failed") and "sam_vit_b.pth" in text, text
+    assert not w._ready
