@@ -409,9 +409,9 @@ class CASamWidget(QWidget):
             layer.metadata = metadata
             self._place(layer, kw)
         layers = self.viewer.layers
-        for name in (LABELS, PREVIEW, BOXES, POINTS):  # reused layers may lie under an image opened since
-            if layers.index(name) < layers.index(image_layer):
-                layers.move(layers.index(name), len(layers))
+        if any(layers.index(name) < layers.index(image_layer) for name in (LABELS, PREVIEW, BOXES, POINTS)):
+            for name in (LABELS, PREVIEW, BOXES, POINTS):  # reused layers lay under an image opened since:
+                layers.move(layers.index(name), len(layers))  # all to the top, the prompts uppermost
         self._layers_source = source
         self._refresh_layers()  # a kept labels layer was renamed: the Labels choice must list it
         if new_image:  # napari keeps the camera while layers remain: frame the new image

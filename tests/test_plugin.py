@@ -136,6 +136,7 @@ def test_next_image_keeps_the_labels_committed_on_the_last(widget, qtbot):
     assert viewer.layers[POINTS].ndim == 3 and viewer.layers[BOXES].ndim == 3
     above = viewer.layers.index("hippo")
     assert all(viewer.layers.index(name) > above for name in (LABELS, PREVIEW, POINTS, BOXES))  # drawn on top
+    assert viewer.layers.index(POINTS) > viewer.layers.index(LABELS)  # prompts above the masks
     assert np.allclose(viewer.camera.center[-2:], (np.array(vol.shape[1:]) - 1) / 2, atol=1)  # framed
     w.undo()  # the undo history belonged to the 2D image's layer: nothing to undo here
     assert np.array_equal(kept.data, committed) and not viewer.layers[LABELS].data.any()
