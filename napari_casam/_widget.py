@@ -236,6 +236,20 @@ class CASamWidget(QWidget):
 
         return call
 
+    def _run_worker(self, work, *, returned=None, yielded=None, finished=None, errored=None):
+        """Start ``work`` (a function or generator function) in a napari worker. RuntimeErrors reach
+        ``errored`` (by default an error shown as 'CA-SAM: ...'), and no callback runs after the widget
+        has been destroyed. Returns the worker."""
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(_reraise(work), _start_thread=False, _ignore_errors=True)
+        for signal, fn in (("returned", returned), ("yielded", yielded), ("finished", finished),
+                           ("errored", errored or (lambda exc: self._error(f"CA-SAM: {exc}")))):
+            if fn is not None:
+                getattr(worker, signal).connect(self._guarded(fn))
+        worker.start()
+        return worker
+
     # ------------------------------------------------------------------ embedding
     def _backbone_key(self):
         return (self.backbone_combo.currentText(), self.checkpoint_edit.text().strip() or None,
@@ -262,7 +276,6 @@ class CASamWidget(QWidget):
 
     def _reload_tasks(self) -> None:
         """After a library change: reload the tasks in a worker (under the model lock), then re-route."""
-        from napari.qt.threading import create_worker
 
         def work():
             with self.lock:
@@ -273,14 +286,11 @@ class CASamWidget(QWidget):
                 self.status_label.setText(f"task {name} not loaded: {why}")
             self.update_route()
 
-        worker = create_worker(_reraise(work), _start_thread=False, _ignore_errors=True)  # errored: below
-        worker.returned.connect(self._guarded(done))
-        worker.errored.connect(self._guarded(lambda exc: self._error(f"CA-SAM: reloading the tasks failed: {exc}")))
-        worker.start()
+        self._run_worker(work, returned=done,
+                         errored=lambda exc: self._error(f"CA-SAM: reloading the tasks failed: {exc}"))
 
     def embed(self) -> None:
         """Embed the chosen image layer: the current slice first (so clicks work at once), then the rest."""
-        from napari.qt.threading import create_worker
 
         name = self.image_combo.currentText()
         if not name:
@@ -322,8 +332,6 @@ class CASamWidget(QWidget):
         from napari.utils import progress
 
         bar = progress(total=len(order), desc="CA-SAM: embedding" + (" slices" if is_volume else ""))
-        worker = create_worker(_reraise(work), _start_thread=False, _ignore_errors=True)  # errored: below
-
         def on_yield(value):
             done, total, index = value
             if done == 0:  # the predictor is ready; index = tasks not loaded
@@ -343,17 +351,13 @@ class CASamWidget(QWidget):
                 self.status_label.setText(f"embedded all {len(order)} slices" if is_volume else "image embedded")
                 self.update_route()
 
-        worker.yielded.connect(self._guarded(on_yield))
-        worker.finished.connect(self._guarded(finish))
         failed = []
 
         def on_error(exc):  # finish() runs after it and closes the bar
             failed.append(exc)
             self._error(f"CA-SAM: embedding failed: {exc}")
 
-        worker.errored.connect(self._guarded(on_error))
-        self._embed_worker = worker
-        worker.start()
+        worker = self._embed_worker = self._run_worker(work, yielded=on_yield, finished=finish, errored=on_error)
 
     def _after_embedding(self) -> None:
         self.update_route()
@@ -506,7 +510,6 @@ class CASamWidget(QWidget):
     # ------------------------------------------------------------------ segmenting
     def segment(self) -> None:
         """Segment the current slice/image from the prompts, in a worker; the preview shows the result."""
-        from napari.qt.threading import create_worker
 
         if self.predictor is None or self.image_layer is None or not self._ready:
             return  # segmentation starts by itself once the (current slice's) embedding is ready
@@ -542,10 +545,7 @@ class CASamWidget(QWidget):
             self.last_seconds = time.perf_counter() - t0
             self._show_route(route)
 
-        worker = create_worker(_reraise(work), _start_thread=False, _ignore_errors=True)  # errored: below
-        worker.returned.connect(self._guarded(done))
-        worker.errored.connect(self._guarded(lambda exc: self._error(f"CA-SAM: {exc}")))
-        worker.start()
+        self._run_worker(work, returned=done)
 
     def _resolve(self, task):
         """(layer to use, route report) for the current image; call with the lock held."""
@@ -564,7 +564,6 @@ class CASamWidget(QWidget):
 
     def update_route(self) -> None:
         """Recompute the route shown for the current image, in a worker (the UI never waits on the model)."""
-        from napari.qt.threading import create_worker
 
         if self.predictor is None or self.image_layer is None or not self._ready:
             return
@@ -581,10 +580,7 @@ class CASamWidget(QWidget):
             if route is not None and generation == self._generation:
                 self._show_route(route)
 
-        worker = create_worker(_reraise(work), _start_thread=False, _ignore_errors=True)  # errored: below
-        worker.returned.connect(self._guarded(done))
-        worker.errored.connect(self._guarded(lambda exc: self._error(f"CA-SAM: {exc}")))
-        worker.start()
+        self._run_worker(work, returned=done)
 
     def _show_route(self, route: dict) -> None:
         self.last_route = route
@@ -679,7 +675,6 @@ class CASamWidget(QWidget):
     # ------------------------------------------------------------------ propagation
     def propagate(self) -> None:
         """Carry the current slice's mask (or box) up and down the volume; one undoable commit."""
-        from napari.qt.threading import create_worker
         from napari.utils import progress
 
         if not self.is_volume or self.predictor is None:
@@ -695,7 +690,7 @@ class CASamWidget(QWidget):
             self._error("CA-SAM: segment the current slice (or draw a box) before propagating")
             return
         task = self.task_choice()
-        bar = progress(total=self.image_layer.data.shape[0], desc="CA-SAM: propagating")
+        bar = progress(total=0, desc="CA-SAM: propagating")  # a busy bar: propagate_box reports from the worker
 
         def work():
             with self.lock:
@@ -711,10 +706,7 @@ class CASamWidget(QWidget):
                 self.clear_prompts()
             self._notify(f"CA-SAM: propagated over {len(summary['slices'])} slices")
 
-        worker = create_worker(_reraise(work), _start_thread=False, _ignore_errors=True)  # errored: below
-        worker.returned.connect(self._guarded(done))
-        worker.errored.connect(self._guarded(lambda exc: (bar.close(), self._error(f"CA-SAM: {exc}"))))
-        worker.start()
+        self._run_worker(work, returned=done, errored=lambda exc: (bar.close(), self._error(f"CA-SAM: {exc}")))
 
     # ------------------------------------------------------------------ learning
     def learn(self, name: Optional[str] = None, labels_layer: Optional[str] = None) -> bool:

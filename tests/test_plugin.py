@@ -68,11 +68,11 @@ def widget(make_napari_viewer, tmp_path, embedding_cache):
     return viewer, w
 
 
-def test_widget_box_segments_commit_and_undo(widget, qtbot):
+def _box_on_the_2d_sample(viewer, w, qtbot):
+    """Open the real 2D sample, embed it, draw its ground-truth box; returns once the preview shows a mask."""
     from napari_casam._sample_data import sample_2d
-    from napari_casam._widget import BOXES, LABELS, POINTS, PREVIEW
+    from napari_casam._widget import BOXES, PREVIEW
 
-    viewer, w = widget
     (img, kw, _), (gt, _, _) = sample_2d()
     viewer.add_image(img, **kw)
     w.image_combo.setCurrentText(kw["name"])
@@ -80,6 +80,14 @@ def test_widget_box_segments_commit_and_undo(widget, qtbot):
     ys, xs = np.nonzero(gt)
     viewer.layers[BOXES].add_rectangles(np.array([[ys.min(), xs.min()], [ys.max(), xs.max()]], float))
     qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any(), timeout=30000)
+    return kw, gt
+
+
+def test_widget_box_segments_commit_and_undo(widget, qtbot):
+    from napari_casam._widget import BOXES, LABELS, POINTS, PREVIEW
+
+    viewer, w = widget
+    kw, gt = _box_on_the_2d_sample(viewer, w, qtbot)
     preview = viewer.layers[PREVIEW].data > 0
     assert dice(preview, gt > 0) >= 0.8
     qtbot.waitUntil(lambda: w.route_label.text().startswith("route: frozen model"), timeout=10000)
@@ -109,17 +117,10 @@ def _hippocampus_stack():
 
 def test_next_image_keeps_the_labels_committed_on_the_last(widget, qtbot):
     """Embedding another image reuses the CA-SAM layers but never overwrites committed labels."""
-    from napari_casam._sample_data import sample_2d
     from napari_casam._widget import BOXES, LABELS, POINTS, PREVIEW
 
     viewer, w = widget
-    (img, kw, _), (gt, _, _) = sample_2d()
-    viewer.add_image(img, **kw)
-    w.image_combo.setCurrentText(kw["name"])
-    w.embed()
-    ys, xs = np.nonzero(gt)
-    viewer.layers[BOXES].add_rectangles(np.array([[ys.min(), xs.min()], [ys.max(), xs.max()]], float))
-    qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any(), timeout=30000)
+    kw, gt = _box_on_the_2d_sample(viewer, w, qtbot)
     assert w.commit() == 1
     committed = viewer.layers[LABELS].data.copy()
     preview_layer = viewer.layers[PREVIEW]
