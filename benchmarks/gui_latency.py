@@ -142,7 +142,7 @@ def canvas_redraw_ms(viewer, n: int = 15) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clicks", type=int, default=20)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gui_latency_cpu.md"))
     ap.add_argument("--screenshot", default=str(REPO / "docs" / "screenshot.png"))
     args = ap.parse_args()
@@ -220,7 +220,7 @@ def main() -> None:
     embed_stalls = list(meter.stalls)
 
     # 3. stall while a task is learned in a separate process
-    w.epochs_spin.setValue(args.epochs)
+    w.steps_spin.setValue(args.steps)
     meter.start()
     t0 = time.perf_counter()
     w.learn(name="hippocampus_bench", labels_layer="hippocampus annotation")
@@ -283,7 +283,7 @@ def main() -> None:
         f"| longest UI stall while embedding 35 slices in the background ({embed_s:.0f} s) | {embed_stall:.0f} ms "
         f"| <= 100 ms: {ok(embed_stall)} |",
         f"| stalls over 100 ms while embedding | {len(embed_stalls)} | 0 |",
-        f"| longest UI stall while learning a task in a separate process ({learn_s:.0f} s, {args.epochs} epoch, "
+        f"| longest UI stall while learning a task in a separate process ({learn_s:.0f} s, {args.steps} steps, "
         f"result: {result[0]}), Learn click and end notification included | {learn_stall:.0f} ms "
         f"| <= 100 ms: {ok(learn_stall)} |",
         f"| stalls over 100 ms while learning | {len(learn_stalls)} | 0 |",

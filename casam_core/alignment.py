@@ -8,8 +8,18 @@ Paper form (method.md): ``A = 3 x CAResBlock(256 -> 256)``, the same LayerNorm2d
                    return y * w + x
 
 Identity-gated form: ``Z + g * (A(Z) - Z)`` with a per-channel gate ``g``
-initialised at 0, so an untrained layer is exactly the frozen model and training
-moves away from it only as far as the loss asks.
+initialised at 0, so an untrained layer is exactly the frozen model. Its convolutions get
+zero gradient while ``g`` is 0 and Adam grows ``g`` by about lr per step, so it moves
+away from frozen only slowly (measured: README, "Choosing the learning recipe").
+
+Residual form (our choice, the default of ``casam learn`` and the plugin): the same three
+CAResBlocks with the shared LayerNorm moved into the branch (pre-norm),
+
+    x_k = x_(k-1) + CA(LN(x_(k-1))),   CA(u) = y * eca(y),  y = conv2(ReLU(conv1(ReLU(u))))
+
+and ``conv2`` of every block zero-initialised: an untrained layer is exactly the frozen
+model, ``conv2`` gets a gradient at step 0 and every other weight from step 1, so the
+layer moves at the optimiser's full rate. Same parameter count as the paper form.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from torch import nn
 
 from segment_anything.modeling.common import LayerNorm2d  # SAM's channel LayerNorm
 
-FORMS = ("paper", "gated")
+FORMS = ("paper", "gated", "residual")
 
 
 class ECA(nn.Module):
@@ -44,9 +54,12 @@ class CAResBlock(nn.Module):
         self.act = nn.ReLU()
         self.eca = ECA(5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv2(self.act(self.conv1(self.act(x))))
-        return y * self.eca(y) + x
+        return y * self.eca(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x) + x
 
 
 class AlignmentLayer(nn.Module):
@@ -54,6 +67,8 @@ class AlignmentLayer(nn.Module):
 
     ``form="paper"``: exactly the paper's layer. ``form="gated"``: the same layer
     wrapped as ``Z + g * (A(Z) - Z)`` with a learnable per-channel ``g`` started at 0.
+    ``form="residual"``: pre-norm blocks ``x + CA(LN(x))`` with each block's last
+    convolution started at zero (identity at step 0, gradients to every weight).
     """
 
     def __init__(self, channels: int = 256, n_blocks: int = 3, form: str = "paper") -> None:
@@ -69,6 +84,10 @@ class AlignmentLayer(nn.Module):
         self.norm = LayerNorm2d(channels, eps=1e-6)  # shared by every block
         if form == "gated":
             self.gate = nn.Parameter(torch.zeros(channels))
+        if form == "residual":
+            for block in self.blocks:
+                nn.init.zeros_(block.conv2.weight)
+                nn.init.zeros_(block.conv2.bias)
 
     def config(self) -> Dict[str, Any]:
         return {"channels": self.channels, "n_blocks": self.n_blocks, "form": self.form}
@@ -79,6 +98,10 @@ class AlignmentLayer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = z
+        if self.form == "residual":
+            for block in self.blocks:
+                x = x + block.branch(self.norm(x))
+            return x
         for block in self.blocks:
             x = self.norm(block(x))
         if self.form == "gated":

@@ -20,12 +20,13 @@ from .backbones import BACKBONES, DEFAULT_BACKBONE, BackboneError, build_backbon
 from .io import VOLUME_SUFFIXES, WINDOWS, ImageIOError, path_suffix, read_image, read_labels, write_mask
 from .metrics import dice
 from .overlay import overlay, save_png, volume_montage
-from .evaluate import evaluate_dataset
+from .evaluate import PROMPTS, evaluate_dataset
 from .library import TaskLibrary, TaskLibraryError, default_library_path
 from .predictor import AUTO, FROZEN_NAMES, CASamPredictor, PromptError
 from .progress import Cancelled, TqdmProgress
 from .prompts import box_from_mask, parse_box, parse_point, propagate_box
-from .training import LearnConfig, TaskDataError, learn_task, load_task_data
+from .alignment import FORMS
+from .training import PROFILES, TaskDataError, learn_config, learn_task, load_task_data
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -202,9 +203,9 @@ def cmd_eval(args) -> dict:
         raise CLIError(f"unknown task {task!r}; the library has: {', '.join(predictor.layers) or 'no tasks'}")
     progress = None if args.json else TqdmProgress()
     result = evaluate_dataset(predictor, args.dataset, split=args.split, task=task, limit=args.limit,
-                              axis=args.axis, progress=progress)
+                              axis=args.axis, progress=progress, prompt=args.prompt)
     if not args.json:
-        print(f"{result['dataset']} ({result['split']}, task {task}): {result['n_images']} images  "
+        print(f"{result['dataset']} ({result['split']}, task {task}, {args.prompt} prompts): {result['n_images']} images  "
               f"IoU {result['iou']:.4f}  Dice {result['dice']:.4f}  boundary IoU {result['biou']:.4f}")
         print("routes: " + ", ".join(f"{k} {v}" for k, v in sorted(result["routes"].items())))
     return result
@@ -219,9 +220,9 @@ def cmd_learn(args) -> dict:
     data = load_task_data(args.data, args.masks, axis=args.axis, window=args.window, limit=args.limit,
                           background_slices=args.background_slices, progress=progress)
     predictor = _predictor(args)
-    config = LearnConfig(epochs=args.epochs, form=args.form, lr=args.lr, n_blocks=args.blocks,
-                         val_fraction=args.val_fraction,
-                         augment_copies=args.augment_copies, seed=args.seed)
+    config = learn_config(args.profile, steps=args.steps, epochs=args.epochs, time_budget_s=args.time_budget,
+                          form=args.form, lr=args.lr, n_blocks=args.blocks, val_fraction=args.val_fraction,
+                          augment_copies=args.augment_copies, seed=args.seed)
     task = learn_task(predictor, args.name, data, config, progress=progress)
     path = library.save(task, replace=args.replace)
     card = library.card(args.name)
@@ -381,8 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_library_args(p)
     p.set_defaults(func=cmd_route)
 
-    p = sub.add_parser("eval", help="the paper's evaluation (GT boxes) on a dataset folder")
+    p = sub.add_parser("eval", help="the paper's evaluation (GT boxes, or one click per object) on a dataset folder")
     p.add_argument("dataset", help="folder with dataset.json (the ../shared/data format)")
+    p.add_argument("--prompt", default="box", choices=PROMPTS,
+                   help="box: the tight GT box of each object (the paper's protocol); point: one positive click "
+                        "per object at its pixel nearest the centroid, no box")
     p.add_argument("--split", default="test")
     p.add_argument("--task", default=AUTO, help="auto (routed), none (frozen model) or a task name")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N cases only")
@@ -397,9 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="+", help="a dataset folder (dataset.json), a folder of 2D images, or volumes")
     p.add_argument("--masks", action="append", default=[],
                    help="the folder of masks (matched by file stem), or one label volume per volume, in order")
-    p.add_argument("--epochs", type=int, default=24, help="training epochs (paper: 24)")
-    p.add_argument("--form", default="paper", choices=("paper", "gated"), help="Alignment Layer form")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
+    p.add_argument("--profile", default="fast", choices=PROFILES,
+                   help="fast: the product's recipe (identity-start residual layer, up to 200 steps of 1 image x 5 "
+                        "masks, at most 120 s of training, the best layer on the held-out images); paper: "
+                        "method.md's recipe (paper init, Adam 1e-4, 24 epochs of 6 images x 5 masks; for a GPU)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides the profile's budget)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs, when no step budget is set")
+    p.add_argument("--time-budget", type=float, default=None, help="at most this many seconds of training")
+    p.add_argument("--form", default=None, choices=FORMS, help="Alignment Layer form (default: the profile's)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the profile's)")
     p.add_argument("--blocks", type=int, default=3, help="CAResBlocks in the Alignment Layer (paper: 3)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of annotated images held out")
     p.add_argument("--augment-copies", type=int, default=0, help="intensity-augmented copies per training image")

@@ -1,7 +1,11 @@
 """The paper's evaluation on a dataset folder (the ../shared/data format).
 
-Prompts: the tight ground-truth box of each foreground class present in an image (or of
-each connected component for "instance" datasets); one binary mask per box. Metrics per
+Prompts (``prompt="box"``, the paper's protocol): the tight ground-truth box of each
+foreground class present in an image (or of each connected component for "instance"
+datasets); one binary mask per box. ``prompt="point"``: ONE positive click per object, at
+the mask pixel nearest the object's centroid, and no box. A click is decoded the way the
+chosen model decodes clicks (``CASamPredictor.click_decoding``): once, on a learned task that
+learned clicks; on the frozen LiteMedSAM (box-trained) through the predictor's box search. Metrics per
 mask: IoU, Dice, boundary IoU; averaged over an image's masks, then over the images.
 
 Volumes are evaluated slice by slice along ``axis``: every slice with foreground is an
@@ -20,23 +24,33 @@ from .io import Dataset, read_dataset, read_image, read_labels, take_slice
 from .metrics import boundary_iou, dice, iou
 from .predictor import CASamPredictor, FROZEN_NAMES
 from .progress import CancelFn, ProgressFn, check_cancel, report
-from .prompts import box_from_mask, object_masks
+from .prompts import box_from_mask, click_from_mask, object_masks
 
 BOX_CHUNK = 64  # boxes decoded per call (instance sets have hundreds of nuclei per image)
 FROZEN = "frozen"
+PROMPTS = ("box", "point")
 
 
 def _route_label(decision: Optional[str]) -> str:
     return FROZEN if decision is None else decision
 
 
-def object_metrics(predictor: CASamPredictor, z, record, objs) -> Dict[str, List[float]]:
-    """IoU, Dice and boundary IoU of each object (label, mask), segmented from its GT box on features ``z``."""
+def object_metrics(predictor: CASamPredictor, z, record, objs, prompt: str = "box",
+                   **click_decoding) -> Dict[str, List[float]]:
+    """IoU, Dice and boundary IoU of each object (label, mask), segmented on features ``z``
+    from its GT box, or from one click at its pixel nearest the centroid (``prompt="point"``)."""
+    if prompt not in PROMPTS:
+        raise ValueError(f"unknown prompt {prompt!r}; choose one of {PROMPTS}")
     out = {"iou": [], "dice": [], "biou": []}
     for start in range(0, len(objs), BOX_CHUNK):
         chunk = objs[start:start + BOX_CHUNK]
-        boxes = np.stack([box_from_mask(m) for _, m in chunk])
-        masks, _, _ = predictor.predict_features(z, record, box=boxes)
+        if prompt == "box":
+            masks, _, _ = predictor.predict_features(z, record, box=np.stack([box_from_mask(m) for _, m in chunk]))
+        else:
+            clicks = np.stack([click_from_mask(m) for _, m in chunk])[:, None]
+            masks, _, _ = predictor.predict_features(z, record, point_coords=clicks,
+                                                     point_labels=np.ones(clicks.shape[:2], int),
+                                                     **click_decoding)
         for i, (_, gt) in enumerate(chunk):
             out["iou"].append(iou(masks[i, 0], gt))
             out["dice"].append(dice(masks[i, 0], gt))
@@ -44,21 +58,28 @@ def object_metrics(predictor: CASamPredictor, z, record, objs) -> Dict[str, List
     return out
 
 
-def score_current(predictor: CASamPredictor, labels: np.ndarray, objects: str, task: Optional[str]) -> Dict:
-    """Segment every object of the current image from its GT box with ``task``; metrics per mask."""
+def score_current(predictor: CASamPredictor, labels: np.ndarray, objects: str, task: Optional[str],
+                  prompt: str = "box") -> Dict:
+    """Segment every object of the current image from its GT box (or one click) with ``task``."""
     record = predictor._require_current()
-    z = predictor.features(predictor.resolve_task(task, record), record)
-    return object_metrics(predictor, z, record, object_masks(labels, objects))
+    chosen = predictor.resolve_task(task, record)
+    z = predictor.features(chosen, record)
+    return object_metrics(predictor, z, record, object_masks(labels, objects), prompt,
+                          **predictor.click_decoding(chosen))
 
 
 def evaluate_dataset(predictor: CASamPredictor, dataset: Union[str, Path, Dataset], split: str = "test",
                      task: Optional[str] = "auto", limit: Optional[int] = None, axis: int = 0,
-                     progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> dict:
-    """Evaluate ``task`` ("auto" = routed, "none" = frozen, or a task name) on a split.
+                     progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
+                     prompt: str = "box") -> dict:
+    """Evaluate ``task`` ("auto" = routed, "none" = frozen, or a task name) on a split, with GT
+    boxes or one click per object (``prompt``).
 
-    Returns ``{"dataset", "split", "task", "n_images", "iou", "dice", "biou", "routes",
+    Returns ``{"dataset", "split", "task", "prompt", "n_images", "iou", "dice", "biou", "routes",
     "per_image"}``; ``routes`` counts images per chosen task (``"frozen"`` for the frozen model).
     """
+    if prompt not in PROMPTS:
+        raise ValueError(f"unknown prompt {prompt!r}; choose one of {PROMPTS}")
     ds = dataset if isinstance(dataset, Dataset) else read_dataset(dataset)
     cases = ds.cases(split)[:limit]
     mode = "none" if task is None else task
@@ -77,7 +98,7 @@ def evaluate_dataset(predictor: CASamPredictor, dataset: Union[str, Path, Datase
                 chosen = None if mode.lower() in FROZEN_NAMES else mode
             if not (labels != 0).any():
                 continue
-            m = score_current(predictor, labels, ds.objects, chosen)
+            m = score_current(predictor, labels, ds.objects, chosen, prompt)
             per_image.append(_row(case.image.name, chosen, m))
             routes[_route_label(chosen)] = routes.get(_route_label(chosen), 0) + 1
         else:
@@ -92,12 +113,12 @@ def evaluate_dataset(predictor: CASamPredictor, dataset: Union[str, Path, Datase
                     continue
                 check_cancel(cancel)
                 predictor.set_slice(k)
-                m = score_current(predictor, lab, ds.objects, chosen)
+                m = score_current(predictor, lab, ds.objects, chosen, prompt)
                 per_image.append(_row(f"{case.image.name}[{k}]", chosen, m))
                 routes[_route_label(chosen)] = routes.get(_route_label(chosen), 0) + 1
         report(progress, done, len(cases), f"evaluating: {case.image.name}")
     mean = (lambda key: float(np.mean([r[key] for r in per_image])) if per_image else float("nan"))
-    return {"dataset": ds.name, "split": split, "task": mode, "n_images": len(per_image),
+    return {"dataset": ds.name, "split": split, "task": mode, "prompt": prompt, "n_images": len(per_image),
             "iou": mean("iou"), "dice": mean("dice"), "biou": mean("biou"), "routes": routes,
             "per_image": per_image}
 

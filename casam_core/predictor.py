@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -331,20 +331,59 @@ class CASamPredictor:
         ``low_res_logits`` (B, C, 256, 256); C = 3 with ``multimask_output`` else 1.
         """
         record = self._require_current()
-        return self.predict_features(self.features(self.resolve_task(task, record), record), record, point_coords,
-                                     point_labels, box, mask_input, multimask_output, return_logits)
+        chosen = self.resolve_task(task, record)
+        return self.predict_features(self.features(chosen, record), record, point_coords, point_labels, box,
+                                     mask_input, multimask_output, return_logits, **self.click_decoding(chosen))
+
+    def click_decoding(self, task: Optional[str]) -> Dict[str, object]:
+        """How point-only prompts are decoded on ``task``'s features (``predict_features``
+        keywords), from its card's ``point_prompts``: ``"click_box"`` (a box of the task's
+        typical object size, ``card["click_box"]``, decoded once), ``"direct"`` (the points
+        decoded once) or anything else (the backbone's default)."""
+        card = self.cards.get(task, {}) if task is not None else {}
+        mode = card.get("point_prompts")
+        if mode == "click_box" and card.get("click_box"):
+            return {"click_box": tuple(float(v) for v in card["click_box"])}
+        if mode == "direct":
+            return {"point_search": False}
+        return {}
+
+    def _click_boxes(self, record: ImageRecord, point_coords, size: Sequence[float]) -> np.ndarray:
+        """(B, 4) boxes of ``size`` x the long side, each centred on (and spanning) one point set."""
+        c = np.asarray(point_coords, dtype=np.float64)
+        c = c[None] if c.ndim == 2 else c
+        if c.ndim != 3 or c.shape[-1] != 2 or c.shape[1] == 0:
+            raise PromptError(f"point_coords must be (N, 2) or (B, N, 2); got {np.shape(point_coords)}")
+        long_side = max(record.original_size)
+        half = np.array(size, dtype=np.float64) * long_side / 2
+        lo, hi = c.min(1), c.max(1)
+        centre, spread = (lo + hi) / 2, (hi - lo) / 2
+        half = np.maximum(half[None], spread)
+        return np.concatenate([centre - half, centre + half], axis=1)
 
     @torch.inference_mode()
     def predict_features(self, z: torch.Tensor, record: ImageRecord, point_coords=None, point_labels=None, box=None,
-                         mask_input=None, multimask_output: bool = False,
-                         return_logits: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         mask_input=None, multimask_output: bool = False, return_logits: bool = False,
+                         point_search: Optional[bool] = None, click_box: Optional[Sequence[float]] = None
+                         ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``predict`` on given decoder features ``z`` (1, 256, 64, 64) of the image ``record``.
 
         The one decoding path: ``predict`` calls it with the frozen or aligned cached
         features; task learning calls it with a layer that is still being validated.
+        Point-only prompts (no box): with ``click_box`` = (w, h), fractions of the image's
+        long side (a learned task's typical object size), positive clicks become one box of
+        that size centred on them (grown to span them), decoded once; else
+        ``point_search`` sends them through the box search (``True``) or decodes them once
+        as points (``False``); ``None``: search only on a box-trained backbone.
         """
+        if click_box is not None and box is None and point_coords is not None and point_labels is not None \
+                and np.all(np.asarray(point_labels) == 1):
+            box = self._click_boxes(record, point_coords, click_box)
+            point_coords = point_labels = None
         points, boxes, masks = self._prompts(record, point_coords, point_labels, box, mask_input)
-        if points is not None and boxes is None and not self.backbone.spec.point_prompts:
+        if point_search is None:
+            point_search = not self.backbone.spec.point_prompts
+        if points is not None and boxes is None and point_search:
             low_res, iou = self._point_box_search(z, record, points, masks, multimask_output)
         else:
             low_res, iou = self.backbone.decode(z, points, boxes, masks, multimask_output)

@@ -17,6 +17,17 @@ def box_from_mask(mask: np.ndarray) -> Optional[np.ndarray]:
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
 
 
+def click_from_mask(mask: np.ndarray) -> Optional[np.ndarray]:
+    """One positive click for an object: (x, y) of the mask pixel nearest the mask's centroid
+    (ties: the first in row-major order). None for an empty mask."""
+    ys, xs = np.nonzero(np.asarray(mask))
+    if len(xs) == 0:
+        return None
+    d = (xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2
+    k = int(np.argmin(d))
+    return np.array([xs[k], ys[k]], dtype=np.float64)
+
+
 def expand_box(box: np.ndarray, shape, margin: float = 0.05, min_px: float = 3.0) -> np.ndarray:
     """Grow a box by ``margin`` of its size on each side (at least ``min_px``), inside the image."""
     x0, y0, x1, y1 = (float(v) for v in box)

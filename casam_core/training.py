@@ -34,10 +34,10 @@ import torch.nn.functional as F
 
 from . import __version__
 from .alignment import AlignmentLayer, count_parameters
+from .evaluate import object_metrics
 from .io import (read_dataset, read_image, read_labels, normalize_intensity, path_suffix, take_slice,
                  to_rgb, VOLUME_SUFFIXES)
 from .library import Task
-from .metrics import dice
 from .predictor import AUTO, FROZEN_NAMES, CASamPredictor, ImageRecord
 from .progress import CancelFn, ProgressFn, check_cancel, report
 from .prompts import box_from_mask, object_masks
@@ -221,18 +221,60 @@ def _is_dicom_dir(p: Path) -> bool:
 # ---------------------------------------------------------------------------------
 @dataclass
 class LearnConfig:
+    """How one task is learned. The defaults are the product's recipe (README, "Choosing the
+    learning recipe"); ``LearnConfig.paper()`` is method.md's recipe (the GPU profile).
+
+    Budget: ``steps`` optimiser steps if set, else ``epochs`` passes over the training
+    images; ``time_budget_s`` (if set) caps the training time: after the first steps the
+    schedule is shortened to what fits. ``val_every`` > 0 scores the held-out images every
+    that many steps (and at the end) and keeps the layer that scored best.
+    """
+
     epochs: int = 24
-    batch_images: int = 6
+    batch_images: int = 1
     masks_per_image: int = 5
-    lr: float = 1e-4
-    point_fraction: float = 0.5  # share of steps prompted by one point (else a box)
+    lr: float = 3e-4
+    point_fraction: float = 0.5  # share of steps prompted by one click (else a jittered box)
+    click_prompt: str = "box"  # a click step's prompt: "point" (method.md) or "box" (the click_box, below)
     jitter_px: float = 5.0  # box shift, in pixels at 1024 scale
-    form: str = "paper"  # "paper" (PyTorch default init) or "gated" (identity at step 0)
+    form: str = "residual"  # "residual" (identity start), "paper" (PyTorch default init) or "gated"
     n_blocks: int = 3
     val_fraction: float = 0.2
     augment_copies: int = 0
     seed: int = 0
     vae_epochs: int = 10
+    steps: Optional[int] = 200
+    time_budget_s: Optional[float] = 120.0
+    warmup_steps: int = 5
+    schedule: str = "cosine"  # "cosine" (after the warm-up) or "constant"
+    val_every: int = 25
+    val_max_objects: int = 16  # per held-out image, for the checks during training
+
+    @classmethod
+    def paper(cls, **overrides) -> "LearnConfig":
+        """method.md's recipe: paper init, Adam 1e-4, 24 epochs of 6 images x 5 masks, no
+        schedule, the last epoch's weights."""
+        base = dict(epochs=24, batch_images=6, lr=1e-4, form="paper", steps=None, time_budget_s=None,
+                    warmup_steps=0, schedule="constant", val_every=0, click_prompt="point")
+        base.update(overrides)
+        return cls(**base)
+
+
+SCHEDULES = ("cosine", "constant")
+CLICK_PROMPTS = ("box", "point")
+PROFILES = ("fast", "paper")
+
+
+def learn_config(profile: str = "fast", **overrides) -> LearnConfig:
+    """The recipe of a profile with some fields overridden (None = keep the profile's; an
+    ``epochs`` override without ``steps`` makes the budget epochs):
+    ``fast`` is the product's default (minutes on a CPU), ``paper`` method.md's recipe."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown learning profile {profile!r}; choose one of {PROFILES}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in overrides and "steps" not in overrides:  # an epoch budget replaces a step budget
+        overrides["steps"] = None
+    return LearnConfig.paper(**overrides) if profile == "paper" else LearnConfig(**overrides)
 
 
 @dataclass
@@ -328,19 +370,15 @@ def _validation_split(annotated: List[int], fraction: float) -> Tuple[List[int],
     return train, val
 
 
-def _validation_dice(predictor: CASamPredictor, z: torch.Tensor, record: ImageRecord, labels: np.ndarray,
-                     objects: str) -> List[float]:
-    objs = object_masks(labels, objects)
-    boxes = np.stack([box_from_mask(m) for _, m in objs])
-    masks, _, _ = predictor.predict_features(z, record, box=boxes)
-    return [dice(masks[i, 0], m) for i, (_, m) in enumerate(objs)]
-
-
 def batch_loss(backbone, z: torch.Tensor, batch: List[int], per_image: Dict[int, List[_Object]],
                config: LearnConfig, rng: np.random.Generator, use_point: bool,
-               mask_decoder: Optional[torch.nn.Module] = None) -> torch.Tensor:
+               mask_decoder: Optional[torch.nn.Module] = None,
+               click_box: Optional[Tuple[float, float]] = None) -> torch.Tensor:
     """The task loss of one batch: ``z`` (B, 256, 64, 64) decoder features of the images ``batch``;
-    ``masks_per_image`` objects per image, each with its own point or jittered box prompt."""
+    ``masks_per_image`` objects per image, each with its own prompt: a jittered box, or (``use_point``)
+    one click drawn from the half of the mask nearest its centroid, given as a point
+    (``click_prompt="point"``) or as a box of ``click_box`` (w, h; fractions of the long side)
+    centred on it (``"box"``), the way a learned task decodes a click."""
     device = backbone.device
     low = 4 * backbone.embedding_shape[1]
     img_size = backbone.img_size
@@ -352,7 +390,13 @@ def batch_loss(backbone, z: torch.Tensor, batch: List[int], per_image: Dict[int,
         pick = rng.choice(len(objs), config.masks_per_image, replace=len(objs) < config.masks_per_image)
         chosen = [objs[k] for k in pick]
         target = torch.stack([o.target for o in chosen]).to(device)
-        if use_point:
+        if use_point and config.click_prompt == "box" and click_box is not None:
+            pts = np.stack([o.near_points[rng.integers(len(o.near_points))] for o in chosen])
+            half = np.array(click_box) * low / 2
+            boxes_t = torch.as_tensor(np.clip(np.concatenate([pts - half, pts + half], 1) * scale, 0, img_size - 1),
+                                      dtype=torch.float32, device=device)
+            logits, iou = backbone.decode(z[b:b + 1], None, boxes_t, None, False, mask_decoder)
+        elif use_point:
             pts = np.stack([o.near_points[rng.integers(len(o.near_points))] for o in chosen])[:, None]
             coords = torch.as_tensor(pts * scale, dtype=torch.float32, device=device)
             labels = torch.ones(coords.shape[:2], dtype=torch.int, device=device)
@@ -370,41 +414,102 @@ def batch_loss(backbone, z: torch.Tensor, batch: List[int], per_image: Dict[int,
     return loss / len(batch)
 
 
+@dataclass
+class FitResult:
+    steps: int
+    last_loss: float
+    best_step: Optional[int] = None  # the step whose layer was kept (None: the last)
+    best_score: Optional[float] = None
+    history: List[Tuple[int, float]] = field(default_factory=list)  # (step, held-out score)
+    stopped_by_time: bool = False
+
+
+def _lr_factor(step: int, total: int, config: LearnConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total`` (or constant)."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant" or total <= config.warmup_steps:
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Object]], config: LearnConfig,
         rng: np.random.Generator, layer: Optional[torch.nn.Module] = None,
         mask_decoder: Optional[torch.nn.Module] = None, penalty=None,
-        progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> Tuple[int, float]:
-    """The training loop of method.md on cached embeddings; returns (steps, last loss).
+        progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
+        validate=None, click_box: Optional[Tuple[float, float]] = None) -> FitResult:
+    """The training loop on cached embeddings.
 
     Trains ``layer`` (an Alignment Layer, the product) or, for the benchmark's baselines, a
     copy of the mask decoder (``mask_decoder``, with ``layer`` None); ``penalty()`` adds a
     regulariser (EWC). ``per_image`` maps an index of ``z_all`` to that image's objects.
+    Budget, schedule and ``validate`` (a function of the module returning a held-out score,
+    higher is better; the best-scoring weights are restored at the end) follow ``config``.
     """
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
+    if config.click_prompt not in CLICK_PROMPTS:
+        raise ValueError(f"unknown click prompt {config.click_prompt!r}; choose one of {CLICK_PROMPTS}")
     device = backbone.device
-    params = [p for p in (layer if layer is not None else mask_decoder).parameters() if p.requires_grad]
+    module = layer if layer is not None else mask_decoder
+    params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.lr)
     images = sorted(per_image)
-    total_steps = math.ceil(len(images) / config.batch_images) * config.epochs
-    step, last_loss = 0, float("nan")
-    for epoch in range(1, config.epochs + 1):
-        order = rng.permutation(images)
-        for start in range(0, len(order), config.batch_images):
-            check_cancel(cancel)
-            batch = order[start:start + config.batch_images].tolist()
-            use_point = rng.random() < config.point_fraction
-            z = torch.stack([z_all[i] for i in batch]).to(device)
-            if layer is not None:
-                z = layer(z)
-            loss = batch_loss(backbone, z, batch, per_image, config, rng, use_point, mask_decoder)
-            if penalty is not None:
-                loss = loss + penalty()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            last_loss = float(loss.detach())
-            report(progress, step, total_steps, f"training: epoch {epoch}/{config.epochs} loss {last_loss:.4f}")
-    return step, last_loss
+    steps_per_epoch = math.ceil(len(images) / config.batch_images)
+    total = int(config.steps) if config.steps else steps_per_epoch * config.epochs
+    if total < 1:
+        raise ValueError(f"the training budget must be at least one step, got {total}")
+    result = FitResult(0, float("nan"))
+    best_state = None
+    check_every = config.val_every if validate is not None else 0
+
+    def check(step: int) -> None:
+        nonlocal best_state
+        module.eval()
+        score = float(validate(module))
+        module.train()
+        result.history.append((step, score))
+        if result.best_score is None or score > result.best_score:
+            result.best_score, result.best_step = score, step
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    if check_every:
+        check(0)
+    t0 = time.perf_counter()
+    order: List[int] = []
+    step = 0
+    while step < total:
+        if not order:
+            order = rng.permutation(images).tolist()
+        batch, order = order[:config.batch_images], order[config.batch_images:]
+        check_cancel(cancel)
+        for group in opt.param_groups:
+            group["lr"] = config.lr * _lr_factor(step, total, config)
+        use_point = rng.random() < config.point_fraction
+        z = torch.stack([z_all[i] for i in batch]).to(device)
+        if layer is not None:
+            z = layer(z)
+        loss = batch_loss(backbone, z, batch, per_image, config, rng, use_point, mask_decoder, click_box)
+        if penalty is not None:
+            loss = loss + penalty()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        result.steps, result.last_loss = step, float(loss.detach())
+        if config.time_budget_s and step == min(3, total):  # fit the schedule to the time budget
+            per_step = (time.perf_counter() - t0) / step
+            fits = int(config.time_budget_s / per_step)
+            if fits < total:
+                total, result.stopped_by_time = max(step, fits), True
+        epoch = 1 + (step - 1) // steps_per_epoch
+        report(progress, step, total, f"training: step {step}/{total} (epoch {epoch}) loss {result.last_loss:.4f}")
+        if check_every and (step % check_every == 0 or step == total):
+            check(step)
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    return result
 
 
 def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Optional[LearnConfig] = None,
@@ -418,6 +523,8 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     check_task_name(name)
     if config.epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {config.epochs}")
+    if config.steps is not None and config.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {config.steps}")
     backbone = predictor.backbone
     device = predictor.device
     rng = np.random.default_rng(config.seed)
@@ -459,17 +566,31 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
             per_image[i] = objs
     if not per_image:
         raise TaskDataError("no training object is large enough to learn from at the decoder's resolution")
+    # the task's typical object size (median box width and height, fractions of the long side):
+    # a click on this task's images is decoded as a box of this size centred on it
+    sizes = np.array([o.box[2:] - o.box[:2] for objs in per_image.values() for o in objs], dtype=np.float64)
+    click_box = tuple(float(round(v, 4)) for v in np.clip(np.median(sizes, 0) / low, 1.0 / low, 1.0))
 
-    # 3. zero-shot validation Dice (frozen features)
-    def validate(layer: Optional[AlignmentLayer]) -> float:
+    # 3. held-out objects: all of them for the final check, a fixed subset for the checks
+    #    during training (instance sets have hundreds of objects per image)
+    val_objs = {i: object_masks(data.slices[i].labels, data.objects) for i in val_idx}
+    sub_rng = np.random.default_rng(config.seed + 1)
+    val_sub = {i: [o[k] for k in sorted(sub_rng.choice(len(o), config.val_max_objects, replace=False))]
+               if config.val_max_objects and len(o) > config.val_max_objects else o for i, o in val_objs.items()}
+
+    def features(layer: Optional[AlignmentLayer], i: int) -> torch.Tensor:
+        z = z_all[i][None].to(device)
+        if layer is not None:
+            with torch.inference_mode():
+                z = layer(z)
+        return z
+
+    def validate(layer: Optional[AlignmentLayer], objs=None, prompt: str = "box", **click_decoding) -> float:
         scores = []
         for i in val_idx:
             check_cancel(cancel)
-            z = z_all[i][None].to(device)
-            if layer is not None:
-                with torch.inference_mode():
-                    z = layer(z)
-            scores.extend(_validation_dice(predictor, z, records[i], data.slices[i].labels, data.objects))
+            scores.extend(object_metrics(predictor, features(layer, i), records[i], (objs or val_objs)[i],
+                                         prompt, **click_decoding)["dice"])
         return float(np.mean(scores))
 
     zero_shot = validate(None)
@@ -478,10 +599,21 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     torch.manual_seed(config.seed)
     layer = AlignmentLayer(n_blocks=config.n_blocks, form=config.form).to(device).train()
     t_train = time.perf_counter()
-    step, last_loss = fit(backbone, z_all, per_image, config, rng, layer=layer, progress=progress, cancel=cancel)
+    fitted = fit(backbone, z_all, per_image, config, rng, layer=layer, progress=progress, cancel=cancel,
+                 validate=lambda m: validate(m, val_sub), click_box=click_box)
     layer.eval()
     t_train = time.perf_counter() - t_train
     aligned = validate(layer)
+    use_alignment = aligned > zero_shot
+
+    # clicks: decoded once on the learned features (as a box of the task's typical size, or as
+    # a point), or the backbone's own way (LiteMedSAM: the box search), whichever did best on
+    # the held-out objects
+    ways = {"default": {}, "direct": {"point_search": False}, "click_box": {"click_box": click_box}}
+    point = {"frozen": round(validate(None, val_sub, "point"), 4)}
+    if use_alignment:
+        point.update({f"aligned_{k}": round(validate(layer, val_sub, "point", **kw), 4) for k, kw in ways.items()})
+    point_prompts = max(ways, key=lambda k: point[f"aligned_{k}"]) if use_alignment else "default"
 
     # 5. the router: a VAE on every image's feature (annotated or not), tau by 5-fold CV
     report(progress, 0, 1, "router: training the VAE and its threshold")
@@ -489,7 +621,6 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     tau = fit_threshold(router_features, cancel=cancel, epochs=config.vae_epochs)
     report(progress, 1, 1, "router: done")
 
-    use_alignment = aligned > zero_shot
     card = {
         "name": name,
         "backbone": backbone.spec.name,
@@ -506,8 +637,12 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
                           "augmented_copies": n_aug, "objects_per_image": round(
                               float(np.mean([len(v) for v in per_image.values()])), 2)},
         "validation": {"images": len(val_idx), "dice_zero_shot": round(zero_shot, 4),
-                       "dice_aligned": round(aligned, 4), "aligned_better": use_alignment},
-        "training": {**asdict(config), "steps": step, "final_loss": round(last_loss, 5),
+                       "dice_aligned": round(aligned, 4), "aligned_better": use_alignment,
+                       "point_dice": point, "history": [[k, round(v, 4)] for k, v in fitted.history]},
+        "point_prompts": point_prompts,
+        "click_box": list(click_box),
+        "training": {**asdict(config), "steps": fitted.steps, "final_loss": round(fitted.last_loss, 5),
+                     "kept_step": fitted.best_step, "stopped_by_time": fitted.stopped_by_time,
                      "device": str(device)},
         "seconds": {"embedding": round(t_embed, 1), "training": round(t_train, 1),
                     "total": round(time.perf_counter() - t_start, 1)},

@@ -22,14 +22,14 @@ import numpy as np
 
 def learn_in_process(queue, cancel_event, name: str, image: np.ndarray, labels: np.ndarray, backbone: str,
                      checkpoint: Optional[str], device: str, library: str, cache_dir: Optional[str],
-                     epochs: int, form: str, label_names: Optional[dict], modality: Optional[str]) -> None:
+                     profile: str, steps: Optional[int], label_names: Optional[dict], modality: Optional[str]) -> None:
     _lower_priority()
     try:
         from casam_core.backbones import build_backbone
         from casam_core.library import TaskLibrary
         from casam_core.predictor import CASamPredictor
         from casam_core.progress import Cancelled
-        from casam_core.training import LearnConfig, TaskData, image_slice_from_array, learn_task, volume_slices
+        from casam_core.training import TaskData, image_slice_from_array, learn_config, learn_task, volume_slices
 
         lib = TaskLibrary(library)
         if name in lib:
@@ -43,7 +43,7 @@ def learn_in_process(queue, cancel_event, name: str, image: np.ndarray, labels: 
         data = TaskData(slices, "class", label_names, modality, [name])
         predictor = CASamPredictor(build_backbone(backbone, checkpoint, device), disk_cache=cache_dir)
         try:
-            task = learn_task(predictor, name, data, LearnConfig(epochs=epochs, form=form),
+            task = learn_task(predictor, name, data, learn_config(profile, steps=steps),
                               progress=lambda d, t, m: queue.put(("progress", d, t, m)),
                               cancel=cancel_event.is_set)
         except Cancelled:

@@ -27,10 +27,13 @@ from casam_core.backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
 from casam_core.library import TaskLibrary, TaskLibraryError
 from casam_core.predictor import CASamPredictor
 from casam_core.prompts import box_from_mask, propagate_box
+from casam_core.training import PROFILES as LEARN_PROFILES
+from casam_core.training import LearnConfig
 
 POINTS, BOXES, PREVIEW, LABELS = "CA-SAM points", "CA-SAM boxes", "CA-SAM preview", "CA-SAM labels"
 AUTO, FROZEN = "Auto (router)", "Frozen model"
 DEBOUNCE_MS = 150
+DEFAULT_STEPS = LearnConfig.steps
 POSITIVE, NEGATIVE = "positive", "negative"
 COLOURS = {POSITIVE: "lime", NEGATIVE: "red"}
 
@@ -149,11 +152,16 @@ class CASamWidget(QWidget):
         self.task_name_edit = QLineEdit()
         self.task_name_edit.setPlaceholderText("e.g. liver_ct")
         self.labels_combo = QComboBox()
-        self.epochs_spin = QSpinBox()
-        self.epochs_spin.setRange(1, 200)
-        self.epochs_spin.setValue(24)
-        self.form_combo = QComboBox()
-        self.form_combo.addItems(["paper", "gated"])
+        self.profile_combo = QComboBox()
+        self.profile_combo.addItems(list(LEARN_PROFILES))
+        self.profile_combo.setToolTip("fast: minutes on a CPU (identity-start layer, the best of the held-out "
+                                      "checks); paper: the paper's 24 epochs, for a GPU")
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(1, 100000)
+        self.steps_spin.setValue(DEFAULT_STEPS)
+        self.steps_spin.setToolTip(f"optimiser steps of the fast recipe (1 image x 5 masks each); it also "
+                                   f"stops after {LearnConfig.time_budget_s:.0f} s of training")
+        self.profile_combo.currentTextChanged.connect(lambda p: self.steps_spin.setEnabled(p == "fast"))
         self.learn_button = QPushButton("Learn new task")
         self.learn_button.clicked.connect(self.learn)
         self.cancel_button = QPushButton("Cancel")
@@ -161,8 +169,8 @@ class CASamWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel_learning)
         form.addRow("task name", self.task_name_edit)
         form.addRow("annotations", self.labels_combo)
-        form.addRow("epochs", self.epochs_spin)
-        form.addRow("layer form", self.form_combo)
+        form.addRow("recipe", self.profile_combo)
+        form.addRow("steps", self.steps_spin)
         row = QHBoxLayout()
         row.addWidget(self.learn_button)
         row.addWidget(self.cancel_button)
@@ -738,8 +746,9 @@ class CASamWidget(QWidget):
         self.learn_job = LearnJob(
             name=name, image=image, labels=labels.astype(np.int32), backbone=self.backbone_combo.currentText(),
             checkpoint=self.checkpoint_edit.text().strip() or None, device=self.device_combo.currentText(),
-            library=str(self.library.root), cache_dir=self.cache_dir, epochs=int(self.epochs_spin.value()),
-            form=self.form_combo.currentText(), label_names=None, modality=None)
+            library=str(self.library.root), cache_dir=self.cache_dir, profile=self.profile_combo.currentText(),
+            steps=int(self.steps_spin.value()) if self.profile_combo.currentText() == "fast" else None,
+            label_names=None, modality=None)
         self.learn_job.start()
         self._learn_name = name
         self._learn_description = ""

@@ -59,7 +59,8 @@ def dataset_case(name: str, split: str = "test", index: int = 0):
 
 
 def centre_point(mask: np.ndarray):
-    """The foreground pixel nearest the mask centroid, as (x, y)."""
-    ys, xs = np.nonzero(mask)
-    i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
-    return int(xs[i]), int(ys[i])
+    """The foreground pixel nearest the mask centroid, as (x, y) (the evaluation's one click)."""
+    from casam_core.prompts import click_from_mask
+
+    x, y = click_from_mask(mask)
+    return int(x), int(y)

@@ -48,11 +48,36 @@ def test_paper_layer_changes_features_and_keeps_shape():
     assert torch.allclose(out.var(dim=1, unbiased=False).mean(), torch.tensor(1.0), atol=1e-3)
 
 
-def test_gradients_reach_the_gate_and_the_convs():
+def test_gated_layer_at_zero_trains_only_its_gate_at_first():
+    # d/dtheta of g * A(Z) is g * dA/dtheta: with g = 0 the convolutions get exactly zero gradient
     layer = AlignmentLayer(form="gated")
     z = torch.randn(1, 256, 16, 16)
     layer(z).square().mean().backward()
     assert layer.gate.grad is not None and layer.gate.grad.abs().sum() > 0
+    for block in layer.blocks:
+        assert torch.count_nonzero(block.conv1.weight.grad) == 0
+        assert torch.count_nonzero(block.conv2.weight.grad) == 0
+
+
+def test_residual_layer_starts_at_identity_and_every_weight_learns_from_step_1():
+    torch.manual_seed(0)
+    layer = AlignmentLayer(form="residual")
+    assert count_parameters(layer) == 3_541_007  # the paper's parameters, started differently
+    z = torch.randn(2, 256, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(layer(z), z)
+    target = torch.randn_like(z)
+    (layer(z) - target).square().mean().backward()
+    for block in layer.blocks:  # step 0: the last convolution of each block gets a gradient
+        assert block.conv2.weight.grad.abs().sum() > 0
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        assert not torch.equal(layer(z), z)
+    (layer(z) - target).square().mean().backward()
+    for name, p in layer.named_parameters():  # step 1: every weight, the norm and ECA included
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_config_round_trip_and_bad_form():

@@ -159,7 +159,7 @@ def test_learn_new_task_then_auto_routes_to_it(widget, qtbot):
     qtbot.waitUntil(lambda: w._embed_worker is None, timeout=120000)
     qtbot.waitUntil(lambda: w.route_label.text() == "route: frozen model (no learned task for this backbone)",
                     timeout=10000)
-    w.epochs_spin.setValue(1)
+    w.steps_spin.setValue(2)
     assert w.learn(name="hippo_test", labels_layer="hippo annotation")
     result = _wait_for_learning(w, qtbot)
     assert result[0] == "done", result

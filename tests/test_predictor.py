@@ -157,3 +157,25 @@ def test_prompt_errors_are_clear(kvasir_predictor):
 def test_predict_before_an_image_is_set(predictor):
     with pytest.raises(RuntimeError, match="no image is set"):
         predictor.predict(box=[0, 0, 10, 10])
+
+
+def test_a_click_on_a_task_with_a_click_box_decodes_one_box_of_that_size(kvasir, kvasir_predictor):
+    _, gt = kvasir
+    x, y = centre_point(gt)
+    h, w = gt.shape
+    p = kvasir_predictor
+    p.add_task("clicks", AlignmentLayer(form="residual"), card={"point_prompts": "click_box", "click_box": [0.5, 0.25]})
+    try:
+        assert p.click_decoding("clicks") == {"click_box": (0.5, 0.25)}
+        clicked, scores, low = p.predict(point_coords=[[x, y]], point_labels=[1], task="clicks")
+        half_w, half_h = 0.5 * max(h, w) / 2, 0.25 * max(h, w) / 2
+        boxed, scores_b, low_b = p.predict(box=[x - half_w, y - half_h, x + half_w, y + half_h], task="clicks")
+        np.testing.assert_array_equal(clicked, boxed)  # one decode of that box: same masks, same scores
+        np.testing.assert_allclose(scores, scores_b)
+        # a negative click cannot be a box: the box search handles it, as on the frozen model
+        ys, xs = np.nonzero(~gt)
+        masks, _, _ = p.predict(point_coords=[[x, y], [xs[0], ys[0]]], point_labels=[1, 0], task="clicks")
+        assert not masks[0, 0, ys[0], xs[0]]
+    finally:
+        p.remove_task("clicks")
+    assert p.click_decoding("clicks") == {} and p.click_decoding(None) == {}

@@ -28,7 +28,7 @@ def kvasir_task(backbone, tmp_path_factory):
     predictor = CASamPredictor(backbone, disk_cache=cache)
     data = load_task_data([dataset_root("kvasir_polyp")], limit=N_TRAIN)
     calls = []
-    task = learn_task(predictor, "kvasir", data, LearnConfig(epochs=1),
+    task = learn_task(predictor, "kvasir", data, LearnConfig(steps=4, val_every=2),
                       progress=lambda d, t, m: calls.append((d, t, m)))
     return task, calls, cache
 
@@ -53,7 +53,10 @@ def test_learned_task_card_and_progress(kvasir_task):
     assert 0.5 < v["dice_zero_shot"] <= 1 and 0 <= v["dice_aligned"] <= 1
     assert card["use_alignment"] == (v["dice_aligned"] > v["dice_zero_shot"])
     assert ("warning" in card) == (not card["use_alignment"])
-    assert card["training"]["steps"] == 3  # ceil(13 / 6) steps x 1 epoch
+    assert card["training"]["steps"] == 4 and card["training"]["kept_step"] in (0, 2, 4)
+    assert [k for k, _ in v["history"]] == [0, 2, 4]  # held-out checks at the start, every 2 steps, the end
+    assert v["history"][0][1] == pytest.approx(card["validation"]["dice_zero_shot"], abs=0.05)  # a 16-object subset
+    assert card["point_prompts"] in ("direct", "default") and "frozen" in v["point_dice"]
     assert np.isfinite(card["training"]["final_loss"]) and task.tau > 0
     messages = {m.split(":")[0] for _, _, m in calls}
     assert {"embedding", "training", "router"} <= messages
@@ -101,7 +104,10 @@ def test_auto_mode_uses_the_routed_layer_unless_it_lost_to_frozen(kvasir_task, b
     # forcing the layer on regardless (what a task that won its validation would use)
     predictor.add_task("forced", task.layer, task.vae, task.tau)
     forced = predictor.predict(box=box, task="forced", return_logits=True)[0]
-    assert not np.array_equal(forced, frozen)
+    if task.card["training"]["kept_step"] == 0:  # the untrained layer won the checks: it is the identity
+        assert np.array_equal(forced, frozen) and not task.use_alignment
+    else:
+        assert not np.array_equal(forced, frozen)
 
 
 def _saved(task, tmp_path):
@@ -278,9 +284,28 @@ def test_cancelled_training_leaves_the_library_unchanged(backbone, kvasir_task, 
         return any(m.startswith("training") for m in seen)
 
     with pytest.raises(Cancelled):
-        learn_task(predictor, "second", data, LearnConfig(epochs=3),
+        learn_task(predictor, "second", data, LearnConfig(steps=12),
                    progress=lambda d, t, m: seen.append(m), cancel=cancel)
     assert sorted(p.name for p in library.root.rglob("*")) == before
+
+
+def test_the_time_budget_shortens_training_and_the_schedule_warms_up_then_decays(backbone, kvasir_task):
+    from casam_core import CASamPredictor
+    from casam_core.training import _lr_factor, learn_config
+
+    config = learn_config("fast", steps=100, warmup_steps=5)
+    factors = [_lr_factor(k, 100, config) for k in range(100)]
+    assert factors[:5] == [0.2, 0.4, 0.6, 0.8, 1.0] and factors[5] == 1.0
+    assert all(a >= b for a, b in zip(factors[5:], factors[6:])) and factors[-1] < 0.01
+    assert _lr_factor(50, 100, learn_config("paper")) == 1.0  # the paper: no schedule
+
+    _, _, cache = kvasir_task
+    data = load_task_data([dataset_root("kvasir_polyp")], limit=N_TRAIN)
+    task = learn_task(CASamPredictor(backbone, disk_cache=cache), "budget", data,
+                      LearnConfig(steps=500, time_budget_s=1e-3, val_every=0))
+    t = task.card["training"]
+    assert t["steps"] == 3 and t["stopped_by_time"]  # the budget is fitted after the first 3 steps
+    assert t["kept_step"] is None and task.card["validation"]["history"] == []  # no checks: the last layer
 
 
 def test_a_crash_while_saving_leaves_no_partial_task(kvasir_task, tmp_path, monkeypatch):
@@ -354,8 +379,9 @@ def test_cli_learn_route_eval_segment_tasks_json(kvasir_task, tmp_path, capsys):
         assert code == 0, out.err
         return json.loads(out.out)
 
-    card = run("learn", "kv", str(dataset_root("kvasir_polyp")), "--limit", "4", "--epochs", "1")
+    card = run("learn", "kv", str(dataset_root("kvasir_polyp")), "--limit", "4", "--steps", "2")
     assert card["name"] == "kv" and card["validation"]["images"] == 1
+    assert card["training"]["steps"] == 2 and card["training"]["form"] == "residual"
     assert {"backbone_fingerprint", "router", "alignment", "validation", "training_data", "seconds",
             "created", "casam_version", "files"} <= set(card)
 
@@ -365,8 +391,11 @@ def test_cli_learn_route_eval_segment_tasks_json(kvasir_task, tmp_path, capsys):
     assert set(route) == {"decision", "scores", "tau"} and set(route["scores"]) == {"kv"}
 
     ev = run("eval", str(root), "--limit", "2", "--task", "none")
-    assert {"n_images", "iou", "dice", "biou", "routes", "per_image"} <= set(ev)
-    assert ev["n_images"] == 2 and ev["routes"] == {"frozen": 2} and 0.7 < ev["dice"] <= 1
+    assert {"n_images", "iou", "dice", "biou", "routes", "per_image", "prompt"} <= set(ev)
+    assert ev["n_images"] == 2 and ev["routes"] == {"frozen": 2} and 0.7 < ev["dice"] <= 1 and ev["prompt"] == "box"
+    clicks = run("eval", str(root), "--limit", "2", "--task", "none", "--prompt", "point")
+    assert clicks["prompt"] == "point" and clicks["n_images"] == 2 and 0.3 < clicks["dice"] <= 1
+    assert clicks["per_image"] != ev["per_image"]  # other prompts, other masks
 
     labels = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(root / test_case["mask"])) > 0
     ys, xs = np.nonzero(labels if labels.ndim == 2 else labels[..., 0])

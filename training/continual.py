@@ -49,7 +49,7 @@ from casam_core.progress import TqdmProgress
 from casam_core.prompts import object_masks
 from casam_core.router import Router, router_feature
 from casam_core.training import (LearnConfig, TaskData, TrainingSlice, _objects_for, augment_intensity, batch_loss,
-                                 fit, image_slice, learn_task, volume_slices)
+                                 fit, image_slice, learn_config, learn_task, volume_slices)
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_STREAM = ("kvasir_polyp,cxr_lungs,hc18_fetal_head,covid19_ct_infection,monuseg_nuclei,"
@@ -66,18 +66,20 @@ class Profile:
     slices_per_volume: Optional[int]  # annotated slices kept per volume
     background_per_volume: int
     max_objects: Optional[int]  # per test image, instance sets
-    epochs: int
-    lr: float = 1e-4
+    epochs: Optional[int] = None  # None: the recipe's budget
+    lr: Optional[float] = None  # None: the recipe's
     form: str = "paper"  # the Alignment Layer form of CA-SAM and the layer baselines
     ewc_lambda: float = 100.0
     variants: bool = True
+    recipe: str = "paper"  # the learning profile every layer and baseline trains with (casam learn --profile)
+    steps: Optional[int] = None  # None: the recipe's budget
 
 
 PROFILES = {
-    # a 2-core CPU in <= 45 min: a few images, 2 epochs; the identity-gated layer with lr 1e-3, because
-    # the paper's init needs far more steps than this budget (benchmarks/results/learn_cpu.md)
-    "quick": Profile(train_images=6, test_images=4, train_volumes=2, test_volumes=1, slices_per_volume=3,
-                     background_per_volume=1, max_objects=24, epochs=2, lr=1e-3, form="gated"),
+    # a 2-core CPU in <= 2.5 h: 30 training and 20 test images or slices per task, every layer and
+    # baseline trained with the product's recipe (casam learn's default, "fast")
+    "quick": Profile(train_images=30, test_images=20, train_volumes=3, test_volumes=2, slices_per_volume=10,
+                     background_per_volume=1, max_objects=24, form="residual", recipe="fast"),
     "paper": Profile(train_images=None, test_images=None, train_volumes=None, test_volumes=None,
                      slices_per_volume=None, background_per_volume=4, max_objects=None, epochs=24),
 }
@@ -172,7 +174,8 @@ class Stream:
 
     def config(self, **kw) -> LearnConfig:
         kw.setdefault("form", self.profile.form)
-        return LearnConfig(epochs=self.profile.epochs, lr=self.profile.lr, seed=self.seed, **kw)
+        return learn_config(self.profile.recipe, epochs=self.profile.epochs, steps=self.profile.steps,
+                            lr=self.profile.lr, seed=self.seed, **kw)
 
     def train_layer(self, zs, per_image, layer=None, form=None, n_blocks=3, penalty=None):
         form = form or self.profile.form
