@@ -20,7 +20,7 @@ test: $(STAMP) sysdeps
 
 bench: $(STAMP) sysdeps
 	$(BIN)/python benchmarks/latency.py
-	$(BIN)/python benchmarks/learn.py --configs paper:1,gated:1:0.001
+	$(BIN)/python benchmarks/learn.py --configs "fast,paper:epochs=1"
 	if [ -z "$$DISPLAY" ]; then xvfb-run -a $(BIN)/python benchmarks/gui_latency.py; \
 	else $(BIN)/python benchmarks/gui_latency.py; fi
 

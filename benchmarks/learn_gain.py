@@ -44,6 +44,7 @@ from latency import machine  # noqa: E402
 
 ALL = ["kvasir_polyp", "cxr_lungs", "hc18_fetal_head", "skin_lesion", "covid19_ct_infection", "monuseg_nuclei",
        "hippocampus_mri", "brats_glioma", "drive_vessels", "em_membranes"]
+CLICKS = {"click_box": "once, as a task-sized box", "direct": "once, as a point", "default": "box search"}
 WITH_ROOM = ["hippocampus_mri", "covid19_ct_infection", "monuseg_nuclei", "brats_glioma", "drive_vessels",
              "em_membranes"]
 
@@ -136,7 +137,7 @@ def table(results: dict, args) -> str:
         lines.append(
             f"| {r['set']} | {r['test']['images']}{part} | {fb:.3f} | {lb:.3f} | {100 * (lb - fb):+.1f} | {fp:.3f} | "
             f"{lp:.3f} | {lp / lb if lb else float('nan'):.2f} | {'yes' if r['use_alignment'] else 'no (lost on held-out)'} | "
-            f"{'once' if r['point_prompts'] == 'direct' else 'box search'} | {t['total']:.0f} ({t['embedding']:.0f} + "
+            f"{CLICKS.get(r['point_prompts'], 'box search')} | {t['total']:.0f} ({t['embedding']:.0f} + "
             f"{t['training']:.0f} + {t['validation_and_router']:.0f}) | {r['steps_per_s']:.2f} |")
     room = [r for r in rows if r["set"] in WITH_ROOM]
     gains = {r["set"]: 100 * (r["scores"]["learned_box"]["dice"] - r["scores"]["frozen_box"]["dice"]) for r in rows}

@@ -67,9 +67,13 @@ def main() -> None:
     ap.add_argument("--cache", default=str(REPO / "runs" / ".embeddings"), help="disk cache of the embeddings")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "learn_recipe.json"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "learn_recipe.md"))
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table from the JSON file; compute nothing")
     args = ap.parse_args()
     configs = parse_configs(args.configs)
     results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
+    if args.table_only:
+        write_table(results, configs, args)
+        return
     predictor = CASamPredictor(build_backbone("litemedsam", device=args.device), memory_bytes=2 * 1024**3,
                                disk_cache=args.cache)
     for name in args.sets.split(","):

@@ -35,13 +35,17 @@ def _route_label(decision: Optional[str]) -> str:
     return FROZEN if decision is None else decision
 
 
+METRICS = {"iou": iou, "dice": dice, "biou": boundary_iou}
+
+
 def object_metrics(predictor: CASamPredictor, z, record, objs, prompt: str = "box",
-                   **click_decoding) -> Dict[str, List[float]]:
-    """IoU, Dice and boundary IoU of each object (label, mask), segmented on features ``z``
-    from its GT box, or from one click at its pixel nearest the centroid (``prompt="point"``)."""
+                   metrics=tuple(METRICS), **click_decoding) -> Dict[str, List[float]]:
+    """IoU, Dice and boundary IoU (or the named ``metrics``) of each object (label, mask),
+    segmented on features ``z`` from its GT box, or from one click at its pixel nearest the
+    centroid (``prompt="point"``)."""
     if prompt not in PROMPTS:
         raise ValueError(f"unknown prompt {prompt!r}; choose one of {PROMPTS}")
-    out = {"iou": [], "dice": [], "biou": []}
+    out = {name: [] for name in metrics}
     for start in range(0, len(objs), BOX_CHUNK):
         chunk = objs[start:start + BOX_CHUNK]
         if prompt == "box":
@@ -52,9 +56,8 @@ def object_metrics(predictor: CASamPredictor, z, record, objs, prompt: str = "bo
                                                      point_labels=np.ones(clicks.shape[:2], int),
                                                      **click_decoding)
         for i, (_, gt) in enumerate(chunk):
-            out["iou"].append(iou(masks[i, 0], gt))
-            out["dice"].append(dice(masks[i, 0], gt))
-            out["biou"].append(boundary_iou(masks[i, 0], gt))
+            for name in metrics:
+                out[name].append(METRICS[name](masks[i, 0], gt))
     return out
 
 

@@ -590,7 +590,7 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
         for i in val_idx:
             check_cancel(cancel)
             scores.extend(object_metrics(predictor, features(layer, i), records[i], (objs or val_objs)[i],
-                                         prompt, **click_decoding)["dice"])
+                                         prompt, ("dice",), **click_decoding)["dice"])
         return float(np.mean(scores))
 
     zero_shot = validate(None)

@@ -34,6 +34,8 @@ POINTS, BOXES, PREVIEW, LABELS = "CA-SAM points", "CA-SAM boxes", "CA-SAM previe
 AUTO, FROZEN = "Auto (router)", "Frozen model"
 DEBOUNCE_MS = 150
 DEFAULT_STEPS = LearnConfig.steps
+CLICK_TEXT = {"click_box": "one box of the task's typical object size, centred on the click",
+              "direct": "decoded as points", "default": "the backbone's own way (LiteMedSAM: box search)"}
 POSITIVE, NEGATIVE = "positive", "negative"
 COLOURS = {POSITIVE: "lime", NEGATIVE: "red"}
 
@@ -848,7 +850,8 @@ class CASamWidget(QWidget):
             f"backbone {c.get('backbone_fingerprint')}; {c.get('alignment', {}).get('form')} layer, "
             f"{c.get('training_data', {}).get('annotated')} annotated images\n"
             f"validation Dice frozen {v.get('dice_zero_shot')} vs aligned {v.get('dice_aligned')}"
-            f"{'' if c.get('use_alignment', True) else ' (uses the frozen model)'}; created {c.get('created')}")
+            f"{'' if c.get('use_alignment', True) else ' (uses the frozen model)'}; created {c.get('created')}\n"
+            f"clicks: {CLICK_TEXT.get(c.get('point_prompts'), CLICK_TEXT['default'])}")
 
     def _after_library_change(self) -> None:
         self.refresh_tasks()

@@ -1,7 +1,7 @@
 """The continual benchmark: CA-SAM's protocol (method.md, "Evaluation protocol") on real data.
 
-    python -m training.continual --stream kvasir_polyp,cxr_lungs,hc18_fetal_head,covid19_ct_infection,\
-monuseg_nuclei,hippocampus_mri,brats_glioma --unseen skin_lesion --profile quick --out runs/quick
+    python -m training.continual --stream hippocampus_mri,covid19_ct_infection,monuseg_nuclei,brats_glioma,\
+drive_vessels,em_membranes,kvasir_polyp --unseen skin_lesion --profile quick --out runs/quick2
 
 Tasks are learned one after another from their training split; after each, every seen
 task's test split is evaluated with ground-truth boxes (one per class, or per connected
