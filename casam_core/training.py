@@ -249,6 +249,7 @@ class LearnConfig:
     schedule: str = "cosine"  # "cosine" (after the warm-up) or "constant"
     val_every: int = 25
     val_max_objects: int = 16  # per held-out image, for the checks during training
+    val_final_max_objects: int = 64  # per held-out image, for frozen vs learned (decoding is ~80 ms an object on a CPU)
 
     @classmethod
     def paper(cls, **overrides) -> "LearnConfig":
@@ -571,12 +572,16 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     sizes = np.array([o.box[2:] - o.box[:2] for objs in per_image.values() for o in objs], dtype=np.float64)
     click_box = tuple(float(round(v, 4)) for v in np.clip(np.median(sizes, 0) / low, 1.0 / low, 1.0))
 
-    # 3. held-out objects: all of them for the final check, a fixed subset for the checks
-    #    during training (instance sets have hundreds of objects per image)
-    val_objs = {i: object_masks(data.slices[i].labels, data.objects) for i in val_idx}
+    # 3. held-out objects: fixed subsets for the final frozen-vs-learned check and for the
+    #    checks during training (instance sets have hundreds of objects per image)
     sub_rng = np.random.default_rng(config.seed + 1)
-    val_sub = {i: [o[k] for k in sorted(sub_rng.choice(len(o), config.val_max_objects, replace=False))]
-               if config.val_max_objects and len(o) > config.val_max_objects else o for i, o in val_objs.items()}
+
+    def subset(objs: list, n: int) -> list:
+        return [objs[k] for k in sorted(sub_rng.choice(len(objs), n, replace=False))] if n and len(objs) > n else objs
+
+    val_objs = {i: subset(object_masks(data.slices[i].labels, data.objects), config.val_final_max_objects)
+                for i in val_idx}
+    val_sub = {i: subset(o, config.val_max_objects) for i, o in val_objs.items()}
 
     def features(layer: Optional[AlignmentLayer], i: int) -> torch.Tensor:
         z = z_all[i][None].to(device)
