@@ -526,6 +526,8 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
         raise ValueError(f"epochs must be at least 1, got {config.epochs}")
     if config.steps is not None and config.steps < 1:
         raise ValueError(f"steps must be at least 1, got {config.steps}")
+    if config.time_budget_s is not None and not config.time_budget_s > 0:
+        raise ValueError(f"the time budget must be a positive number of seconds, got {config.time_budget_s}")
     backbone = predictor.backbone
     device = predictor.device
     rng = np.random.default_rng(config.seed)
