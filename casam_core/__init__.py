@@ -2,15 +2,35 @@
 
 No Qt here: the napari plugin, the CLI, the benchmark and the tests all use these
 modules the same way.
+
+The model classes below are imported on first use (PEP 562), so that the light modules
+(``casam_core.io``, ``casam_core.samples``) load without torch: napari's reader and sample
+menus use them in a viewer whose OpenGL context is already up (see ``casam_core.runtime``).
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .alignment import AlignmentLayer  # noqa: E402
-from .backbones import BACKBONES, DEFAULT_BACKBONE, Backbone, BackboneError, build_backbone  # noqa: E402
-from .predictor import CASamPredictor  # noqa: E402
+_LAZY = {
+    "AlignmentLayer": "alignment",
+    "BACKBONES": "backbones", "DEFAULT_BACKBONE": "backbones", "Backbone": "backbones",
+    "BackboneError": "backbones", "build_backbone": "backbones",
+    "CASamPredictor": "predictor",
+}
 
-__all__ = [
-    "__version__", "AlignmentLayer", "BACKBONES", "DEFAULT_BACKBONE", "Backbone", "BackboneError",
-    "build_backbone", "CASamPredictor",
-]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

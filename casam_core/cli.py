@@ -24,11 +24,11 @@ from .evaluate import PROMPTS, evaluate_dataset
 from .library import TaskLibrary, TaskLibraryError, default_library_path
 from .predictor import AUTO, FROZEN_NAMES, CASamPredictor, PromptError
 from .progress import Cancelled, TqdmProgress
+from .samples import SAMPLES
 from .prompts import box_from_mask, parse_box, parse_point, propagate_box
 from .alignment import FORMS
 from .training import PROFILES, TaskDataError, learn_config, learn_task, load_task_data
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
 class CLIError(Exception):

@@ -58,6 +58,14 @@ class TaskLibraryError(ValueError):
     """A task or pack that cannot be used; the message says which and why."""
 
 
+class TaskNameClash(TaskLibraryError):
+    """A pack's task name is taken in the library (``name``): import it under another name."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
 @dataclass
 class Task:
     name: str
@@ -274,8 +282,8 @@ class TaskLibrary:
         task = read_pack(pack, fingerprint)
         new_name = _check_name(name or task.name)
         if new_name in self:
-            raise TaskLibraryError(f"{pack}: a task named {new_name!r} already exists in {self.root}; "
-                                   f"import it under another name")
+            raise TaskNameClash(f"{pack}: a task named {new_name!r} already exists in {self.root}; "
+                                f"import it under another name", new_name)
         task.name = new_name
         task.card = dict(task.card, name=new_name, imported_from=Path(pack).name)
         self.save(task)

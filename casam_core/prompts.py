@@ -63,11 +63,13 @@ def parse_point(text: str) -> Tuple[List[float], int]:
     return xy, label
 
 
-def propagate_box(predictor, start: int, box: Sequence[float], task=None, max_area_ratio: float = 3.0,
+def propagate_box(predictor, start: int, box: Optional[Sequence[float]], task=None, max_area_ratio: float = 3.0,
                   min_score: float = 0.5,
                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-                  task_for_slice=None) -> Tuple[np.ndarray, Dict[str, object]]:
+                  task_for_slice=None, start_mask: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Dict[str, object]]:
     """Segment slice ``start`` of the predictor's volume with ``box``, then carry it up and down.
+    With ``start_mask`` (the slice's approved mask, in the slice's array order), that mask is
+    kept as it is on slice ``start`` and ``box`` is not needed.
 
     Each next slice gets the box of the previous slice's mask, grown by 5 % of its size
     (at least 3 px: a tight box makes the mask shrink slice after slice). A direction stops
@@ -98,7 +100,15 @@ def propagate_box(predictor, start: int, box: Sequence[float], task=None, max_ar
         sl[vol.axis] = index
         out[tuple(sl)] = m
 
-    first, _ = segment(start, box)
+    if start_mask is not None:
+        first = np.asarray(start_mask, dtype=bool)
+        expected = tuple(np.delete(vol.volume.shape[:3], vol.axis))
+        if first.shape != expected:
+            raise ValueError(f"start_mask has shape {first.shape}; slice {start} has {expected}")
+    elif box is None:
+        raise ValueError("propagate_box needs a box or a start_mask")
+    else:
+        first, _ = segment(start, box)
     put(start, first)
     summary: Dict[str, object] = {"start": start, "slices": [start]}
     if not first.any():

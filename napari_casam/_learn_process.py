@@ -130,6 +130,15 @@ class LearnJob:
             return True
         return self._start_error is None and self.process.is_alive()
 
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel, wait up to ``timeout`` s for the process to end, then terminate it: nothing is left
+        running (a cancelled or killed process never writes to the library: it saves atomically at the end)."""
+        self.cancel()
+        self.join(timeout)
+        if self.process.pid is not None and self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+
     def join(self, timeout: float) -> None:
         if self._starter is not None:
             self._starter.join(timeout)

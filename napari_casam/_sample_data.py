@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from casam_core.cli import SAMPLES
+from casam_core.samples import SAMPLES
 
 from ._reader import read_layers
 

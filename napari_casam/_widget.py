@@ -23,12 +23,17 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QInputDialog,
                             QLabel, QLineEdit, QListWidget, QMessageBox, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
+from ._runtime import avoid_llvm_clash
+
+avoid_llvm_clash()  # before anything imports torch (see _runtime)
+
 from casam_core.backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
-from casam_core.library import TaskLibrary, TaskLibraryError
+from casam_core.library import TaskLibrary, TaskLibraryError, TaskNameClash
 from casam_core.predictor import CASamPredictor
-from casam_core.prompts import box_from_mask, propagate_box
+from casam_core.progress import Cancelled
+from casam_core.prompts import propagate_box
 from casam_core.training import PROFILES as LEARN_PROFILES
-from casam_core.training import LearnConfig
+from casam_core.training import LearnConfig, check_task_name
 
 POINTS, BOXES, PREVIEW, LABELS = "CA-SAM points", "CA-SAM boxes", "CA-SAM preview", "CA-SAM labels"
 AUTO, FROZEN = "Auto (router)", "Frozen model"
@@ -38,6 +43,8 @@ CLICK_TEXT = {"click_box": "one box of the task's typical object size, centred o
               "direct": "decoded as points", "default": "the backbone's own way (LiteMedSAM: box search)"}
 POSITIVE, NEGATIVE = "positive", "negative"
 COLOURS = {POSITIVE: "lime", NEGATIVE: "red"}
+PREVIEW_COLOUR = "cyan"  # unlike any colour of napari's label cycle, and visible on endoscopy and greyscale
+POINT_PIXELS = (10, 40)  # clicks are drawn 10-40 screen pixels wide
 
 
 class CASamWidget(QWidget):
@@ -59,7 +66,6 @@ class CASamWidget(QWidget):
         pool.setMaxThreadCount(max(pool.maxThreadCount(), 8))
         self.image_layer = None
         self.is_volume = False
-        self.undo_stack: List[tuple] = []
         self.learn_job = None
         self._learn_progress = None
         self._embed_worker = None
@@ -68,14 +74,23 @@ class CASamWidget(QWidget):
         self.last_route = None
         self.last_seconds = None
         self._positive = True
-        self._life = _Life()  # worker results that arrive after the widget is gone are dropped
-        self.destroyed.connect(self._life.end)
+        self._life = _Life()  # what outlives the Qt object: running work, and how to stop and join it
+        self.destroyed.connect(self._life.shutdown)
+        self._prompt_version = 0  # bumps on every prompt, slice or task change
+        self._preview_version = -1  # the prompt version the preview shows
+        self._in_flight = 0  # segment requests not yet answered
+        self._commit_pending = False  # C pressed while the preview was not yet current
+        from qtpy.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        if app is not None:  # quitting napari stops and joins every worker and the learning process
+            app.aboutToQuit.connect(self._life.shutdown)
         self._layers_source = None  # the image the prompt/preview/labels layers belong to
         threading.Thread(target=_prewarm_imports, name="casam-prewarm", daemon=True).start()
         self._build_ui()
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
-        self._debounce.timeout.connect(self.segment)
+        self._debounce.timeout.connect(lambda: self.segment(quiet=True))
         self._toast = QTimer(self)
         self._toast.setSingleShot(True)
         self._toast.timeout.connect(lambda: self._notify(self._toast_text))
@@ -83,7 +98,7 @@ class CASamWidget(QWidget):
         self._poll = QTimer(self)
         self._poll.timeout.connect(self._poll_learning)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
-        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.dims.events.current_step.connect(self._on_slice_change)
         self._bind_keys()
         self._refresh_layers()
@@ -91,7 +106,17 @@ class CASamWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        layout = QVBoxLayout(self)
+        from qtpy.QtWidgets import QFrame, QScrollArea
+
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()  # the dock fits a 1366x768 screen: what does not fit scrolls
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.NoFrame)
+        content = QWidget()
+        scroll.setWidget(content)
+        outer.addWidget(scroll)
+        layout = QVBoxLayout(content)
 
         box = QGroupBox("Image")
         form = QFormLayout(box)
@@ -169,7 +194,13 @@ class CASamWidget(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel_learning)
+        self.label_name_edit = QLineEdit()
+        self.label_name_edit.setPlaceholderText("e.g. liver (default: label 1, label 2, ...)")
+        self.modality_edit = QLineEdit()
+        self.modality_edit.setPlaceholderText("e.g. CT, T1 MRI, endoscopy")
         form.addRow("task name", self.task_name_edit)
+        form.addRow("structure", self.label_name_edit)
+        form.addRow("modality", self.modality_edit)
         form.addRow("annotations", self.labels_combo)
         form.addRow("recipe", self.profile_combo)
         form.addRow("steps", self.steps_spin)
@@ -223,6 +254,23 @@ class CASamWidget(QWidget):
                 combo.setCurrentText(current)
             combo.blockSignals(False)
 
+    def _on_layer_removed(self, event=None) -> None:
+        """The embedded image removed: forget it (running work for it is dropped), until the next Embed."""
+        if self.image_layer is not None and self.image_layer not in self.viewer.layers:
+            self._forget_image("the image was removed: choose an image and press Embed")
+        self._refresh_layers()
+
+    def _forget_image(self, why: str) -> None:
+        self._generation += 1  # results of running work for the old image are dropped
+        self._debounce.stop()
+        self.image_layer = None
+        self.is_volume = False
+        self._ready = False
+        self._layers_source = None
+        self._commit_pending = False
+        self.status_label.setText(why)
+        self.route_label.setText("route: -")
+
     def _notify(self, text: str) -> None:
         from napari.utils.notifications import show_info
 
@@ -252,13 +300,67 @@ class CASamWidget(QWidget):
         has been destroyed. Returns the worker."""
         from napari.qt.threading import create_worker
 
+        if not self._life.alive:
+            return None
+        from qtpy.QtCore import Qt
+
+        done = threading.Event()
         worker = create_worker(_reraise(work), _start_thread=False, _ignore_errors=True)
+        # set in the worker's own thread as it ends (a shutdown waits on it without Qt's event loop)
+        worker.finished.connect(done.set, Qt.DirectConnection)
+        self._life.track(worker, done)
         for signal, fn in (("returned", returned), ("yielded", yielded), ("finished", finished),
                            ("errored", errored or (lambda exc: self._error(f"CA-SAM: {exc}")))):
             if fn is not None:
                 getattr(worker, signal).connect(self._guarded(fn))
         worker.start()
         return worker
+
+    def _task_status(self, description: str):
+        """Tell napari that a long job runs: its close dialog lists it, and closing the window cancels it
+        (which stops and joins all of the widget's work). Returns a function that marks the job done."""
+        window = getattr(self.viewer, "window", None)
+        register = getattr(window, "_register_task_status", None)
+        if register is None:  # a napari without task status: aboutToQuit and destroyed still stop the work
+            return lambda: None
+        from napari.utils.task_status import Status
+
+        status_id = register("CA-SAM", Status.BUSY, description, cancel_callback=self._life.shutdown)
+
+        def finished():
+            try:
+                window._update_task_status(status_id, Status.COMPLETED)
+            except Exception:  # the window is being torn down
+                pass
+
+        return finished
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Stop every worker and the learning process, and wait for them (at most ``timeout`` s).
+        Called when the dock is closed, the viewer closes or napari quits; True when all stopped."""
+        self._debounce.stop()
+        self._poll.stop()
+        return self._life.shutdown(timeout)
+
+    def event(self, ev) -> bool:
+        from qtpy.QtCore import QEvent
+
+        if ev.type() == QEvent.ParentChange:  # docked (or moved): find the dock once napari has built it
+            QTimer.singleShot(0, self._watch_dock)
+        return super().event(ev)
+
+    def _watch_dock(self) -> None:
+        """Closing the dock (napari deletes its QDockWidget) stops and joins the widget's work."""
+        from qtpy.QtWidgets import QDockWidget
+
+        if not self._life.alive:
+            return
+        parent = self.parentWidget()
+        while parent is not None and not isinstance(parent, QDockWidget):
+            parent = parent.parentWidget()
+        if parent is not None and parent is not getattr(self, "_dock", None):
+            self._dock = parent
+            parent.destroyed.connect(self._life.shutdown)
 
     # ------------------------------------------------------------------ embedding
     def _backbone_key(self):
@@ -309,8 +411,14 @@ class CASamWidget(QWidget):
         key = self._backbone_key()
         layer = self.viewer.layers[name]
         data = layer.data  # read into memory in the worker (a lazy array would block the UI here)
+        spatial = len(data.shape) - (1 if layer.rgb else 0)
+        if layer.multiscale or spatial not in (2, 3) or (layer.rgb and spatial != 2):  # before any CA-SAM layer
+            what = ("a multiscale image" if layer.multiscale else
+                    f"{'RGB ' if layer.rgb else ''}{spatial}D data of shape {tuple(data.shape)}")
+            self._error(f"CA-SAM: {name} is {what}; CA-SAM segments 2D images (grey or RGB) and 3D volumes")
+            return
         self.image_layer = layer
-        self.is_volume = len(data.shape) == 3 and not layer.rgb
+        self.is_volume = spatial == 3
         self._generation += 1
         self._ready = False
         self._ensure_layers(data.shape[:3] if self.is_volume else data.shape[:2], layer)
@@ -318,6 +426,7 @@ class CASamWidget(QWidget):
         current = self._current_slice()
         order = [current] + [i for i in range(data.shape[0]) if i != current] if self.is_volume else [0]
         is_volume = self.is_volume
+        life = self._life
         # said now, with the click, rather than when the slice is ready: each text change costs a redraw
         self.status_label.setText("embedding the current slice first: prompts work as soon as it is ready"
                                   + ("; the other slices follow in the background" if is_volume else ""))
@@ -332,7 +441,7 @@ class CASamWidget(QWidget):
                     predictor.set_image(array)
             yield 0, len(order), skipped
             for done, index in enumerate(order, start=1):
-                if generation != self._generation:
+                if generation != self._generation or life.stop.is_set():
                     return
                 if is_volume:
                     with self.lock:
@@ -353,8 +462,11 @@ class CASamWidget(QWidget):
                 self._ready = True
                 self._after_embedding()
 
+        finished_status = self._task_status(f"embedding {name}") if is_volume else (lambda: None)
+
         def finish():
             bar.close()
+            finished_status()
             if self._embed_worker is worker:
                 self._embed_worker = None
             if generation == self._generation and not failed:
@@ -385,10 +497,13 @@ class CASamWidget(QWidget):
         for name in (POINTS, BOXES):
             if name in self.viewer.layers and self.viewer.layers[name].ndim != ndim:
                 self.viewer.layers.remove(name)
+        if PREVIEW in self.viewer.layers and self.viewer.layers[PREVIEW].ndim != ndim:
+            self.viewer.layers.remove(PREVIEW)  # a 3D layer given 2D data keeps its 3D scale: napari fails
         if new_image:
             self.clear_prompts()
         if POINTS not in self.viewer.layers:
             pts = self.viewer.add_points(np.empty((0, ndim)), name=POINTS, size=max(shape) / 80,
+                                         canvas_size_limits=POINT_PIXELS,  # visible at any zoom and image size
                                          face_color=COLOURS[POSITIVE], features={"kind": np.array([], dtype=object)},
                                          **kw)
             pts.feature_defaults["kind"] = POSITIVE
@@ -410,29 +525,31 @@ class CASamWidget(QWidget):
                 labels.name = self._free_name(f"{LABELS} [{labels.metadata.get('casam_source', 'previous image')}]")
                 labels.visible = False  # it belongs to another image
                 self.status_label.setText(f"the labels committed before are kept in the hidden layer {labels.name}")
-            if not mine:
-                self.undo_stack.clear()
+            elif labels.ndim != ndim:  # empty, but of another dimensionality: replaced below
+                self.viewer.layers.remove(LABELS)
         for name in (PREVIEW, LABELS):
             layer = self.viewer.layers[name] if name in self.viewer.layers else None
             if layer is None:
+                extra = {"colormap": _preview_colours()} if name == PREVIEW else {}
                 self.viewer.add_labels(np.zeros(shape, np.int32), name=name, opacity=0.5 if name == PREVIEW else 0.6,
-                                       metadata=metadata, **kw)
+                                       metadata=metadata, **extra, **kw)
                 continue
             if layer.data.shape != tuple(shape) or (name == PREVIEW and np.any(layer.data)):
-                layer.data = np.zeros(shape, np.int32)
+                layer.data = np.zeros(shape, np.int32)  # (a new data array also starts a new undo history)
             layer.metadata = metadata
             self._place(layer, kw)
         layers = self.viewer.layers
-        if any(layers.index(name) < layers.index(image_layer) for name in (LABELS, PREVIEW, BOXES, POINTS)):
-            for name in (LABELS, PREVIEW, BOXES, POINTS):  # reused layers lay under an image opened since:
-                layers.move(layers.index(name), len(layers))  # all to the top, the prompts uppermost
+        order = [layers.index(name) for name in (LABELS, PREVIEW, BOXES, POINTS)]
+        if min(order) < layers.index(image_layer) or order != sorted(order):
+            for name in (LABELS, PREVIEW, BOXES, POINTS):  # reused layers lay under an image opened since, or a
+                layers.move(layers.index(name), len(layers))  # replaced one above the prompts: prompts uppermost
         self._layers_source = source
         self._refresh_layers()  # a kept labels layer was renamed: the Labels choice must list it
         if new_image:  # napari keeps the camera while layers remain: frame the new image
             try:
                 self.viewer.reset_view(layers=[image_layer])
-            except TypeError:  # napari < 0.6 frames every layer
-                self.viewer.reset_view()
+            except (TypeError, IndexError):  # napari < 0.6 frames every layer; napari 0.9 cannot frame a 2D
+                self.viewer.reset_view()  # layer alone while a 3D one is open ("index 2 is out of bounds")
         self.viewer.layers.selection.active = self.viewer.layers[POINTS]
 
     @staticmethod
@@ -450,10 +567,22 @@ class CASamWidget(QWidget):
 
     # ------------------------------------------------------------------ prompts
     def _current_slice(self) -> int:
+        """The image's slice index shown in the viewer: the dims point in world coordinates mapped into
+        the image's data coordinates (the slider step differs when layers have other origins or spacings)."""
         if not self.is_volume or self.image_layer is None:
             return 0
-        step = self.viewer.dims.current_step[-3]
-        return int(np.clip(step, 0, self.image_layer.data.shape[0] - 1))
+        return _slice_index(self.image_layer, self.viewer.dims.point)
+
+    def _to_image(self, layer, coords: np.ndarray) -> np.ndarray:
+        """(N, D) data coordinates of a prompt layer as (N, D) data coordinates of the image."""
+        coords = np.atleast_2d(np.asarray(coords, float))
+        if len(coords) == 0 or self.image_layer is None:
+            return coords
+        same = (np.allclose(layer.scale, self.image_layer.scale[-layer.ndim:])
+                and np.allclose(layer.translate, self.image_layer.translate[-layer.ndim:]))
+        if same and layer.ndim == self.image_layer.ndim:
+            return coords
+        return np.array([self.image_layer.world_to_data(layer.data_to_world(c)) for c in coords])
 
     def toggle_positive(self) -> None:
         self.positive_check.setChecked(not self.positive_check.isChecked())
@@ -467,6 +596,7 @@ class CASamWidget(QWidget):
             pts.current_face_color = COLOURS[kind]
 
     def _on_prompt_change(self, event=None) -> None:
+        self._prompt_version += 1  # the preview no longer shows the prompts until the next answer
         if POINTS in self.viewer.layers:  # colour each point by its kind
             pts = self.viewer.layers[POINTS]
             kinds = list(pts.features["kind"]) if "kind" in pts.features else []
@@ -487,7 +617,7 @@ class CASamWidget(QWidget):
         coords = labels = boxes = None
         if POINTS in self.viewer.layers:
             pts = self.viewer.layers[POINTS]
-            data = np.asarray(pts.data)
+            data = self._to_image(pts, pts.data)
             if len(data):
                 kinds = np.asarray(pts.features["kind"]) if "kind" in pts.features else np.full(len(data), POSITIVE)
                 keep = np.ones(len(data), bool) if data.shape[1] == 2 else np.round(data[:, 0]) == k
@@ -496,8 +626,9 @@ class CASamWidget(QWidget):
                     labels = (kinds[keep] != NEGATIVE).astype(int)
         if BOXES in self.viewer.layers:
             out = []
-            for shape, verts in zip(self.viewer.layers[BOXES].shape_type, self.viewer.layers[BOXES].data):
-                verts = np.asarray(verts)
+            shapes = self.viewer.layers[BOXES]
+            for shape, verts in zip(shapes.shape_type, shapes.data):
+                verts = self._to_image(shapes, verts)
                 if shape != "rectangle" or (verts.shape[1] == 3 and np.round(verts[0, 0]) != k):
                     continue
                 ys, xs = verts[:, -2], verts[:, -1]
@@ -518,19 +649,36 @@ class CASamWidget(QWidget):
         return text
 
     # ------------------------------------------------------------------ segmenting
-    def segment(self) -> None:
-        """Segment the current slice/image from the prompts, in a worker; the preview shows the result."""
+    def _not_ready_reason(self) -> Optional[str]:
+        """Why prompts cannot be segmented now (None when they can)."""
+        if self.image_layer is None or self.predictor is None:
+            return "CA-SAM: choose an image and press Embed first"
+        if not self._ready:
+            return "CA-SAM: the image is still being embedded; prompts are segmented as soon as it is ready"
+        if PREVIEW not in self.viewer.layers or LABELS not in self.viewer.layers:
+            return "CA-SAM: the CA-SAM layers were removed: press Embed again"
+        return None
 
-        if self.predictor is None or self.image_layer is None or not self._ready:
-            return  # segmentation starts by itself once the (current slice's) embedding is ready
+    def segment(self, quiet: bool = False) -> None:
+        """Segment the current slice/image from the prompts, in a worker; the preview shows the result.
+        The status line says "segmenting..." until the preview shows the current prompts."""
+        why = self._not_ready_reason()
+        if why is not None:
+            if not quiet:
+                self._error(why)
+            return
         coords, labels, boxes = self.current_prompts()
+        version = self._prompt_version
         if coords is None and boxes is None:
             self.viewer.layers[PREVIEW].data = np.zeros_like(self.viewer.layers[PREVIEW].data)
+            self._preview_version = version
             return
         k = self._current_slice()
         task = self.task_choice()
         generation = self._generation
         t0 = time.perf_counter()
+        self._in_flight += 1
+        self.status_label.setText("segmenting...")
 
         def work():
             with self.lock:
@@ -542,8 +690,8 @@ class CASamWidget(QWidget):
             return masks[:, 0].any(0), route
 
         def done(result):
-            if generation != self._generation:
-                return
+            if generation != self._generation or PREVIEW not in self.viewer.layers:
+                return  # another image since, or the preview layer was removed: dropped
             mask, route = result
             preview = self.viewer.layers[PREVIEW]
             data = np.zeros_like(preview.data)
@@ -552,10 +700,19 @@ class CASamWidget(QWidget):
             else:
                 data[:] = mask
             preview.data = data
+            self._preview_version = version
             self.last_seconds = time.perf_counter() - t0
             self._show_route(route)
+            if version == self._prompt_version:
+                self.status_label.setText(f"preview ready ({int(mask.sum())} px); C commits it")
+                if self._commit_pending:
+                    self._commit_pending = False
+                    self.commit()
 
-        self._run_worker(work, returned=done)
+        def finished():
+            self._in_flight -= 1
+
+        self._run_worker(work, returned=done, finished=finished)
 
     def _resolve(self, task):
         """(layer to use, route report) for the current image; call with the lock held."""
@@ -620,51 +777,69 @@ class CASamWidget(QWidget):
         self._notify("CA-SAM scores:\n" + ("\n".join(lines) if lines else "no learned task"))
 
     def _on_task_change(self, text: str) -> None:
-        if self.predictor is not None and self.image_layer is not None:
+        self._prompt_version += 1
+        if self.predictor is not None and self.image_layer is not None and self._ready:
             self.update_route()
             if self._prompts_present():
                 self.segment()  # aligned features come from the cached embedding: no re-embedding
 
     def _on_slice_change(self, event=None) -> None:
-        if self.is_volume and self.predictor is not None and self._prompts_present() and self.auto_check.isChecked():
+        if not self.is_volume or self.image_layer is None:
+            return
+        self._prompt_version += 1  # the preview shows another slice's prompts
+        if self.predictor is not None and self._prompts_present() and self.auto_check.isChecked():
             self._debounce.start(DEBOUNCE_MS)
 
     # ------------------------------------------------------------------ commit / undo
+    def _preview_is_current(self) -> bool:
+        return self._preview_version == self._prompt_version and not self._debounce.isActive()
+
     def commit(self) -> Optional[int]:
-        """Write the preview into the labels layer with the next free label id (undoable)."""
-        if PREVIEW not in self.viewer.layers:
+        """Write the preview into the labels layer with the next free label id (napari's undo history).
+        A preview older than the prompts is never committed: when a segmentation is on its way the
+        commit waits for it, otherwise the user is asked to segment first."""
+        why = self._not_ready_reason()
+        if why is not None:
+            self._error(why)
+            return None
+        if not self._preview_is_current():
+            if self._in_flight or self._debounce.isActive():
+                self._commit_pending = True
+                self.status_label.setText("segmenting... the commit follows when the preview shows the current prompts")
+            else:
+                self._error("CA-SAM: the preview is older than the prompts: press Segment (S) before committing")
             return None
         mask = np.asarray(self.viewer.layers[PREVIEW].data) > 0
         if not mask.any():
-            self._notify("CA-SAM: nothing to commit")
+            self._notify("CA-SAM: nothing to commit: the preview is empty")
             return None
         label_id = self._write_label(mask)
         self.clear_prompts()
         return label_id
 
-    def _write_label(self, mask: np.ndarray) -> int:
-        labels = self.viewer.layers[LABELS]
-        data = np.asarray(labels.data)
-        label_id = int(data.max()) + 1
+    def _write_label(self, mask: np.ndarray, labels=None) -> int:
+        """Give the mask's pixels the next free label id, as one step of the Labels layer's own undo history
+        (the widget's Undo and napari's Ctrl+Z are the same history)."""
+        labels = labels if labels is not None else self.viewer.layers[LABELS]
+        label_id = int(np.asarray(labels.data).max()) + 1
         index = np.nonzero(mask)
-        self.undo_stack.append((index, data[index].copy()))
-        data[index] = label_id
-        labels.data = data
-        labels.refresh()
-        self.viewer.layers[PREVIEW].data = np.zeros_like(self.viewer.layers[PREVIEW].data)
+        labels.data_setitem(index, label_id)
+        if PREVIEW in self.viewer.layers:
+            self.viewer.layers[PREVIEW].data = np.zeros_like(self.viewer.layers[PREVIEW].data)
         self.status_label.setText(f"committed label {label_id} ({len(index[0])} voxels)")
         return label_id
 
     def undo(self) -> None:
-        if not self.undo_stack or LABELS not in self.viewer.layers:
+        """Undo the last change of the CA-SAM labels layer (napari's history: a commit or a manual edit)."""
+        if LABELS not in self.viewer.layers:
+            self._error("CA-SAM: there is no CA-SAM labels layer to undo")
             return
-        index, old = self.undo_stack.pop()
         labels = self.viewer.layers[LABELS]
-        data = np.asarray(labels.data)
-        data[index] = old
-        labels.data = data
-        labels.refresh()
-        self.status_label.setText("undid the last commit")
+        if not labels._undo_history:
+            self._notify("CA-SAM: nothing to undo")
+            return
+        labels.undo()
+        self.status_label.setText("undid the last change of the labels")
 
     def clear_prompts(self) -> None:
         for name in (POINTS, BOXES):
@@ -676,47 +851,74 @@ class CASamWidget(QWidget):
                 else:
                     layer.data = []
                 layer.events.data.connect(self._on_prompt_change)
+        self._prompt_version += 1
+        self._commit_pending = False
 
     def clear(self) -> None:
         self.clear_prompts()
         if PREVIEW in self.viewer.layers:
             self.viewer.layers[PREVIEW].data = np.zeros_like(self.viewer.layers[PREVIEW].data)
+            self._preview_version = self._prompt_version
 
     # ------------------------------------------------------------------ propagation
     def propagate(self) -> None:
-        """Carry the current slice's mask (or box) up and down the volume; one undoable commit."""
+        """Carry the current slice's mask (or box) up and down the volume; one undoable commit.
+        The approved preview is kept as it is on its slice; the result goes to the volume it came
+        from, or is dropped with a message when that volume is gone or was replaced meanwhile."""
         from napari.utils import progress
 
-        if not self.is_volume or self.predictor is None:
-            self._error("CA-SAM: propagation needs an embedded volume")
+        why = self._not_ready_reason()
+        if why is None and not self.is_volume:
+            why = "CA-SAM: propagation needs a volume (a 3D image)"
+        if why is not None:
+            self._error(why)
             return
         k = self._current_slice()
-        preview = np.asarray(self.viewer.layers[PREVIEW].data)[k]
-        box = box_from_mask(preview) if preview.any() else None
-        if box is None:
+        start = np.asarray(self.viewer.layers[PREVIEW].data)[k] > 0
+        if start.any() and not self._preview_is_current():
+            self._error("CA-SAM: the preview is older than the prompts: wait for it, or press Segment (S)")
+            return
+        box = None
+        if not start.any():
+            start = None
             _, _, boxes = self.current_prompts()
             box = boxes[0] if boxes is not None else None
-        if box is None:
-            self._error("CA-SAM: segment the current slice (or draw a box) before propagating")
-            return
+            if box is None:
+                self._error("CA-SAM: segment the current slice (or draw a box) before propagating")
+                return
         task = self.task_choice()
+        generation, source, labels = self._generation, self.image_layer.name, self.viewer.layers[LABELS]
+        life = self._life
         bar = progress(total=0, desc="CA-SAM: propagating")  # a busy bar: propagate_box reports from the worker
+        finished_status = self._task_status(f"propagating through {source}")
 
         def work():
             with self.lock:
                 chosen, _ = self._resolve(task)
-                return propagate_box(self.predictor, k, box, task=chosen,
-                                     progress=lambda d, t, m: None)
+                return propagate_box(self.predictor, k, box, task=chosen, start_mask=start,
+                                     cancel=lambda: life.stop.is_set() or generation != self._generation)
 
         def done(result):
-            bar.close()
             mask, summary = result
+            if generation != self._generation or labels not in self.viewer.layers:
+                self._error(f"CA-SAM: the propagation through {source} was dropped: the image changed meanwhile")
+                return
             if mask.any():
-                self._write_label(mask > 0)
+                self._write_label(mask > 0, labels)
                 self.clear_prompts()
             self._notify(f"CA-SAM: propagated over {len(summary['slices'])} slices")
 
-        self._run_worker(work, returned=done, errored=lambda exc: (bar.close(), self._error(f"CA-SAM: {exc}")))
+        def failed(exc):
+            if isinstance(getattr(exc, "__cause__", None), Cancelled) or isinstance(exc, Cancelled):
+                self.status_label.setText(f"the propagation through {source} was stopped")
+                return
+            self._error(f"CA-SAM: {exc}")
+
+        def end():
+            bar.close()
+            finished_status()
+
+        self._run_worker(work, returned=done, errored=failed, finished=end)
 
     # ------------------------------------------------------------------ learning
     def learn(self, name: Optional[str] = None, labels_layer: Optional[str] = None) -> bool:
@@ -734,8 +936,13 @@ class CASamWidget(QWidget):
         if not name or not image_name or not labels_name:
             self._error("CA-SAM: choose an image, an annotated Labels layer and a task name")
             return False
+        try:
+            check_task_name(name)
+        except ValueError as exc:
+            self._error(f"CA-SAM: {exc}")
+            return False
         if name in self.library:
-            self._error(f"CA-SAM: a task named {name!r} already exists")
+            self._error(f"CA-SAM: a task named {name!r} already exists in {self.library.root}")
             return False
         image = np.asarray(self.viewer.layers[image_name].data)
         labels = np.asarray(self.viewer.layers[labels_name].data)
@@ -750,7 +957,9 @@ class CASamWidget(QWidget):
             checkpoint=self.checkpoint_edit.text().strip() or None, device=self.device_combo.currentText(),
             library=str(self.library.root), cache_dir=self.cache_dir, profile=self.profile_combo.currentText(),
             steps=int(self.steps_spin.value()) if self.profile_combo.currentText() == "fast" else None,
-            label_names=None, modality=None)
+            label_names=self._label_names(labels), modality=self.modality_edit.text().strip() or None)
+        self._life.jobs.append(self.learn_job)
+        self._learn_status_done = self._task_status(f"learning task {name}")
         self.learn_job.start()
         self._learn_name = name
         self._learn_description = ""
@@ -761,6 +970,14 @@ class CASamWidget(QWidget):
         self.status_label.setText(f"learning task {name} in a separate process...")
         return True
 
+    def _label_names(self, labels: np.ndarray) -> Optional[dict]:
+        """{label value: name} from the structure field (None: the learning process names them)."""
+        text = self.label_name_edit.text().strip()
+        if not text:
+            return None
+        values = [int(v) for v in np.unique(labels) if v]
+        return {v: text if len(values) == 1 else f"{text} {v}" for v in values}
+
     def cancel_learning(self) -> None:
         if self.learn_job is not None:
             self.learn_job.cancel()
@@ -768,7 +985,7 @@ class CASamWidget(QWidget):
 
     def _poll_learning(self) -> None:
         job = self.learn_job
-        if job is None:
+        if job is None or not self._life.alive:
             self._poll.stop()
             return
         final = latest = None
@@ -794,6 +1011,7 @@ class CASamWidget(QWidget):
             return
         self._poll.stop()
         self._learn_progress.close()
+        self._learn_status_done()
         self.learn_job = None
         self.learn_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
@@ -867,11 +1085,13 @@ class CASamWidget(QWidget):
 
     def export_task(self, name: str, path: str) -> None:
         self.library.export(name, path)
+        self._notify(f"CA-SAM: exported task {name} to {path}")
 
     def import_task(self, path: str, name: Optional[str] = None) -> None:
         fingerprint = self.predictor.backbone.fingerprint if self.predictor is not None else None
-        self.library.import_pack(path, fingerprint=fingerprint, name=name)
+        task = self.library.import_pack(path, fingerprint=fingerprint, name=name)
         self._after_library_change()
+        self._notify(f"CA-SAM: imported task {task.name} from {path}")
 
     def _selected(self) -> Optional[str]:
         item = self.task_list.currentItem()
@@ -905,8 +1125,34 @@ class CASamWidget(QWidget):
 
     def _import_clicked(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Import task pack", "", "CA-SAM task packs (*.casam-task *.zip)")
-        if path:
-            self._guard(self.import_task, path)
+        name = None
+        while path:
+            try:
+                self.import_task(path, name)
+                return
+            except TaskNameClash as exc:  # offer another name, as the message suggests
+                name, ok = QInputDialog.getText(self, "Import task pack", f"{exc}\n\nimport it as:",
+                                                text=f"{exc.name}_2")
+                if not ok or not name.strip():
+                    self.status_label.setText("import cancelled; the task library is unchanged")
+                    return
+                name = name.strip()
+            except (TaskLibraryError, ValueError, OSError) as exc:
+                self._error(f"CA-SAM: {exc}")
+                return
+
+
+def _preview_colours():
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: PREVIEW_COLOUR})
+
+
+def _slice_index(layer, world_point) -> int:
+    """The index along a 3D layer's first axis of the slice napari shows at ``world_point``."""
+    point = np.asarray(world_point, float)[-layer.ndim:]
+    index = float(np.asarray(layer.world_to_data(point))[0])
+    return int(np.clip(np.round(index), 0, layer.data.shape[0] - 1))
 
 
 def _rgba(colour: str) -> np.ndarray:
@@ -925,12 +1171,41 @@ def _prewarm_imports() -> None:
 
 
 class _Life:
-    """Whether a widget's C++ object still exists (a plain object: it outlives the widget)."""
+    """A plain object that outlives the widget's C++ object: whether the widget still exists, the work it
+    started (workers with their 'finished' events, learning jobs), and how to stop and join that work."""
 
-    alive = True
+    def __init__(self) -> None:
+        self.alive = True
+        self.stop = threading.Event()  # workers check it between units of work
+        self.workers: List[tuple] = []  # (worker, threading.Event set when its function has returned)
+        self.jobs: List = []  # learning processes
 
-    def end(self, *_) -> None:
+    def track(self, worker, done: threading.Event) -> None:
+        self.workers = [(w, d) for w, d in self.workers if not d.is_set()] + [(worker, done)]
+
+    def running(self) -> int:
+        return sum(not d.is_set() for _, d in self.workers) + sum(job.alive() for job in self.jobs)
+
+    def shutdown(self, timeout: float = 30.0, *_) -> bool:
+        """Ask all work to stop, then wait for it; True when nothing is left running. No callback runs after."""
+        if not isinstance(timeout, (int, float)):  # called by a Qt signal with its own argument
+            timeout = 30.0
         self.alive = False
+        self.stop.set()
+        for worker, done in self.workers:
+            if not done.is_set() and hasattr(worker, "quit"):
+                try:
+                    worker.quit()  # a generator worker stops at its next yield
+                except RuntimeError:  # its Qt object is gone: the event below still tells
+                    pass
+        for job in self.jobs:
+            job.cancel()
+        deadline = time.monotonic() + timeout
+        for _, done in self.workers:
+            done.wait(max(0.0, deadline - time.monotonic()))
+        for job in self.jobs:
+            job.stop(max(1.0, deadline - time.monotonic()))
+        return self.running() == 0
 
 
 def _steady(label) -> None:
