@@ -52,8 +52,8 @@ from casam_core.training import (LearnConfig, TaskData, TrainingSlice, _objects_
                                  fit, image_slice, learn_config, learn_task, volume_slices)
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-DEFAULT_STREAM = ("kvasir_polyp,cxr_lungs,hc18_fetal_head,covid19_ct_infection,monuseg_nuclei,"
-                  "hippocampus_mri,brats_glioma")
+DEFAULT_STREAM = ("hippocampus_mri,covid19_ct_infection,monuseg_nuclei,brats_glioma,drive_vessels,em_membranes,"
+                  "kvasir_polyp")
 METHODS = ("zero_shot", "casam", "oracle", "naive_al", "decoder_ft", "ewc_al", "joint_al")
 
 
@@ -273,7 +273,12 @@ def encoder_gflops(backbone) -> float:
     return counter.get_total_flops() / 1e9
 
 
-VARIANTS = {"other_form": {}, "1_block": {"n_blocks": 1}, "augment_1": {}}  # other_form: set per profile
+VARIANTS = {"other_form": {}, "1_block": {"n_blocks": 1}, "augment_1": {}}  # other_form: see other_form()
+
+
+def other_form(form: str) -> str:
+    """The layer form the "other_form" ablation trains: the paper's form, or the residual one for a paper run."""
+    return "residual" if form == "paper" else "paper"
 
 
 def save_models(path: Path, layers, variants, naive, ewc, decoder, router, ewc_terms) -> None:
@@ -408,7 +413,7 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
             layers[ts.name] = (_layer_from(saved, f"casam.{ts.name}.", form=profile.form)
                                if state["cards"][ts.name]["use_alignment"] else None)
             router.add(ts.name, _vae_from(saved, f"vae.{ts.name}."), state["taus"][ts.name])
-            other = "paper" if profile.form == "gated" else "gated"
+            other = other_form(profile.form)
             variants[ts.name] = {v: _layer_from(saved, f"variant.{ts.name}.{v}.",
                                                 form=other if v == "other_form" else profile.form, **kw)
                                  for v, kw in VARIANTS.items() if any(k.startswith(f"variant.{ts.name}.{v}.")
@@ -472,7 +477,7 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
                     variants[ts.name][vname] = st.train_layer(zs_a, per_a)
                 elif vname == "other_form":
                     variants[ts.name][vname] = st.train_layer(
-                        zs, per_image, form="paper" if profile.form == "gated" else "gated")
+                        zs, per_image, form=other_form(profile.form))
                 else:
                     variants[ts.name][vname] = st.train_layer(zs, per_image, **kw)
             timings["variants"] = round(time.perf_counter() - tv, 1)

@@ -16,7 +16,7 @@ def _fmt(v) -> str:
 
 
 def write_report(state: dict, out: Path) -> None:
-    from .continual import matrix
+    from .continual import matrix, other_form
 
     out = Path(out)
     names = state["stream"]
@@ -68,7 +68,8 @@ def write_report(state: dict, out: Path) -> None:
     lines += ["", "## Alignment Layer variants (CA-SAM oracle, Dice on each task's test set)", "",
               f"Main form: {p['form']}; 'product' applies the held-out check (frozen model when the layer "
               f"loses), the other columns are layers used as trained.", "",
-              "| task | zero-shot | product | layer, no fallback | other form | 1 block | + 1 augmented copy |",
+              f"| task | zero-shot | product | layer, no fallback | {other_form(p['form'])} form | 1 block "
+              "| + 1 augmented copy |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     last = state["stages"][-1] if state["stages"] else {}
     for n in names:
