@@ -51,10 +51,12 @@ def test_box_propagates_through_real_mri(backbone, hippocampus):
     predictor.set_volume(image.array[lo:hi])
     mask, summary = propagate_box(predictor, k - lo, box_from_mask(gt[k]))
     assert mask.shape == gt[lo:hi].shape
-    # the hippocampus runs through all 7 slices: propagation reaches both edges
-    assert summary["slices"] == list(range(7))
-    assert summary["stopped_up"] == summary["stopped_down"] == "volume edge"
-    assert all(mask[i].any() for i in range(7))
+    # the hippocampus runs through all 7 slices: propagation reaches both edges, or stops one slice short
+    # where the mask has grown past 1.5 x the start slice's area (it is drifting off the structure there)
+    assert set(range(1, 6)) <= set(summary["slices"]), summary
+    for side in ("stopped_up", "stopped_down"):
+        assert summary[side] == "volume edge" or "x the start slice's" in summary[side], summary
+    assert all(mask[i].any() for i in summary["slices"])
     # zero-shot LiteMedSAM on this small target (measured 0.55 on the prompted slice,
     # 0.46 over the sub-volume); CA-SAM's Alignment Layer exists to raise exactly this
     assert dice(mask[k - lo], gt[k]) > 0.45
@@ -72,3 +74,19 @@ def test_propagation_stops_where_the_object_ends(backbone):
     mask, summary = propagate_box(predictor, 1, box_from_mask(core[top - 1]))
     assert mask[1].any()
     assert max(summary["slices"]) <= top - lo + 2, summary  # no run-away past the tumour
+
+
+def test_hippocampus_propagation_stops_at_the_structure(backbone, hippocampus):
+    """It ran through every slice to the volume's edge (3D Dice 0.14): the box grew around a mask that
+    drifted off the hippocampus. Now it stops once the mask outgrows the start slice's by 1.5x."""
+    image, labels = hippocampus
+    gt = labels > 0
+    present = np.nonzero(gt.any(axis=(1, 2)))[0]
+    k = int(np.median(present))
+    lo = k - 2  # the upper half of the volume, past the structure's end to the volume's edge (keeps the test short)
+    predictor = CASamPredictor(backbone)
+    predictor.set_volume(image.array[lo:])
+    mask, summary = propagate_box(predictor, k - lo, box_from_mask(gt[k]))
+    assert max(summary["slices"]) + lo <= present.max() + 2, summary
+    assert "x the start slice's" in summary["stopped_up"], summary
+    assert dice(mask, gt[lo:]) > 0.2
