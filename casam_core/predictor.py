@@ -383,8 +383,8 @@ class CASamPredictor:
         points, boxes, masks = self._prompts(record, point_coords, point_labels, box, mask_input)
         if point_search is None:
             point_search = not self.backbone.spec.point_prompts
-        if points is not None and boxes is None and point_search:
-            low_res, iou = self._point_box_search(z, record, points, masks, multimask_output)
+        if points is not None and point_search:
+            low_res, iou = self._point_box_search(z, record, points, masks, multimask_output, boxes)
         else:
             low_res, iou = self.backbone.decode(z, points, boxes, masks, multimask_output)
         full = self.backbone.postprocess_masks(low_res, record.input_size, record.original_size)
@@ -449,13 +449,19 @@ class CASamPredictor:
             raise PromptError("give at least one prompt: a point, a box or a mask")
         return points, boxes_t, masks_t
 
-    def _point_box_search(self, z, record: ImageRecord, points, masks, multimask_output: bool):
-        """Point-only prompts on a box-only backbone (LiteMedSAM).
+    def _point_box_search(self, z, record: ImageRecord, points, masks, multimask_output: bool, boxes=None):
+        """Clicks on a box-only backbone (LiteMedSAM), alone or with a box or earlier logits.
 
-        For each point set: boxes of several sizes centred on the positive clicks are
-        decoded in one batch; a candidate is valid when its mask holds every positive
-        click and no negative one; the valid candidate with the highest predicted IoU
-        wins (the largest box if none is valid).
+        The backbone ignores points, so clicks choose among boxes. For each point set, the
+        candidates are boxes of several sizes centred on the positive clicks and, when there
+        is a prior box (the prompt's box, or the box of the earlier logits in ``masks``),
+        variants of that box: as is, grown to take in each positive click, cut back on the
+        side that excludes each negative click, and both, each also 10 % larger and smaller.
+        All are decoded in one batch (without the earlier logits: this backbone was not
+        trained with mask prompts). The winner satisfies the most clicks (positives inside,
+        negatives outside), then has the highest predicted IoU. So a corrective click can
+        only move the result towards a mask that agrees with it; earlier clicks stay
+        honoured where any candidate honours them.
         """
         coords, labels = points
         h_in, w_in = record.input_size
@@ -465,31 +471,49 @@ class CASamPredictor:
         out_low, out_iou = [], []
         for b in range(coords.shape[0]):
             pos, neg = coords[b][labels[b] == 1], coords[b][labels[b] == 0]
-            if pos.shape[0] == 0:
+            prior = boxes[b] if boxes is not None else (
+                _logits_box(masks[b, 0], self.backbone.img_size / low_size) if masks is not None else None)
+            if pos.shape[0] == 0 and prior is None:
                 raise PromptError("this backbone needs a box or at least one foreground point (label 1)")
-            lo, hi = pos.min(0).values, pos.max(0).values
-            centre = (lo + hi) / 2
-            spread = (hi - lo) / 2
-            half = torch.stack([spread + f * long_side / 2 for f in POINT_SEARCH_FRACTIONS])  # (K, 2)
-            cand = torch.cat([centre - half, centre + half], dim=1)
+            cand = []
+            if pos.shape[0]:
+                lo, hi = pos.min(0).values, pos.max(0).values
+                centre, spread = (lo + hi) / 2, (hi - lo) / 2
+                half = torch.stack([spread + f * long_side / 2 for f in POINT_SEARCH_FRACTIONS])  # (K, 2)
+                cand.append(torch.cat([centre - half, centre + half], dim=1))
+            if prior is not None:
+                cand.append(_box_variants(prior, pos, neg))
+            cand = torch.cat(cand)
             cand[:, 0::2] = cand[:, 0::2].clamp(0, w_in - 1)
             cand[:, 1::2] = cand[:, 1::2].clamp(0, h_in - 1)
-            m = None if masks is None else masks[b: b + 1].expand(len(cand), -1, -1, -1)
-            low, iou = self.backbone.decode(z, None, cand, m, False)
+            low, iou = self.backbone.decode(z, None, cand, None, False)
             logits = low[:, 0]
 
             def inside(pts):
                 ij = (pts * scale).long().clamp(0, low_size - 1)
                 return logits[:, ij[:, 1], ij[:, 0]] > 0  # (K, n_points)
 
-            valid = inside(pos).all(1)
-            if neg.shape[0]:
-                valid &= ~inside(neg).any(1)
-            score = torch.where(valid, iou[:, 0], iou[:, 0] - 2.0)
-            best = int(score.argmax()) if valid.any() else len(cand) - 1
-            if multimask_output:
-                low_b, iou_b = self.backbone.decode(z, None, cand[best: best + 1], m[:1] if m is not None else None,
-                                                    True)
+            satisfied = inside(pos).sum(1) + (~inside(neg)).sum(1)
+            score = satisfied.float() * 10.0 + iou[:, 0]  # most clicks honoured, then predicted IoU ...
+            keep = None
+            if masks is not None:  # ... plus closeness to the earlier mask: a correction fixes, it does not restart
+                before = masks[b, 0] > 0
+                now = logits > 0
+                closeness = (now & before).flatten(1).sum(1) / (now | before).flatten(1).sum(1).clamp(min=1)
+                score = score + closeness
+                ij_pos, ij_neg = ((pts * scale).long().clamp(0, low_size - 1) for pts in (pos, neg))
+                honoured_before = int(before[ij_pos[:, 1], ij_pos[:, 0]].sum() + (~before[ij_neg[:, 1], ij_neg[:, 0]]).sum())
+                if int(satisfied.max()) <= honoured_before:  # no candidate honours more clicks: keep the mask
+                    keep = int(closeness.argmax())
+            best = int(score.argmax())
+            if int(satisfied.max()) == 0 and pos.shape[0]:
+                best = len(POINT_SEARCH_FRACTIONS) - 1  # nothing honours a click: the largest centred box
+            if keep is not None:
+                low_b, iou_b = masks[b: b + 1].expand(-1, 3 if multimask_output else 1, -1, -1), iou[keep: keep + 1]
+                if multimask_output:
+                    iou_b = iou_b.expand(-1, 3)
+            elif multimask_output:
+                low_b, iou_b = self.backbone.decode(z, None, cand[best: best + 1], None, True)
             else:
                 low_b, iou_b = low[best: best + 1], iou[best: best + 1]
             out_low.append(low_b)
@@ -506,3 +530,48 @@ class CASamPredictor:
         if self._volume is None:
             raise RuntimeError("no volume is set: call set_volume() first")
         return self._volume
+
+
+def _logits_box(logits: torch.Tensor, to_input: float) -> Optional[torch.Tensor]:
+    """The (4,) box, in model input pixels, of the positive part of low-res logits (None if empty)."""
+    ys, xs = torch.nonzero(logits > 0, as_tuple=True)
+    if len(xs) == 0:
+        return None
+    return torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float() * to_input
+
+
+def _box_variants(box: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """(K, 4) boxes around a prior box: itself; grown to take in each positive click; cut back to
+    exclude each negative click on the side that loses least; all clicks at once; each x0.9 and x1.1."""
+    margin = 0.05 * (box[2:] - box[:2]).clamp(min=8.0)
+    variants = [box]
+
+    def grow(b, p):
+        return torch.cat([torch.minimum(b[:2], p - margin), torch.maximum(b[2:], p + margin)])
+
+    def cut(b, q):
+        options = [b.clone() for _ in range(4)]
+        options[0][0] = torch.maximum(b[0], q[0] + margin[0])  # move the left side right of the click
+        options[1][2] = torch.minimum(b[2], q[0] - margin[0])
+        options[2][1] = torch.maximum(b[1], q[1] + margin[1])
+        options[3][3] = torch.minimum(b[3], q[1] - margin[1])
+        valid = [o for o in options if (o[2] > o[0]) and (o[3] > o[1])]
+        if not valid:
+            return b
+        return max(valid, key=lambda o: float((o[2] - o[0]) * (o[3] - o[1])))
+
+    all_clicks = box
+    for p in pos:
+        variants.append(grow(box, p))
+        all_clicks = grow(all_clicks, p)
+    for q in neg:
+        inside = bool((q >= box[:2]).all() and (q <= box[2:]).all())
+        if inside:
+            variants.append(cut(box, q))
+            all_clicks = cut(all_clicks, q)
+    variants.append(all_clicks)
+    out = torch.stack(variants)
+    centre, half = (out[:, :2] + out[:, 2:]) / 2, (out[:, 2:] - out[:, :2]) / 2
+    scaled = [torch.cat([centre - f * half, centre + f * half], dim=1) for f in (0.9, 1.1)]
+    return torch.cat([out] + scaled)
+

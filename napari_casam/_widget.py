@@ -80,6 +80,7 @@ class CASamWidget(QWidget):
         self._preview_version = -1  # the prompt version the preview shows
         self._in_flight = 0  # segment requests not yet answered
         self._commit_pending = False  # C pressed while the preview was not yet current
+        self._last_logits = None  # ((generation, slice), low-res logits) of the last segmentation
         from qtpy.QtWidgets import QApplication
 
         app = QApplication.instance()
@@ -676,6 +677,13 @@ class CASamWidget(QWidget):
         k = self._current_slice()
         task = self.task_choice()
         generation = self._generation
+        key = (generation, k)
+        # corrective clicks: the last result on this slice goes along (SAM's mask_input); on a box-only
+        # backbone the predictor then searches boxes around it and never trades it for a mask that
+        # honours fewer clicks
+        prior = self._last_logits[1] if (coords is not None and self._last_logits is not None
+                                         and self._last_logits[0] == key
+                                         and (boxes is None or len(boxes) == 1)) else None
         t0 = time.perf_counter()
         self._in_flight += 1
         self.status_label.setText("segmenting...")
@@ -686,13 +694,16 @@ class CASamWidget(QWidget):
                 if self.is_volume:
                     p.set_slice(k)
                 chosen, route = self._resolve(task)
-                masks, scores, _ = p.predict(point_coords=coords, point_labels=labels, box=boxes, task=chosen)
-            return masks[:, 0].any(0), route
+                masks, scores, low = p.predict(point_coords=coords, point_labels=labels, box=boxes, task=chosen,
+                                               mask_input=prior)
+            return masks[:, 0].any(0), route, low[0] if len(low) == 1 else None
 
         def done(result):
             if generation != self._generation or PREVIEW not in self.viewer.layers:
                 return  # another image since, or the preview layer was removed: dropped
-            mask, route = result
+            mask, route, low = result
+            if version == self._prompt_version:
+                self._last_logits = (key, low) if low is not None else None
             preview = self.viewer.layers[PREVIEW]
             data = np.zeros_like(preview.data)
             if self.is_volume:
@@ -853,6 +864,7 @@ class CASamWidget(QWidget):
                 layer.events.data.connect(self._on_prompt_change)
         self._prompt_version += 1
         self._commit_pending = False
+        self._last_logits = None  # the next prompts start a new object
 
     def clear(self) -> None:
         self.clear_prompts()

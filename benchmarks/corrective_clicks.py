@@ -1,0 +1,136 @@
+"""Corrective clicks: does each click make the mask better? A simulated user, frozen LiteMedSAM, CPU.
+
+    python benchmarks/corrective_clicks.py [--clicks 5] [--cache DIR] [--out benchmarks/results/corrective_clicks_cpu.md]
+
+Each case starts with ONE positive click at the object's pixel nearest its centroid. Every
+next click goes to the centre (the point farthest from its border) of the largest error
+region of the current mask: positive where the object was missed, negative where the mask
+leaks. Two ways to send the clicks to ``CASamPredictor.predict`` are compared:
+
+- ``clicks + earlier logits`` (what the widget does): all clicks so far, with the previous
+  result's low-res logits as ``mask_input``. On a box-only backbone the predictor searches
+  boxes around the earlier mask (grown to each positive click, cut back from each negative
+  one) and around the clicks, keeps the candidate that honours most clicks (then the highest
+  predicted IoU, then closeness to the earlier mask), and keeps the earlier mask when no
+  candidate honours more clicks than it did;
+- ``clicks only``: the same clicks, no earlier logits (the box search around the clicks).
+
+Target (issue 16): averaged over the cases, Dice must not drop from one click to the next.
+Cases: the committed 2D sample (HC18 006), the middle slices of the two 3D samples
+(hippocampus_003, BraTS pat0005 whole tumour) and the first three kvasir_polyp test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from casam_core import CASamPredictor, build_backbone  # noqa: E402
+from casam_core.io import read_image, read_labels  # noqa: E402
+from casam_core.metrics import dice  # noqa: E402
+from casam_core.prompts import click_from_mask  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+MODES = ("clicks + earlier logits", "clicks only")
+
+
+def cases(predictor):
+    s = REPO / "samples"
+    im = read_image(s / "hc18_fetal_head" / "006_HC.png")
+    yield "HC18 006 (2D sample)", (lambda: predictor.set_image(im.array)), \
+        read_labels(s / "hc18_fetal_head" / "006_HC_mask.png", like=im).array > 0
+    for name, vol, msk in (("hippocampus_003 middle slice", "hippocampus_mri/hippocampus_003.nii.gz",
+                            "hippocampus_mri/hippocampus_003_mask.nii.gz"),
+                           ("BraTS pat0005 middle slice", "brats_glioma/brats_2013_pat0005_1.nii.gz",
+                            "brats_glioma/brats_2013_pat0005_1_mask.nii.gz")):
+        v = read_image(s / vol)
+        gt = read_labels(s / msk, like=v).array > 0
+        k = int(np.median(np.nonzero(gt.any(axis=(1, 2)))[0]))
+
+        def setter(v=v, k=k):
+            predictor.set_volume(v.array, axis=0)
+            predictor.set_slice(k)
+
+        yield name, setter, gt[k]
+    root = DATA / "kvasir_polyp"
+    if (root / "dataset.json").is_file():
+        for case in json.loads((root / "dataset.json").read_text())["test"][:3]:
+            img = read_image(root / case["image"])
+            yield f"kvasir {Path(case['image']).stem}", (lambda img=img: predictor.set_image(img.array)), \
+                read_labels(root / case["mask"], like=img).array > 0
+
+
+def next_click(pred: np.ndarray, gt: np.ndarray):
+    """((x, y), label) at the centre of the largest error region, or None when there is no error."""
+    error = pred ^ gt
+    components, n = ndimage.label(error)
+    if n == 0:
+        return None
+    sizes = ndimage.sum(error, components, range(1, n + 1))
+    region = components == 1 + int(np.argmax(sizes))
+    depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return (float(x), float(y)), int(gt[y, x])
+
+
+def run_case(predictor, gt, mode: str, clicks: int):
+    coords, labels = [click_from_mask(gt)], [1]
+    masks, _, low = predictor.predict(point_coords=np.array(coords, float), point_labels=np.array(labels))
+    pred, logits, scores = masks[0, 0], low[0], [dice(masks[0, 0], gt)]
+    for _ in range(clicks - 1):
+        click = next_click(pred, gt)
+        if click is None:
+            scores.append(scores[-1])
+            continue
+        coords.append(click[0])
+        labels.append(click[1])
+        kw = {"mask_input": logits} if mode == MODES[0] else {}
+        masks, _, low = predictor.predict(point_coords=np.array(coords, float), point_labels=np.array(labels), **kw)
+        pred, logits = masks[0, 0], low[0]
+        scores.append(dice(pred, gt))
+    return scores
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clicks", type=int, default=5)
+    ap.add_argument("--cache", default=str(REPO / "runs" / ".embeddings"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "corrective_clicks_cpu.md"))
+    args = ap.parse_args(argv)
+    predictor = CASamPredictor(build_backbone("litemedsam", device="cpu"), disk_cache=args.cache)
+    table = {m: [] for m in MODES}
+    names = []
+    for name, setter, gt in cases(predictor):
+        setter()
+        names.append(name)
+        for mode in MODES:
+            table[mode].append(run_case(predictor, gt, mode, args.clicks))
+            print(name, mode, " ".join(f"{v:.3f}" for v in table[mode][-1]), flush=True)
+    head = " | ".join(f"{i} click{'s' if i > 1 else ''}" for i in range(1, args.clicks + 1))
+    lines = ["# Corrective clicks (frozen LiteMedSAM, CPU): Dice after each click", "",
+             "`python benchmarks/corrective_clicks.py`: first click at the object's centre, each next one at the "
+             "centre of the largest error region. Target: the mean must not drop from one click to the next.", "",
+             f"| case | mode | {head} |", "|---|---|" + "---:|" * args.clicks]
+    for mode in MODES:
+        for name, row in zip(names, table[mode]):
+            lines.append(f"| {name} | {mode} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    for mode in MODES:
+        mean = np.mean(table[mode], axis=0)
+        drops = sum(mean[i + 1] < mean[i] for i in range(len(mean) - 1))
+        lines.append(f"| **mean** | {mode} | " + " | ".join(f"**{v:.3f}**" for v in mean) +
+                     f" |")
+        print(mode, "mean", " ".join(f"{v:.3f}" for v in mean), f"({drops} drops)")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
