@@ -319,10 +319,17 @@ class CASamWidget(QWidget):
 
     def _task_status(self, description: str):
         """Tell napari that a long job runs: its close dialog lists it, and closing the window cancels it
-        (which stops and joins all of the widget's work). Returns a function that marks the job done."""
+        (which stops and joins all of the widget's work). Returns a function that marks the job done.
+        napari 0.9 offers this only as private Window methods (it warns that plugins lose them from 0.10):
+        without them, aboutToQuit and the dock's destruction still stop the work."""
+        import warnings
+
         window = getattr(self.viewer, "window", None)
-        register = getattr(window, "_register_task_status", None)
-        if register is None:  # a napari without task status: aboutToQuit and destroyed still stop the work
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            register = getattr(window, "_register_task_status", None)
+            update = getattr(window, "_update_task_status", None)
+        if register is None or update is None:
             return lambda: None
         from napari.utils.task_status import Status
 
@@ -330,7 +337,7 @@ class CASamWidget(QWidget):
 
         def finished():
             try:
-                window._update_task_status(status_id, Status.COMPLETED)
+                update(status_id, Status.COMPLETED)
             except Exception:  # the window is being torn down
                 pass
 
