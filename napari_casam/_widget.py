@@ -729,6 +729,8 @@ class CASamWidget(QWidget):
 
         def finished():
             self._in_flight -= 1
+            if not self._in_flight and not self._debounce.isActive() and not self._preview_is_current():
+                self._commit_pending = False  # the segmentation failed: a commit never takes an old preview
 
         self._run_worker(work, returned=done, finished=finished)
 
@@ -853,10 +855,7 @@ class CASamWidget(QWidget):
             self._error("CA-SAM: there is no CA-SAM labels layer to undo")
             return
         labels = self.viewer.layers[LABELS]
-        if not labels._undo_history:
-            self._notify("CA-SAM: nothing to undo")
-            return
-        labels.undo()
+        labels.undo()  # nothing happens when its history is empty
         self.status_label.setText("undid the last change of the labels")
 
     def clear_prompts(self) -> None:
