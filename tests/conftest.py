@@ -64,3 +64,16 @@ def centre_point(mask: np.ndarray):
 
     x, y = click_from_mask(mask)
     return int(x), int(y)
+
+
+@pytest.fixture()
+def widget(make_napari_viewer, tmp_path, embedding_cache):
+    """(viewer, CA-SAM widget) docked in a fresh napari viewer, on the CPU, with its own task library."""
+    from napari_casam._widget import CASamWidget
+
+    viewer = make_napari_viewer()
+    w = CASamWidget(viewer, library=str(tmp_path / "library"), cache_dir=str(embedding_cache))
+    viewer.window.add_dock_widget(w, name="CA-SAM")
+    w.device_combo.setCurrentText("cpu")
+    return viewer, w
+

@@ -57,17 +57,6 @@ def test_sample_data_is_real_with_annotations():
     assert "CC BY-NC-SA" in meta["metadata"]["licence"]
 
 
-@pytest.fixture()
-def widget(make_napari_viewer, tmp_path, embedding_cache):
-    from napari_casam._widget import CASamWidget
-
-    viewer = make_napari_viewer()
-    w = CASamWidget(viewer, library=str(tmp_path / "library"), cache_dir=str(embedding_cache))
-    viewer.window.add_dock_widget(w, name="CA-SAM")
-    w.device_combo.setCurrentText("cpu")
-    return viewer, w
-
-
 def _box_on_the_2d_sample(viewer, w, qtbot):
     """Open the real 2D sample, embed it, draw its ground-truth box; returns once the preview shows a mask."""
     from napari_casam._sample_data import sample_2d

@@ -45,17 +45,6 @@ def test_quitting_while_a_volume_embeds_stops_and_joins_the_work(tmp_path):
     assert "still running: 0" in out
 
 
-@pytest.fixture()
-def widget(make_napari_viewer, tmp_path, embedding_cache):
-    from napari_casam._widget import CASamWidget
-
-    viewer = make_napari_viewer()
-    w = CASamWidget(viewer, library=str(tmp_path / "library"), cache_dir=str(embedding_cache))
-    viewer.window.add_dock_widget(w, name="CA-SAM")
-    w.device_combo.setCurrentText("cpu")
-    return viewer, w
-
-
 def _hippocampus(z0=12, z1=20):
     image = read_image(SAMPLES / "hippocampus_mri" / "hippocampus_003.nii.gz")
     labels = read_labels(SAMPLES / "hippocampus_mri" / "hippocampus_003_mask.nii.gz", like=image).array
