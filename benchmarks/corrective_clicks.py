@@ -83,7 +83,7 @@ def next_click(pred: np.ndarray, gt: np.ndarray):
 
 def run_case(predictor, gt, mode: str, clicks: int):
     coords, labels = [click_from_mask(gt)], [1]
-    masks, _, low = predictor.predict(point_coords=np.array(coords, float), point_labels=np.array(labels))
+    masks, _, low = predictor.predict_batch(point_coords=np.array(coords, float), point_labels=np.array(labels))
     pred, logits, scores = masks[0, 0], low[0], [dice(masks[0, 0], gt)]
     for _ in range(clicks - 1):
         click = next_click(pred, gt)
@@ -93,7 +93,7 @@ def run_case(predictor, gt, mode: str, clicks: int):
         coords.append(click[0])
         labels.append(click[1])
         kw = {"mask_input": logits} if mode == MODES[0] else {}
-        masks, _, low = predictor.predict(point_coords=np.array(coords, float), point_labels=np.array(labels), **kw)
+        masks, _, low = predictor.predict_batch(point_coords=np.array(coords, float), point_labels=np.array(labels), **kw)
         pred, logits = masks[0, 0], low[0]
         scores.append(dice(pred, gt))
     return scores

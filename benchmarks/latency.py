@@ -87,8 +87,8 @@ def main(argv=None) -> int:
     embed_ms = timed(embed, args.embeds, warmup=1)
 
     predictor.set_image(image)
-    record = predictor._require_current()
-    z = predictor.features(None)
+    record = predictor.current_record()
+    z = predictor.get_image_embedding()
     box_t = torch.as_tensor(backbone.transform_boxes(box, record.original_size), dtype=torch.float32,
                             device=backbone.device)
 
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         sync()
 
     def click(task=None):
-        predictor.predict(box=box, task=task)
+        predictor.predict(box=box, multimask_output=False, task=task)
         sync()
 
     bare_ms, click_ms = [], []
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     # 5. point-only click (box search around the click on box-only LiteMedSAM)
     ys, xs = np.nonzero(gt)
     pt = [[int(xs.mean()), int(ys.mean())]]
-    point_ms = timed(lambda: (predictor.predict(point_coords=pt, point_labels=[1]), sync()), 10)
+    point_ms = timed(lambda: (predictor.predict(point_coords=np.array(pt), point_labels=np.array([1]), multimask_output=False), sync()), 10)
 
     e_med, _ = summary(embed_ms)
     b_med, b_p95 = summary(bare_ms)

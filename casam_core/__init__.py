@@ -17,8 +17,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "AlignmentLayer": "alignment",
     "BACKBONES": "backbones", "DEFAULT_BACKBONE": "backbones", "Backbone": "backbones",
-    "BackboneError": "backbones", "build_backbone": "backbones",
-    "CASamPredictor": "predictor",
+    "build_backbone": "backbones",
+    "CASamError": "errors", "BackboneError": "errors",
+    "CASamPredictor": "predictor", "TaskChoice": "tasks",
+    "build_predictor": "build",
 }
 
 __all__ = ["__version__", *_LAZY]

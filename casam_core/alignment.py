@@ -27,11 +27,12 @@ from __future__ import annotations
 from typing import Any, Dict
 
 import torch
+from segment_anything.modeling.common import LayerNorm2d  # SAM's channel LayerNorm
 from torch import nn
 
-from segment_anything.modeling.common import LayerNorm2d  # SAM's channel LayerNorm
+from .errors import OptionError, look_up_option
 
-FORMS = ("paper", "gated", "residual")
+FORMS = PAPER, GATED, RESIDUAL = ("paper", "gated", "residual")
 
 
 class ECA(nn.Module):
@@ -73,10 +74,9 @@ class AlignmentLayer(nn.Module):
 
     def __init__(self, channels: int = 256, n_blocks: int = 3, form: str = "paper") -> None:
         super().__init__()
-        if form not in FORMS:
-            raise ValueError(f"unknown Alignment Layer form {form!r}; choose one of {FORMS}")
+        look_up_option(form, FORMS, "Alignment Layer form")
         if n_blocks < 1:
-            raise ValueError("an Alignment Layer needs at least one block")
+            raise OptionError("an Alignment Layer needs at least one block")
         self.channels = channels
         self.n_blocks = n_blocks
         self.form = form

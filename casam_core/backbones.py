@@ -19,12 +19,15 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import ENV_CHECKPOINTS, checkpoint_dirs
+from .errors import BackboneError, CASamError, look_up_option
 
 PathLike = Union[str, os.PathLike]
 
@@ -35,13 +38,6 @@ LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
-CHECKPOINT_DIR_ENV = "CASAM_CHECKPOINT_DIR"
-
-
-class BackboneError(RuntimeError):
-    """A backbone cannot be built: unknown name, missing or wrong checkpoint."""
-
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -54,6 +50,7 @@ class BackboneSpec:
     # about 0 everywhere. For such backbones the predictor turns point-only prompts into
     # a search over boxes around the clicks (see CASamPredictor.predict).
     point_prompts: bool = True
+    sam_type: Optional[str] = None  # segment-anything's registry name; None: LiteMedSAM
 
 
 BACKBONES: Dict[str, BackboneSpec] = {
@@ -64,12 +61,15 @@ BACKBONES: Dict[str, BackboneSpec] = {
     ),
     "sam_vit_b": BackboneSpec(
         "sam_vit_b", 1024, "sam", "sam_vit_b_01ec64.pth", "Segment Anything ViT-B (official checkpoint)",
+        sam_type="vit_b",
     ),
     "sam_vit_l": BackboneSpec(
         "sam_vit_l", 1024, "sam", "sam_vit_l_0b3195.pth", "Segment Anything ViT-L (official checkpoint)",
+        sam_type="vit_l",
     ),
     "sam_vit_h": BackboneSpec(
         "sam_vit_h", 1024, "sam", "sam_vit_h_4b8939.pth", "Segment Anything ViT-H (official checkpoint)",
+        sam_type="vit_h",
     ),
 }
 DEFAULT_BACKBONE = "litemedsam"
@@ -113,14 +113,13 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, spec: BackboneSpec, image_encoder: nn.Module, prompt_encoder: nn.Module,
-                 mask_decoder: nn.Module, fingerprint: str, checkpoint_path: Optional[str]):
+                 mask_decoder: nn.Module, fingerprint: str):
         super().__init__()
         self.spec = spec
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.fingerprint = fingerprint
-        self.checkpoint_path = checkpoint_path
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -289,15 +288,14 @@ def find_sam_checkpoint(name: str, checkpoint: Optional[PathLike]) -> Path:
             f"backbone {name!r}: checkpoint {path} does not exist; it needs the official "
             f"{spec.checkpoint_name} (nothing is downloaded at run time)"
         )
-    search = [Path(os.environ[CHECKPOINT_DIR_ENV]).expanduser()] if os.environ.get(CHECKPOINT_DIR_ENV) else []
-    search.append(Path.home() / ".cache" / "casam" / "checkpoints")
+    search = checkpoint_dirs()
     for folder in search:
         if (folder / spec.checkpoint_name).is_file():
             return folder / spec.checkpoint_name
     raise BackboneError(
         f"backbone {name!r} needs the official checkpoint {spec.checkpoint_name}: pass its path "
         f"(--checkpoint PATH) or put it in {' or '.join(str(f) for f in search)} "
-        f"(or set ${CHECKPOINT_DIR_ENV}); nothing is downloaded at run time"
+        f"(or set ${ENV_CHECKPOINTS}); nothing is downloaded at run time"
     )
 
 
@@ -335,7 +333,7 @@ def _build_litemedsam(checkpoint: Optional[PathLike], random_weights: bool) -> B
     )
     prompt_encoder, mask_decoder = _sam_prompt_and_decoder(64, 256)
     if random_weights:
-        return Backbone(spec, encoder, prompt_encoder, mask_decoder, "litemedsam:random", None)
+        return Backbone(spec, encoder, prompt_encoder, mask_decoder, "litemedsam:random")
     path = Path(checkpoint) if checkpoint is not None else litemedsam_checkpoint_path()
     if checkpoint is None:
         verify_litemedsam_checkpoint(path)
@@ -343,7 +341,7 @@ def _build_litemedsam(checkpoint: Optional[PathLike], random_weights: bool) -> B
     else:
         digest = file_sha256(path) if path.is_file() else ""
     state = load_state_dict(path)
-    model = Backbone(spec, encoder, prompt_encoder, mask_decoder, f"litemedsam:{digest[:16]}", str(path))
+    model = Backbone(spec, encoder, prompt_encoder, mask_decoder, f"litemedsam:{digest[:16]}")
     bad = _shape_errors(model, state)
     if bad:
         raise BackboneError(f"checkpoint {path} does not fit backbone 'litemedsam': wrong shapes for {bad[:3]}")
@@ -351,22 +349,21 @@ def _build_litemedsam(checkpoint: Optional[PathLike], random_weights: bool) -> B
     return model
 
 
-def _build_sam(name: str, checkpoint: Optional[PathLike], random_weights: bool) -> Backbone:
+def _build_sam(spec: BackboneSpec, checkpoint: Optional[PathLike], random_weights: bool) -> Backbone:
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from segment_anything import sam_model_registry
 
-    spec = BACKBONES[name]
+    name = spec.name
     path = None if random_weights else find_sam_checkpoint(name, checkpoint)
-    sam = sam_model_registry[name.replace("sam_", "")](checkpoint=None)  # builds; loads nothing
+    sam = sam_model_registry[spec.sam_type](checkpoint=None)  # builds; loads nothing
     if random_weights:
         fingerprint = f"{name}:random"
     else:
         fingerprint = f"{name}:{file_sha256(path)[:16]}"
-    model = Backbone(spec, sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, fingerprint,
-                     None if path is None else str(path))
+    model = Backbone(spec, sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, fingerprint)
     if path is not None:
         state = load_state_dict(path)
         bad = _shape_errors(model, state)
@@ -379,14 +376,6 @@ def _build_sam(name: str, checkpoint: Optional[PathLike], random_weights: bool) 
     return model
 
 
-_BUILDERS: Dict[str, Callable[[Optional[PathLike], bool], Backbone]] = {
-    "litemedsam": _build_litemedsam,
-    "sam_vit_b": lambda c, r: _build_sam("sam_vit_b", c, r),
-    "sam_vit_l": lambda c, r: _build_sam("sam_vit_l", c, r),
-    "sam_vit_h": lambda c, r: _build_sam("sam_vit_h", c, r),
-}
-
-
 def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] = None,
                    device: Optional[Union[str, torch.device]] = None, *,
                    random_weights: bool = False) -> Backbone:
@@ -396,7 +385,10 @@ def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] 
     ``litemedsam`` leave it out to use the bundled, verified weights.
     ``random_weights=True`` builds the architecture without loading anything (tests).
     """
-    if name not in _BUILDERS:
-        raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    model = _BUILDERS[name](checkpoint, random_weights)
+    try:
+        spec = BACKBONES[look_up_option(name, BACKBONES, "backbone")]
+    except CASamError as exc:
+        raise BackboneError(str(exc)) from None
+    model = (_build_litemedsam(checkpoint, random_weights) if spec.sam_type is None
+             else _build_sam(spec, checkpoint, random_weights))
     return model.to(resolve_device(device))

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Hashable, Optional, Tuple
 
 import numpy as np
 import torch
+
+from .io import atomic_write
 
 DISK_FORMAT = "casam-embedding-1"
 
@@ -39,8 +40,6 @@ class TensorLRU:
         self.max_bytes = int(max_bytes)
         self._items: "OrderedDict[Hashable, torch.Tensor]" = OrderedDict()
         self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -51,9 +50,7 @@ class TensorLRU:
     def get(self, key: Hashable) -> Optional[torch.Tensor]:
         value = self._items.get(key)
         if value is None:
-            self.misses += 1
             return None
-        self.hits += 1
         self._items.move_to_end(key)
         return value
 
@@ -119,16 +116,8 @@ class DiskEmbeddingCache:
     def save(self, key: str, embedding: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=str(path.parent))
-        os.close(fd)
-        try:
+        with atomic_write(self._path(key)) as tmp:
             save_file(
-                {"embedding": embedding.detach().to("cpu", torch.float32).contiguous()}, tmp,
+                {"embedding": embedding.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
                 metadata={"format": DISK_FORMAT, "key": key, "fingerprint": self.fingerprint},
             )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)

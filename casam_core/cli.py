@@ -16,22 +16,25 @@ from typing import List, Optional
 import numpy as np
 
 from . import __version__
-from .backbones import BACKBONES, DEFAULT_BACKBONE, BackboneError, build_backbone
-from .io import VOLUME_SUFFIXES, WINDOWS, ImageIOError, path_suffix, read_image, read_labels, write_mask
+from .alignment import FORMS
+from .backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
+from .build import build_predictor
+from .config import cache_dir as default_cache_dir, library_dir
+from .errors import CASamError
+from .evaluate import PROMPTS, evaluate_dataset
+from .io import VOLUME_SUFFIXES, WINDOWS, path_suffix, read_image, read_labels, write_mask
+from .library import TaskLibrary, TaskLibraryError
 from .metrics import dice
 from .overlay import overlay, save_png, volume_montage
-from .evaluate import PROMPTS, evaluate_dataset
-from .library import TaskLibrary, TaskLibraryError, default_library_path
-from .predictor import AUTO, FROZEN_NAMES, CASamPredictor, PromptError
+from .predictor import CASamPredictor
 from .progress import Cancelled, TqdmProgress
-from .samples import SAMPLES
 from .prompts import box_from_mask, parse_box, parse_point, propagate_box
-from .alignment import FORMS
-from .training import PROFILES, TaskDataError, learn_config, learn_task, load_task_data
+from .samples import SAMPLES
+from .tasks import AUTO, TaskChoice, describe_route, task_mode
+from .training import PROFILES, LearnConfig, learn_config, learn_task, load_task_data
 
 
-
-class CLIError(Exception):
+class CLIError(CASamError):
     """A user-facing error: printed as one line, exit code 2."""
 
 
@@ -40,12 +43,14 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
                    help=f"frozen backbone (default {DEFAULT_BACKBONE}, bundled weights)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file for the SAM ViT backbones")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--cache-dir", default=None, help="on-disk embedding cache folder (optional)")
+    p.add_argument("--cache-dir", default=None,
+                   help=f"on-disk embedding cache, shared with the viewer (default $CASAM_CACHE_DIR or "
+                        f"{default_cache_dir()})")
 
 
 def _add_library_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--library", default=None,
-                   help=f"task library folder (default $CASAM_LIBRARY or {default_library_path()})")
+                   help=f"task library folder (default $CASAM_LIBRARY or {library_dir()})")
 
 
 def _library(args) -> TaskLibrary:
@@ -53,26 +58,20 @@ def _library(args) -> TaskLibrary:
 
 
 def _predictor(args, with_tasks: bool = False) -> CASamPredictor:
-    backbone = build_backbone(args.backbone, args.checkpoint, args.device)
-    predictor = CASamPredictor(backbone, disk_cache=args.cache_dir)
-    if with_tasks:
-        skipped = predictor.load_tasks(_library(args))
-        for name, why in skipped.items():
-            print(f"casam: task {name!r} not loaded: {why}", file=sys.stderr)
+    predictor, skipped = build_predictor(args.backbone, args.checkpoint, args.device, cache_dir=args.cache_dir,
+                                         library=_library(args) if with_tasks else None)
+    for name, why in skipped.items():
+        print(f"casam: task {name!r} not loaded: {why}", file=sys.stderr)
     return predictor
 
 
-def _route(predictor: CASamPredictor, task: Optional[str], volume: bool, progress=None) -> dict:
-    """Resolve --task for the current image/volume -> the route report (stable keys)."""
-    mode = (task or "none").lower()
-    if mode == AUTO:
-        decision = predictor.route_volume(progress=progress) if volume else predictor.route()
-        return dict(decision.to_json(), mode="auto")
-    if mode in FROZEN_NAMES:
-        return {"decision": None, "scores": {}, "tau": {}, "mode": "frozen"}
-    if task not in predictor.layers:
-        raise CLIError(f"unknown task {task!r}; the library has: {', '.join(predictor.layers) or 'no tasks'}")
-    return {"decision": task, "scores": {}, "tau": {}, "mode": "named"}
+def _route(predictor: CASamPredictor, task: Optional[str], progress=None) -> TaskChoice:
+    """--task for the current image or volume (one route per volume)."""
+    try:
+        return predictor.choose_task(task, progress=progress)
+    except LookupError as exc:  # UnknownTask: say what the library holds
+        raise CLIError(f"unknown task {task!r}; the library has: {', '.join(predictor.layers) or 'no tasks'}") \
+            from exc
 
 
 def _echo(args, text: str) -> None:
@@ -102,12 +101,12 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
     coords = np.array([p[0] for p in points]) if points else None
     labels = np.array([p[1] for p in points]) if points else None
     box = np.array(boxes) if boxes else None
-    info = {"input": str(input_path), "out": str(out), "route": None}
+    info = {"input": str(input_path), "out": str(out)}
     t0 = time.perf_counter()
     if not image.is_volume:
         predictor.set_image(image.array, window=window)
-        info["route"] = _route(predictor, task, False)
-        result, info["scores"] = _labelled(predictor, coords, labels, box, info["route"]["decision"])
+        choice = _route(predictor, task)
+        result, info["scores"] = _labelled(predictor, coords, labels, box, choice.layer)
         picture = overlay(image.array, result, boxes[0] if boxes else None)
     else:
         n = image.array.shape[axis]
@@ -116,8 +115,8 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
         if not 0 <= slice_index < n:
             raise CLIError(f"--slice {slice_index} is outside 0..{n - 1} for {input_path} along axis {axis}")
         predictor.set_volume(image.array, axis=axis, window=window)
-        info["route"] = _route(predictor, task, True, progress)
-        chosen = info["route"]["decision"]
+        choice = _route(predictor, task, progress)
+        chosen = choice.layer
         if propagate and box is not None and len(box) == 1 and coords is None:
             result, summary = propagate_box(predictor, slice_index, box[0], task=chosen, progress=progress)
             info["propagation"] = summary
@@ -131,6 +130,8 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
         # the montage reuses the predictor's once-windowed uint8 volume
         picture = volume_montage(predictor.volume.volume, result, axis, box_slice=slice_index,
                                  box=boxes[0] if boxes else None)
+    info["route"] = choice.to_json()
+    info["route_text"] = describe_route(choice)
     write_mask(result, out, reference=image)
     if overlay_path:
         save_png(picture, overlay_path)
@@ -142,7 +143,7 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
 
 def _labelled(predictor: CASamPredictor, coords, labels, box, task: Optional[str] = None):
     """Predict on the current image; several boxes -> one label each (1, 2, ...), later on top."""
-    masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels, box=box, task=task)
+    masks, scores, _ = predictor.predict_batch(point_coords=coords, point_labels=labels, box=box, task=task)
     result = np.zeros(masks.shape[2:], np.uint8)
     for i in range(masks.shape[0]):
         result[masks[i, 0]] = i + 1
@@ -152,27 +153,13 @@ def _labelled(predictor: CASamPredictor, coords, labels, box, task: Optional[str
 def cmd_segment(args) -> dict:
     boxes = [parse_box(b) for b in args.box]
     points = [parse_point(p) for p in args.point]
-    predictor = _predictor(args, with_tasks=args.task.lower() not in FROZEN_NAMES)
+    predictor = _predictor(args, with_tasks=task_mode(args.task) != "frozen")
     progress = None if args.json else TqdmProgress()
     info = segment_file(predictor, args.input, args.out, boxes, points, args.slice, args.axis, args.window,
                         not args.no_propagate, args.overlay, progress, task=args.task)
-    _echo(args, f"route: {_route_text(info['route'])}")
+    _echo(args, f"route: {info['route_text']}")
     _echo(args, f"wrote {info['out']} ({info['mask_voxels']} foreground pixels/voxels)")
     return {"out": info["out"], "route": info["route"], "mask_voxels": info["mask_voxels"], "details": info}
-
-
-def _route_text(route: dict) -> str:
-    if route.get("mode") == "named":
-        return f"task {route['decision']} (chosen with --task)"
-    if route.get("mode") == "frozen":
-        return "frozen model (chosen with --task)"
-    if not route["scores"]:
-        return "frozen model (no learned task for this backbone)"
-    best = min(route["scores"], key=route["scores"].get)
-    s, t = route["scores"][best], route["tau"][best]
-    if route["decision"] is None:
-        return f"frozen model: out of distribution (closest task {best}: score {s:.4g} > tau {t:.4g})"
-    return f"task {route['decision']} (score {s:.4g} <= tau {t:.4g})"
 
 
 # ---------------------------------------------------------------------------------
@@ -183,23 +170,21 @@ def cmd_route(args) -> dict:
     image = read_image(args.input)
     if image.is_volume:
         predictor.set_volume(image.array, axis=args.axis, window=args.window)
-        route = _route(predictor, AUTO, True, None if args.json else TqdmProgress())
     else:
         predictor.set_image(image.array, window=args.window)
-        route = _route(predictor, AUTO, False)
-    route.pop("mode", None)
+    choice = _route(predictor, AUTO, None if args.json else TqdmProgress())
     if not args.json:
-        print(f"{args.input}: {_route_text(dict(route, mode='auto'))}")
-        for name in sorted(route["scores"], key=route["scores"].get):
-            flag = "in" if route["scores"][name] <= route["tau"][name] else "out"
-            print(f"    {name:24s} score {route['scores'][name]:10.4g}   tau {route['tau'][name]:10.4g}   {flag}")
-    return route
+        print(f"{args.input}: {describe_route(choice)}")
+        for name in sorted(choice.scores, key=choice.scores.get):
+            flag = "in" if choice.scores[name] <= choice.tau[name] else "out"
+            print(f"    {name:24s} score {choice.scores[name]:10.4g}   tau {choice.tau[name]:10.4g}   {flag}")
+    return choice.to_json()
 
 
 def cmd_eval(args) -> dict:
     task = args.task
-    predictor = _predictor(args, with_tasks=task.lower() not in FROZEN_NAMES)
-    if task.lower() not in FROZEN_NAMES + (AUTO,) and task not in predictor.layers:
+    predictor = _predictor(args, with_tasks=task_mode(task) != "frozen")
+    if task_mode(task) == "named" and task not in predictor.layers:
         raise CLIError(f"unknown task {task!r}; the library has: {', '.join(predictor.layers) or 'no tasks'}")
     progress = None if args.json else TqdmProgress()
     result = evaluate_dataset(predictor, args.dataset, split=args.split, task=task, limit=args.limit,
@@ -402,23 +387,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", action="append", default=[],
                    help="the folder of masks (matched by file stem), or one label volume per volume, in order")
     p.add_argument("--profile", default="fast", choices=PROFILES,
-                   help="fast: the product's recipe (identity-start residual layer, up to 200 steps of 1 image x 5 "
-                        "masks, at most 120 s of training, the best layer on the held-out images); paper: "
+                   help=f"fast: the product's recipe (identity-start {LearnConfig.form} layer, up to "
+                        f"{LearnConfig.steps} steps of {LearnConfig.batch_images} image x {LearnConfig.masks_per_image} "
+                        f"masks, at most {LearnConfig.time_budget_s:.0f} s of training, the best layer on the "
+                        "held-out images); paper: "
                         "method.md's recipe (paper init, Adam 1e-4, 24 epochs of 6 images x 5 masks; for a GPU)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides the profile's budget)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs, when no step budget is set")
     p.add_argument("--time-budget", type=float, default=None, help="at most this many seconds of training")
     p.add_argument("--form", default=None, choices=FORMS, help="Alignment Layer form (default: the profile's)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the profile's)")
-    p.add_argument("--blocks", type=int, default=3, help="CAResBlocks in the Alignment Layer (paper: 3)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of annotated images held out")
-    p.add_argument("--augment-copies", type=int, default=0, help="intensity-augmented copies per training image")
+    p.add_argument("--blocks", type=int, default=None,
+                   help=f"CAResBlocks in the Alignment Layer (default {LearnConfig.n_blocks}, the paper's)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"share of annotated images held out (default {LearnConfig.val_fraction})")
+    p.add_argument("--augment-copies", type=int, default=None,
+                   help=f"intensity-augmented copies per training image (default {LearnConfig.augment_copies})")
     p.add_argument("--limit", type=int, default=None, help="use the first N cases only")
     p.add_argument("--background-slices", type=int, default=None,
                    help="volumes: at most N slices without annotation feed the router (default all)")
     p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="volumes: slicing axis of the array")
     p.add_argument("--window", default=None, choices=sorted(WINDOWS), help="CT window preset")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help=f"random seed (default {LearnConfig.seed})")
     p.add_argument("--replace", action="store_true", help="replace a task of the same name")
     p.add_argument("--json", action="store_true")
     _add_backbone_args(p)
@@ -453,10 +443,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except (CLIError, BackboneError, ImageIOError, PromptError, TaskLibraryError, TaskDataError, ValueError,
-            IndexError, KeyError, OSError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"casam {args.command}: error: {msg}", file=sys.stderr)
+    except (CASamError, OSError) as exc:  # the user's input or files; anything else is a bug: traceback
+        print(f"casam {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except (Cancelled, KeyboardInterrupt):
         print(f"casam {args.command}: cancelled (nothing was written to the task library)"

@@ -22,17 +22,19 @@ import numpy as np
 
 from .io import Dataset, read_dataset, read_image, read_labels, take_slice
 from .metrics import boundary_iou, dice, iou
-from .predictor import CASamPredictor, FROZEN_NAMES
+from .errors import look_up_option
+from .predictor import CASamPredictor
 from .progress import CancelFn, ProgressFn, check_cancel, report
 from .prompts import box_from_mask, click_from_mask, object_masks
+from .tasks import TaskChoice
 
 BOX_CHUNK = 64  # boxes decoded per call (instance sets have hundreds of nuclei per image)
 FROZEN = "frozen"
 PROMPTS = ("box", "point")
 
 
-def _route_label(decision: Optional[str]) -> str:
-    return FROZEN if decision is None else decision
+def _route_label(choice: TaskChoice) -> str:
+    return FROZEN if choice.decision is None else choice.decision
 
 
 METRICS = {"iou": iou, "dice": dice, "biou": boundary_iou}
@@ -43,8 +45,7 @@ def object_metrics(predictor: CASamPredictor, z, record, objs, prompt: str = "bo
     """IoU, Dice and boundary IoU (or the named ``metrics``) of each object (label, mask),
     segmented on features ``z`` from its GT box, or from one click at its pixel nearest the
     centroid (``prompt="point"``)."""
-    if prompt not in PROMPTS:
-        raise ValueError(f"unknown prompt {prompt!r}; choose one of {PROMPTS}")
+    look_up_option(prompt, PROMPTS, "prompt")
     out = {name: [] for name in metrics}
     for start in range(0, len(objs), BOX_CHUNK):
         chunk = objs[start:start + BOX_CHUNK]
@@ -61,14 +62,13 @@ def object_metrics(predictor: CASamPredictor, z, record, objs, prompt: str = "bo
     return out
 
 
-def score_current(predictor: CASamPredictor, labels: np.ndarray, objects: str, task: Optional[str],
+def score_current(predictor: CASamPredictor, labels: np.ndarray, objects: str, choice: TaskChoice,
                   prompt: str = "box") -> Dict:
-    """Segment every object of the current image from its GT box (or one click) with ``task``."""
-    record = predictor._require_current()
-    chosen = predictor.resolve_task(task, record)
-    z = predictor.features(chosen, record)
+    """Segment every object of the current image from its GT box (or one click) with the chosen layer."""
+    record = predictor.current_record()
+    z = predictor.task_features(choice.layer, record)
     return object_metrics(predictor, z, record, object_masks(labels, objects), prompt,
-                          **predictor.click_decoding(chosen))
+                          **predictor.click_decoding(choice.layer))
 
 
 def evaluate_dataset(predictor: CASamPredictor, dataset: Union[str, Path, Dataset], split: str = "test",
@@ -81,8 +81,7 @@ def evaluate_dataset(predictor: CASamPredictor, dataset: Union[str, Path, Datase
     Returns ``{"dataset", "split", "task", "prompt", "n_images", "iou", "dice", "biou", "routes",
     "per_image"}``; ``routes`` counts images per chosen task (``"frozen"`` for the frozen model).
     """
-    if prompt not in PROMPTS:
-        raise ValueError(f"unknown prompt {prompt!r}; choose one of {PROMPTS}")
+    look_up_option(prompt, PROMPTS, "prompt")
     ds = dataset if isinstance(dataset, Dataset) else read_dataset(dataset)
     cases = ds.cases(split)[:limit]
     mode = "none" if task is None else task
@@ -94,11 +93,7 @@ def evaluate_dataset(predictor: CASamPredictor, dataset: Union[str, Path, Datase
         labels = read_labels(case.mask, like=image).array
         if not image.is_volume:
             predictor.set_image(image.array)
-            if mode.lower() == "auto":
-                decision = predictor.route()
-                chosen = decision.decision
-            else:
-                chosen = None if mode.lower() in FROZEN_NAMES else mode
+            chosen = predictor.choose_task(task)
             if not (labels != 0).any():
                 continue
             m = score_current(predictor, labels, ds.objects, chosen, prompt)
@@ -106,10 +101,9 @@ def evaluate_dataset(predictor: CASamPredictor, dataset: Union[str, Path, Datase
             routes[_route_label(chosen)] = routes.get(_route_label(chosen), 0) + 1
         else:
             predictor.set_volume(image.array, axis=axis)
-            if mode.lower() == "auto":
-                chosen = predictor.route_volume(cancel=cancel).decision
-            else:
-                chosen = None if mode.lower() in FROZEN_NAMES else mode
+            if task is not None and task.lower() == "auto":
+                predictor.route_volume(cancel=cancel)  # every slice embedded, with cancel, before the choice
+            chosen = predictor.choose_task(task)
             for k in range(labels.shape[axis]):
                 lab = take_slice(labels, k, axis)
                 if not (lab != 0).any():
@@ -126,6 +120,6 @@ def evaluate_dataset(predictor: CASamPredictor, dataset: Union[str, Path, Datase
             "per_image": per_image}
 
 
-def _row(name: str, chosen: Optional[str], m: Dict[str, List[float]]) -> dict:
+def _row(name: str, chosen: TaskChoice, m: Dict[str, List[float]]) -> dict:
     return {"image": name, "route": _route_label(chosen), "objects": len(m["dice"]),
             "iou": float(np.mean(m["iou"])), "dice": float(np.mean(m["dice"])), "biou": float(np.mean(m["biou"]))}

@@ -17,11 +17,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
+
+from .errors import ImageIOError, OptionError, PromptError, look_up_option
 
 PathLike = Union[str, os.PathLike]
 
@@ -36,10 +39,6 @@ PERCENTILES = (0.5, 99.5)
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
-
-
-class ImageIOError(ValueError):
-    """A file cannot be read or written; the message names the file and the problem."""
 
 
 @dataclass
@@ -210,13 +209,11 @@ def normalize_intensity(array: np.ndarray, window: Optional[Union[str, Tuple[flo
         a[~finite] = fill
     if window is not None:
         if isinstance(window, str):
-            if window not in WINDOWS:
-                raise ValueError(f"unknown CT window {window!r}; choose one of {', '.join(WINDOWS)}")
-            width, level = WINDOWS[window]
+            width, level = WINDOWS[look_up_option(window, WINDOWS, "CT window")]
         else:
             width, level = (float(v) for v in window)
         if width <= 0:
-            raise ValueError(f"a window width must be positive, got {width}")
+            raise OptionError(f"a window width must be positive, got {width}")
         lo, hi = level - width / 2.0, level + width / 2.0
     else:
         sample = a if a.size <= 4_000_000 else a.ravel()[:: a.size // 4_000_000 + 1]
@@ -235,24 +232,40 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.repeat(image[..., None], 3, axis=2))
     if image.ndim == 3 and image.shape[2] == 3:
         return np.ascontiguousarray(image)
-    raise ValueError(f"expected a gray or RGB image, got shape {image.shape}")
+    raise ImageIOError(f"expected a gray or RGB image, got shape {image.shape}")
 
 
 def take_slice(volume: np.ndarray, index: int, axis: int = 0) -> np.ndarray:
     if not 0 <= index < volume.shape[axis]:
-        raise IndexError(f"slice {index} is outside 0..{volume.shape[axis] - 1} along axis {axis}")
+        raise PromptError(f"slice {index} is outside 0..{volume.shape[axis] - 1} along axis {axis}")
     return np.take(volume, index, axis=axis)
 
 
 # ---------------------------------------------------------------------------------
 # Writing (atomic: temp file in the same folder, then rename)
 # ---------------------------------------------------------------------------------
-def atomic_target(path: Path) -> Path:
+@contextmanager
+def atomic_write(path: PathLike) -> Iterator[Path]:
+    """The one way CA-SAM writes a file: ``with atomic_write(path) as tmp:`` write ``tmp`` (a new
+    file beside ``path``, with the same suffix); on success it is renamed over ``path``, and on
+    any error or cancel it is removed, so ``path`` is never left half-written."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path_suffix(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=str(path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path_suffix(path)}", dir=str(path.parent))
     os.close(fd)
-    return Path(tmp)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def is_dicom_folder(path: PathLike) -> bool:
+    """A folder that holds .dcm files (a DICOM series is read from a folder)."""
+    p = Path(path)
+    return p.is_dir() and any(f.suffix.lower() == ".dcm" for f in p.iterdir())
 
 
 def write_mask(mask: np.ndarray, path: PathLike, reference: Optional[MedicalImage] = None) -> Path:
@@ -280,25 +293,15 @@ def write_mask(mask: np.ndarray, path: PathLike, reference: Optional[MedicalImag
         img.SetSpacing(reference.spacing)
         img.SetOrigin(reference.origin)
         img.SetDirection(reference.direction)
-    tmp = atomic_target(path)
-    try:
+    with atomic_write(path) as tmp:
         sitk.WriteImage(img, str(tmp), True if suffix in VOLUME_SUFFIXES else False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
 def write_json(data, path: PathLike) -> Path:
     path = Path(path)
-    tmp = atomic_target(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -325,7 +328,7 @@ class Dataset:
 
     def cases(self, split: str = "test") -> List[DatasetCase]:
         if split not in self.splits:
-            raise KeyError(f"{self.root}: dataset.json has no {split!r} split (has {', '.join(self.splits)})")
+            raise ImageIOError(f"{self.root}: dataset.json has no {split!r} split (has {', '.join(self.splits)})")
         return self.splits[split]
 
 

@@ -28,7 +28,6 @@ import tempfile
 import time
 import uuid
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
@@ -38,8 +37,11 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from .alignment import AlignmentLayer
-from .io import atomic_target
+from .config import library_dir
+from .errors import TaskLibraryError, TaskNameClash
+from .io import atomic_write
 from .router import TaskVAE
+from .tasks import Task, check_task_name
 
 PathLike = Union[str, os.PathLike]
 CARD = "task.json"
@@ -51,47 +53,10 @@ PACK_VERSION = 1
 PACK_MEMBERS = {MANIFEST, CARD, ALIGNMENT, ROUTER}
 MANIFEST_KEYS = {"format", "version", "task", "files", "casam_version"}
 MAX_MEMBER_BYTES = 256 * 1024**2
-ENV_LIBRARY = "CASAM_LIBRARY"
-
-
-class TaskLibraryError(ValueError):
-    """A task or pack that cannot be used; the message says which and why."""
-
-
-class TaskNameClash(TaskLibraryError):
-    """A pack's task name is taken in the library (``name``): import it under another name."""
-
-    def __init__(self, message: str, name: str):
-        super().__init__(message)
-        self.name = name
-
-
-@dataclass
-class Task:
-    name: str
-    layer: AlignmentLayer
-    vae: TaskVAE
-    tau: float
-    card: dict
-
-    @property
-    def use_alignment(self) -> bool:
-        return bool(self.card.get("use_alignment", True))
-
-
-def default_library_path() -> Path:
-    env = os.environ.get(ENV_LIBRARY)
-    return Path(env).expanduser() if env else Path.home() / ".casam" / "tasks"
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _check_name(name: str) -> str:
-    from .training import check_task_name  # one naming rule
-
-    return check_task_name(name)
 
 
 def _tensors_from_bytes(data: bytes, what: str) -> Dict[str, torch.Tensor]:
@@ -141,7 +106,7 @@ def task_from_files(card: dict, alignment: bytes, router: bytes, where: str,
 
 class TaskLibrary:
     def __init__(self, root: Optional[PathLike] = None) -> None:
-        self.root = Path(root).expanduser() if root else default_library_path()
+        self.root = library_dir(root)
 
     # -- reading ------------------------------------------------------------------
     def names(self) -> List[str]:
@@ -154,7 +119,7 @@ class TaskLibrary:
         return (self.root / name / CARD).is_file()
 
     def _folder(self, name: str) -> Path:
-        _check_name(name)
+        check_task_name(name)
         folder = self.root / name
         if not (folder / CARD).is_file():
             raise TaskLibraryError(f"no task {name!r} in {self.root} (tasks: {', '.join(self.names()) or 'none'})")
@@ -211,7 +176,7 @@ class TaskLibrary:
 
     def save(self, task: Task, replace: bool = False) -> Path:
         """Write a task (atomically). Refuses an existing name unless ``replace``."""
-        name = _check_name(task.name)
+        name = check_task_name(task.name)
         if name in self and not replace:
             raise TaskLibraryError(f"a task named {name!r} already exists in {self.root}; choose another name "
                                    f"or remove it first")
@@ -237,7 +202,7 @@ class TaskLibrary:
 
     def rename(self, old: str, new: str) -> Path:
         folder = self._folder(old)
-        _check_name(new)
+        check_task_name(new)
         if new in self:
             raise TaskLibraryError(f"a task named {new!r} already exists in {self.root}")
         staging = self._staging(new)
@@ -265,22 +230,17 @@ class TaskLibrary:
 
         manifest = {"format": PACK_FORMAT, "version": PACK_VERSION, "task": name, "casam_version": __version__,
                     "files": {f: sha256_bytes(b) for f, b in files.items()}}
-        tmp = atomic_target(out)
-        try:
+        with atomic_write(out) as tmp:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 zf.writestr(MANIFEST, json.dumps(manifest, indent=2) + "\n")
                 for f, b in files.items():
                     zf.writestr(f, b)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return out
 
     def import_pack(self, pack: PathLike, fingerprint: Optional[str] = None, name: Optional[str] = None) -> Task:
         """Check a pack completely, then add its task (as ``name`` if given). Returns the task."""
         task = read_pack(pack, fingerprint)
-        new_name = _check_name(name or task.name)
+        new_name = check_task_name(name or task.name)
         if new_name in self:
             raise TaskNameClash(f"{pack}: a task named {new_name!r} already exists in {self.root}; "
                                 f"import it under another name", new_name)

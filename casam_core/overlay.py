@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .io import atomic_target, normalize_intensity, take_slice, to_rgb
+from .io import atomic_write, normalize_intensity, take_slice, to_rgb
 
 COLORS = np.array([[255, 64, 64], [64, 200, 255], [255, 200, 0], [120, 255, 120], [220, 120, 255]], np.float32)
 
@@ -61,16 +61,9 @@ def volume_montage(volume: np.ndarray, mask: np.ndarray, axis: int = 0, n: int =
 
 
 def save_png(rgb: np.ndarray, path) -> Path:
-    import os
-
     from PIL import Image
 
     path = Path(path)
-    tmp = atomic_target(path)  # temp file beside the target, then rename
-    try:
+    with atomic_write(path) as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -1,8 +1,17 @@
-"""The one predictor: segment-anything's contract with CA-SAM's Alignment Layers.
+"""The one predictor: segment-anything's ``SamPredictor`` contract, with CA-SAM's Alignment Layers.
 
     predictor = CASamPredictor(build_backbone())
     predictor.set_image(image)                 # frozen embedding Z, computed once, cached
-    masks, scores, logits = predictor.predict(box=[x0, y0, x1, y1], task=None)
+    masks, scores, logits = predictor.predict(box=np.array([x0, y0, x1, y1]), multimask_output=False)
+    masks, scores, logits = predictor.predict(box=..., task="auto")   # the router's task
+
+Code written for segment-anything runs unchanged: ``set_image``, ``predict`` (one prompt:
+masks (C, H, W), scores (C,), logits (C, 256, 256); ``multimask_output`` defaults to True),
+``predict_torch`` (prompts already in the model frame, batched), ``get_image_embedding``,
+``reset_image``, ``is_image_set``, ``original_size``, ``input_size``, ``transform`` and
+``features``. CA-SAM's additions sit beside that contract: the ``task=`` keyword,
+``predict_batch`` (several boxes in pixel coordinates, masks (B, C, H, W)), volumes,
+``choose_task`` and the caches.
 
 ``task`` names an Alignment Layer registered with ``add_task`` (``None`` = the
 frozen model). The layer is applied to the cached frozen embedding, and the aligned
@@ -28,13 +37,12 @@ from .backbones import Backbone, preprocess_shape
 from .cache import DiskEmbeddingCache, TensorLRU, data_signature
 from .io import normalize_intensity, take_slice, to_rgb
 from .progress import CancelFn, ProgressFn, check_cancel, report
+from .errors import ImageIOError, OptionError, PromptError, TaskLibraryError, UnknownTask
 from .router import RouteDecision, Router, TaskVAE, router_feature
+from .tasks import TaskChoice, check_task_name, task_mode
 
 DEFAULT_MEMORY_BYTES = 2 * 1024**3
 DEFAULT_ALIGNED_BYTES = 512 * 1024**2
-# ``task`` values of predict(): the router's choice, or the frozen model
-AUTO = "auto"
-FROZEN_NAMES = ("none", "frozen")
 # Box sizes tried around point-only clicks on box-only backbones, as fractions of the
 # longest side of the image (plus the spread of the positive clicks).
 POINT_SEARCH_FRACTIONS = (0.06, 0.1, 0.16, 0.25, 0.4, 0.6)
@@ -64,10 +72,6 @@ class VolumeState:
         return to_rgb(take_slice(self.volume, index, self.axis))
 
 
-class PromptError(ValueError):
-    """Prompts that cannot be used (shape, range, missing labels)."""
-
-
 class CASamPredictor:
     def __init__(self, backbone: Backbone, memory_bytes: int = DEFAULT_MEMORY_BYTES,
                  aligned_bytes: int = DEFAULT_ALIGNED_BYTES,
@@ -85,6 +89,7 @@ class CASamPredictor:
         self._current_rgb: Optional[np.ndarray] = None  # to re-embed if the LRU evicted it
         self._current_index = -1
         self._volume: Optional[VolumeState] = None
+        self._transform = None
 
     @property
     def device(self) -> torch.device:
@@ -99,8 +104,7 @@ class CASamPredictor:
         task's images are segmented by the frozen model (a task whose layer did not beat
         the frozen model on validation). With ``vae`` and ``tau`` the task joins the router.
         """
-        if name.lower() in (AUTO,) + FROZEN_NAMES:
-            raise ValueError(f"{name!r} is reserved and cannot name a task")
+        check_task_name(name)
         if layer is not None:
             layer = layer.to(self.device).eval()
             layer.requires_grad_(False)
@@ -124,8 +128,6 @@ class CASamPredictor:
 
     def load_tasks(self, library, names: Optional[Iterable[str]] = None) -> Dict[str, str]:
         """Register the library's tasks made for this backbone; returns {skipped task: reason}."""
-        from .library import TaskLibraryError
-
         skipped = {}
         for name in (library.names() if names is None else names):
             try:
@@ -182,22 +184,34 @@ class CASamPredictor:
             vol.route = decision
         return decision
 
-    def resolve_task(self, task: Optional[str], record: Optional[ImageRecord] = None) -> Optional[str]:
-        """``task`` as given to predict -> the Alignment Layer to use (None: frozen features).
+    def choose_task(self, task: Optional[str], record: Optional[ImageRecord] = None,
+                    provisional: bool = False, progress: Optional[ProgressFn] = None,
+                    cancel: Optional[CancelFn] = None) -> TaskChoice:
+        """The one resolution of ``task`` as the user gives it (see ``casam_core.tasks``): the task,
+        the Alignment Layer to use and, for "auto", the router's scores.
 
-        ``"auto"`` asks the router (one decision per volume when a volume is set);
-        ``None``, ``"none"`` or ``"frozen"`` choose the frozen model; otherwise a task name.
+        "auto" asks the router: one decision per volume when a volume is set (with
+        ``provisional``, from the slices embedded so far, without embedding the rest).
+        A task whose layer lost to the frozen model on its held-out images is chosen with
+        ``layer`` None. An unregistered name raises ``UnknownTask``.
         """
-        if task is None or task.lower() in FROZEN_NAMES:
-            return None
-        if task.lower() == AUTO:
-            decision = self.route_volume() if self._volume is not None else self.route(record)
-            task = decision.decision
-            if task is None:
-                return None
-        if task not in self.layers:
-            raise KeyError(f"unknown task {task!r}; registered: {', '.join(self.layers) or 'none'}")
-        return task if self.layers[task] is not None else None
+        mode = task_mode(task)
+        if mode == "frozen":
+            return TaskChoice("frozen")
+        complete = True
+        if mode == "auto":
+            if self._volume is not None:
+                decision = self.route_volume(progress=progress, cancel=cancel, embed_missing=not provisional)
+                complete = self._volume.route is not None or not len(self.router)
+            else:
+                decision = self.route(record)
+            name, scores, tau = decision.decision, decision.scores, decision.tau
+        else:
+            name, scores, tau = task, {}, {}
+        if name is not None and name not in self.layers:
+            raise UnknownTask(f"unknown task {name!r}; registered: {', '.join(self.layers) or 'none'}")
+        layer = name if name is not None and self.layers[name] is not None else None
+        return TaskChoice(mode, name, layer, dict(scores), dict(tau), complete)
 
     # -- images ---------------------------------------------------------------------
     def prepare(self, image: np.ndarray, window=None) -> np.ndarray:
@@ -206,17 +220,67 @@ class CASamPredictor:
         if image.ndim == 3 and image.shape[2] in (3, 4):
             image = image[..., :3]
         elif image.ndim != 2:
-            raise ValueError(f"expected a 2D gray (H, W) or RGB (H, W, 3) image, got shape {image.shape}")
+            raise ImageIOError(f"expected a 2D gray (H, W) or RGB (H, W, 3) image, got shape {image.shape}")
         if min(image.shape[:2]) < 2:
-            raise ValueError(f"image of shape {image.shape} is too small to segment")
+            raise ImageIOError(f"image of shape {image.shape} is too small to segment")
         return to_rgb(normalize_intensity(image, window))
 
-    def set_image(self, image: np.ndarray, window=None) -> ImageRecord:
-        """Encode a 2D image (or take its embedding from the caches) and make it current."""
+    def set_image(self, image: np.ndarray, image_format: str = "RGB", window=None) -> ImageRecord:
+        """Encode a 2D image (or take its embedding from the caches) and make it current.
+
+        As segment-anything: ``image`` (H, W, 3) uint8 in ``image_format`` "RGB" or "BGR".
+        Beyond it: grey (H, W) and any dtype (see ``prepare``; ``window`` for CT).
+        """
+        if image_format not in ("RGB", "BGR"):
+            raise PromptError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        image = np.asarray(image)
+        if image_format == "BGR" and image.ndim == 3:
+            image = image[..., 2::-1]
         self._volume = None
         self._current_rgb = self.prepare(image, window)
         self._current = self.embed_rgb(self._current_rgb)
         return self._current
+
+    def reset_image(self) -> None:
+        """Forget the current image or volume (the caches keep their embeddings)."""
+        self._current = self._current_rgb = None
+        self._current_index = -1
+        self._volume = None
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._current is not None
+
+    @property
+    def original_size(self) -> Optional[Tuple[int, int]]:
+        """(H, W) of the current image or slice (None when none is set)."""
+        return None if self._current is None else self._current.original_size
+
+    @property
+    def input_size(self) -> Optional[Tuple[int, int]]:
+        """(h, w) of the current image resized for the encoder (None when none is set)."""
+        return None if self._current is None else self._current.input_size
+
+    @property
+    def transform(self):
+        """segment-anything's ``ResizeLongestSide`` for this backbone: maps prompts in pixel
+        coordinates into the model frame that ``predict_torch`` takes."""
+        if self._transform is None:
+            from segment_anything.utils.transforms import ResizeLongestSide
+
+            self._transform = ResizeLongestSide(self.backbone.img_size)
+        return self._transform
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The current image's frozen embedding (1, 256, 64, 64), as segment-anything's attribute."""
+        return self.get_image_embedding()
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The current image's frozen embedding (1, 256, 64, 64)."""
+        if self._current is None:
+            raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
+        return self.embedding()[None]
 
     def embed_rgb(self, rgb: np.ndarray) -> ImageRecord:
         """Ensure the frozen embedding of a prepared uint8 RGB image is cached; return its record."""
@@ -248,17 +312,16 @@ class CASamPredictor:
         return z
 
     # -- volumes --------------------------------------------------------------------
-    def set_volume(self, volume: np.ndarray, axis: int = 0, window=None, embed_all: bool = False,
-                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> VolumeState:
+    def set_volume(self, volume: np.ndarray, axis: int = 0, window=None) -> VolumeState:
+        """Normalise a 3D volume once (one intensity window for all slices) and make it current;
+        slices are embedded on demand (``set_slice``) or ahead (``embed_slices``)."""
         volume = np.asarray(volume)
         if volume.ndim != 3:
-            raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
+            raise ImageIOError(f"expected a 3D volume, got shape {volume.shape}")
         if axis not in (0, 1, 2):
-            raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+            raise OptionError(f"axis must be 0, 1 or 2, got {axis}")
         self._volume = VolumeState(normalize_intensity(volume, window, keep_uint8=False), axis)
         self._current = self._current_rgb = None
-        if embed_all:
-            self.embed_slices(None, progress=progress, cancel=cancel)
         return self._volume
 
     @property
@@ -297,28 +360,81 @@ class CASamPredictor:
 
     # -- features -------------------------------------------------------------------
     @torch.inference_mode()
-    def features(self, task: Optional[str] = None, record: Optional[ImageRecord] = None) -> torch.Tensor:
-        """Decoder input (1, 256, 64, 64): frozen Z, or A_task(Z) cached per (image, task)."""
+    def task_features(self, layer: Optional[str] = None, record: Optional[ImageRecord] = None) -> torch.Tensor:
+        """Decoder input (1, 256, 64, 64): frozen Z, or A_layer(Z) cached per (image, layer).
+        ``layer`` is a ``TaskChoice.layer`` (None: the frozen features)."""
         record = record or self._require_current()
         z = self.embedding(record)[None]
-        if task is None:
+        if layer is None:
             return z
-        if self.layers.get(task) is None:
-            raise KeyError(f"no Alignment Layer for task {task!r}; with layers: "
-                           f"{', '.join(n for n, l in self.layers.items() if l is not None) or 'none'}")
-        cache_key = (record.key, task)
+        if self.layers.get(layer) is None:
+            raise UnknownTask(f"no Alignment Layer for task {layer!r}; with layers: "
+                              f"{', '.join(n for n, l in self.layers.items() if l is not None) or 'none'}")
+        cache_key = (record.key, layer)
         aligned = self.aligned.get(cache_key)
         if aligned is None:
-            aligned = self.layers[task](z)
+            aligned = self.layers[layer](z)
             self.aligned.put(cache_key, aligned)
         return aligned
 
-    # -- prediction -----------------------------------------------------------------
+    # -- prediction: segment-anything's contract ----------------------------------------
+    def predict(self, point_coords: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
+                box: Optional[np.ndarray] = None, mask_input: Optional[np.ndarray] = None,
+                multimask_output: bool = True, return_logits: bool = False,
+                task: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """segment-anything's ``SamPredictor.predict`` on the current image, for one object.
+
+        ``point_coords`` (N, 2) as (x, y) pixels with ``point_labels`` (N,) 1 = foreground,
+        0 = background; ``box`` (4,) or (1, 4) as x0, y0, x1, y1; ``mask_input`` (1, 256, 256)
+        low-res logits from an earlier call (e.g. ``logits[np.argmax(scores)][None]``).
+        Returns masks (C, H, W) bool (logits with ``return_logits``), scores (C,) the decoder's
+        IoU predictions and low-res logits (C, 256, 256); C = 3 with ``multimask_output``.
+        ``task``: CA-SAM's addition (default None: the frozen model; "auto": the router).
+        Several objects at once: ``predict_batch`` or ``predict_torch``.
+        """
+        if box is not None and np.asarray(box).ndim == 2 and np.asarray(box).shape[0] != 1:
+            raise PromptError(f"predict takes one box; for {np.asarray(box).shape[0]} boxes use predict_batch "
+                              f"(or predict_torch)")
+        if point_coords is not None and np.asarray(point_coords).ndim != 2:
+            raise PromptError(f"point_coords must be (N, 2); got shape {np.shape(point_coords)} "
+                              f"(point sets per box: predict_batch)")
+        masks, scores, logits = self.predict_batch(point_coords, point_labels, box, mask_input, multimask_output,
+                                                   task, return_logits)
+        return masks[0], scores[0], logits[0]
+
     @torch.inference_mode()
-    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None,
-                multimask_output: bool = False, task: Optional[str] = None,
-                return_logits: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Segment the current image.
+    def predict_torch(self, point_coords: Optional[torch.Tensor], point_labels: Optional[torch.Tensor],
+                      boxes: Optional[torch.Tensor] = None, mask_input: Optional[torch.Tensor] = None,
+                      multimask_output: bool = True, return_logits: bool = False,
+                      task: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """segment-anything's ``SamPredictor.predict_torch``: prompts already in the model frame
+        (``predictor.transform.apply_coords_torch`` / ``apply_boxes_torch``), batched over B:
+        ``point_coords`` (B, N, 2), ``point_labels`` (B, N), ``boxes`` (B, 4), ``mask_input``
+        (B, 1, 256, 256). Returns torch masks (B, C, H, W), scores (B, C), logits (B, C, 256, 256)."""
+        record = self._require_current()
+        dev = self.device
+        points = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise PromptError("point_labels are needed with point_coords (1 = foreground, 0 = background)")
+            points = (torch.as_tensor(point_coords, dtype=torch.float32, device=dev),
+                      torch.as_tensor(point_labels, dtype=torch.int, device=dev))
+        boxes = None if boxes is None else torch.as_tensor(boxes, dtype=torch.float32, device=dev).reshape(-1, 4)
+        masks = None if mask_input is None else torch.as_tensor(mask_input, dtype=torch.float32, device=dev)
+        if points is None and boxes is None and masks is None:
+            raise PromptError("give at least one prompt: a point, a box or a mask")
+        choice = self.choose_task(task, record)
+        low_res, iou = self._decode(self.task_features(choice.layer, record), record, points, boxes, masks,
+                                    multimask_output, **self.click_decoding(choice.layer))
+        full = self.backbone.postprocess_masks(low_res, record.input_size, record.original_size)
+        return (full if return_logits else full > 0.0), iou, low_res
+
+    # -- prediction: CA-SAM's batches --------------------------------------------------
+    @torch.inference_mode()
+    def predict_batch(self, point_coords=None, point_labels=None, box=None, mask_input=None,
+                      multimask_output: bool = False, task: Optional[str] = None,
+                      return_logits: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Segment several objects of the current image in one decoder call.
 
         Prompts are in pixel coordinates of the original image: ``point_coords`` (N, 2)
         as (x, y) with ``point_labels`` (N,) 1 = foreground / 0 = background; ``box``
@@ -331,16 +447,17 @@ class CASamPredictor:
         ``low_res_logits`` (B, C, 256, 256); C = 3 with ``multimask_output`` else 1.
         """
         record = self._require_current()
-        chosen = self.resolve_task(task, record)
-        return self.predict_features(self.features(chosen, record), record, point_coords, point_labels, box,
-                                     mask_input, multimask_output, return_logits, **self.click_decoding(chosen))
+        choice = self.choose_task(task, record)
+        return self.predict_features(self.task_features(choice.layer, record), record, point_coords, point_labels,
+                                     box, mask_input, multimask_output, return_logits,
+                                     **self.click_decoding(choice.layer))
 
-    def click_decoding(self, task: Optional[str]) -> Dict[str, object]:
-        """How point-only prompts are decoded on ``task``'s features (``predict_features``
-        keywords), from its card's ``point_prompts``: ``"click_box"`` (a box of the task's
+    def click_decoding(self, layer: Optional[str]) -> Dict[str, object]:
+        """How point-only prompts are decoded on ``layer``'s features (``predict_features``
+        keywords), from its task card's ``point_prompts``: ``"click_box"`` (a box of the task's
         typical object size, ``card["click_box"]``, decoded once), ``"direct"`` (the points
         decoded once) or anything else (the backbone's default)."""
-        card = self.cards.get(task, {}) if task is not None else {}
+        card = self.cards.get(layer, {}) if layer is not None else {}
         mode = card.get("point_prompts")
         if mode == "click_box" and card.get("click_box"):
             return {"click_box": tuple(float(v) for v in card["click_box"])}
@@ -348,48 +465,45 @@ class CASamPredictor:
             return {"point_search": False}
         return {}
 
-    def _click_boxes(self, record: ImageRecord, point_coords, size: Sequence[float]) -> np.ndarray:
-        """(B, 4) boxes of ``size`` x the long side, each centred on (and spanning) one point set."""
-        c = np.asarray(point_coords, dtype=np.float64)
-        c = c[None] if c.ndim == 2 else c
-        if c.ndim != 3 or c.shape[-1] != 2 or c.shape[1] == 0:
-            raise PromptError(f"point_coords must be (N, 2) or (B, N, 2); got {np.shape(point_coords)}")
-        long_side = max(record.original_size)
-        half = np.array(size, dtype=np.float64) * long_side / 2
-        lo, hi = c.min(1), c.max(1)
-        centre, spread = (lo + hi) / 2, (hi - lo) / 2
-        half = np.maximum(half[None], spread)
-        return np.concatenate([centre - half, centre + half], axis=1)
-
     @torch.inference_mode()
     def predict_features(self, z: torch.Tensor, record: ImageRecord, point_coords=None, point_labels=None, box=None,
                          mask_input=None, multimask_output: bool = False, return_logits: bool = False,
                          point_search: Optional[bool] = None, click_box: Optional[Sequence[float]] = None
                          ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``predict`` on given decoder features ``z`` (1, 256, 64, 64) of the image ``record``.
-
-        The one decoding path: ``predict`` calls it with the frozen or aligned cached
-        features; task learning calls it with a layer that is still being validated.
-        Point-only prompts (no box): with ``click_box`` = (w, h), fractions of the image's
-        long side (a learned task's typical object size), positive clicks become one box of
-        that size centred on them (grown to span them), decoded once; else
-        ``point_search`` sends them through the box search (``True``) or decodes them once
-        as points (``False``); ``None``: search only on a box-trained backbone.
-        """
-        if click_box is not None and box is None and point_coords is not None and point_labels is not None \
-                and np.all(np.asarray(point_labels) == 1):
-            box = self._click_boxes(record, point_coords, click_box)
-            point_coords = point_labels = None
+        """``predict_batch`` on given decoder features ``z`` (1, 256, 64, 64) of the image ``record``:
+        task learning calls it with a layer that is still being validated."""
         points, boxes, masks = self._prompts(record, point_coords, point_labels, box, mask_input)
-        if point_search is None:
-            point_search = not self.backbone.spec.point_prompts
-        if points is not None and point_search:
-            low_res, iou = self._point_box_search(z, record, points, masks, multimask_output, boxes)
-        else:
-            low_res, iou = self.backbone.decode(z, points, boxes, masks, multimask_output)
+        low_res, iou = self._decode(z, record, points, boxes, masks, multimask_output, point_search, click_box)
         full = self.backbone.postprocess_masks(low_res, record.input_size, record.original_size)
         out = full if return_logits else full > 0.0
         return out.cpu().numpy(), iou.float().cpu().numpy(), low_res.float().cpu().numpy()
+
+    def _decode(self, z: torch.Tensor, record: ImageRecord, points, boxes, masks, multimask_output: bool,
+                point_search: Optional[bool] = None, click_box: Optional[Sequence[float]] = None):
+        """The one decoding path, on prompts in the model frame -> (low-res logits, IoU predictions).
+
+        Point-only prompts (no box): with ``click_box`` = (w, h), fractions of the image's
+        long side (a learned task's typical object size), positive clicks become one box of
+        that size centred on them (grown to span them), decoded once; else ``point_search``
+        sends them through the box search (``True``) or decodes them once as points
+        (``False``); ``None``: search only on a box-trained backbone.
+        """
+        if click_box is not None and boxes is None and points is not None and bool((points[1] == 1).all()):
+            coords = points[0]
+            (h, w), (h_in, w_in) = record.original_size, record.input_size
+            to_input = torch.tensor([w_in / w, h_in / h], dtype=torch.float32, device=coords.device)
+            half = torch.as_tensor(click_box, dtype=torch.float32, device=coords.device) * max(h, w) / 2 * to_input
+            lo, hi = coords.min(1).values, coords.max(1).values
+            centre, spread = (lo + hi) / 2, (hi - lo) / 2
+            half = torch.maximum(half[None], spread)
+            boxes, points = torch.cat([centre - half, centre + half], dim=1), None
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, (w - 1) * float(to_input[0]))  # inside the image, as box prompts
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, (h - 1) * float(to_input[1]))
+        if point_search is None:
+            point_search = not self.backbone.spec.point_prompts
+        if points is not None and point_search:
+            return self._point_box_search(z, record, points, masks, multimask_output, boxes)
+        return self.backbone.decode(z, points, boxes, masks, multimask_output)
 
     def _prompts(self, record: ImageRecord, point_coords, point_labels, box, mask_input):
         h, w = record.original_size
@@ -521,6 +635,10 @@ class CASamPredictor:
         return torch.cat(out_low), torch.cat(out_iou)
 
     # -- helpers --------------------------------------------------------------------
+    def current_record(self) -> ImageRecord:
+        """The record of the current image or slice (an error when none is set)."""
+        return self._require_current()
+
     def _require_current(self) -> ImageRecord:
         if self._current is None:
             raise RuntimeError("no image is set: call set_image(), or set_volume() then set_slice()")

@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import PromptError
 from .progress import CancelFn, ProgressFn, check_cancel, report
 
 
@@ -41,25 +42,25 @@ def parse_box(text: str) -> List[float]:
     """'x0,y0,x1,y1' -> four floats (CLI and widget fields)."""
     parts = [p for p in text.replace(" ", "").split(",") if p]
     if len(parts) != 4:
-        raise ValueError(f"a box is x0,y0,x1,y1; got {text!r}")
+        raise PromptError(f"a box is x0,y0,x1,y1; got {text!r}")
     try:
         return [float(p) for p in parts]
     except ValueError as exc:
-        raise ValueError(f"a box is four numbers x0,y0,x1,y1; got {text!r}") from exc
+        raise PromptError(f"a box is four numbers x0,y0,x1,y1; got {text!r}") from exc
 
 
 def parse_point(text: str) -> Tuple[List[float], int]:
     """'x,y' or 'x,y,label' -> ([x, y], label); label 1 = foreground (default), 0 = background."""
     parts = [p for p in text.replace(" ", "").split(",") if p]
     if len(parts) not in (2, 3):
-        raise ValueError(f"a point is x,y or x,y,label; got {text!r}")
+        raise PromptError(f"a point is x,y or x,y,label; got {text!r}")
     try:
         xy = [float(parts[0]), float(parts[1])]
         label = int(parts[2]) if len(parts) == 3 else 1
     except ValueError as exc:
-        raise ValueError(f"a point is x,y[,0|1] with numbers; got {text!r}") from exc
+        raise PromptError(f"a point is x,y[,0|1] with numbers; got {text!r}") from exc
     if label not in (0, 1):
-        raise ValueError(f"a point label is 1 (foreground) or 0 (background); got {label}")
+        raise PromptError(f"a point label is 1 (foreground) or 0 (background); got {label}")
     return xy, label
 
 
@@ -92,13 +93,13 @@ def propagate_box(predictor, start: int, box: Optional[Sequence[float]], task=No
         raise RuntimeError("propagate_box needs a volume: call predictor.set_volume() first")
     n = vol.n_slices
     if not 0 <= start < n:
-        raise IndexError(f"start slice {start} is outside 0..{n - 1}")
+        raise PromptError(f"start slice {start} is outside 0..{n - 1}")
     out = np.zeros(vol.volume.shape, dtype=bool)
 
     def segment(index: int, b):
         predictor.set_slice(index)
         t = task_for_slice(index) if task_for_slice is not None else task
-        masks, scores, _ = predictor.predict(box=b, task=t)
+        masks, scores, _ = predictor.predict_batch(box=b, task=t)
         return masks[0, 0], float(scores[0, 0])
 
     def put(index: int, m: np.ndarray) -> None:

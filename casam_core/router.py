@@ -25,7 +25,7 @@ slices (the empty ends of a scan) that would dominate a mean or a max.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -157,10 +157,6 @@ class RouteDecision:
     best: Optional[str] = None  # the argmin task, even when it was rejected as out of distribution
     slice_scores: Optional[Dict[str, List[float]]] = None  # volumes only
 
-    @property
-    def out_of_distribution(self) -> bool:
-        return self.decision is None
-
     def to_json(self) -> dict:
         out = {"decision": self.decision, "scores": self.scores, "tau": self.tau}
         if self.slice_scores is not None:
@@ -232,20 +228,12 @@ class Router:
         recon = torch.baddbmm(s["dec2.b"], F.gelu(torch.baddbmm(s["dec1.b"], mu, s["dec1.w"])), s["dec2.w"])
         return elbo_score(recon, x, mu, logvar, beta).T.contiguous()
 
-    def decide(self, scores: torch.Tensor) -> List[Optional[str]]:
-        """Per-row decision from scores (N, T): argmin task, or None above its tau."""
-        if not self.names:
-            return [None] * scores.shape[0]
-        tau = self._stacked()["tau"]
-        best = scores.argmin(1)
-        return [self.names[b] if scores[i, b] <= tau[b] else None for i, b in enumerate(best.tolist())]
-
     def route(self, feature: torch.Tensor) -> RouteDecision:
         """Route one image from its router feature (256,)."""
         scores = self.score(feature.reshape(1, -1))
         return self._decision(scores[0])
 
-    def route_volume(self, features: torch.Tensor, indices: Optional[Sequence[int]] = None) -> RouteDecision:
+    def route_volume(self, features: torch.Tensor) -> RouteDecision:
         """One decision for a volume from its slice features (S, 256): median slice score per task."""
         scores = self.score(features)
         volume_scores = scores.median(0).values if scores.shape[0] else torch.zeros(len(self.names))

@@ -21,7 +21,6 @@ per training image, embedded once (``augment_copies``, default 0: see README for
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -33,31 +32,18 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .alignment import AlignmentLayer, count_parameters
+from .alignment import PAPER, RESIDUAL, AlignmentLayer, count_parameters
 from .evaluate import object_metrics
+from .errors import OptionError, TaskDataError, look_up_option
 from .io import (read_dataset, read_image, read_labels, normalize_intensity, path_suffix, take_slice,
-                 to_rgb, VOLUME_SUFFIXES)
-from .library import Task
-from .predictor import AUTO, FROZEN_NAMES, CASamPredictor, ImageRecord
+                 to_rgb, VOLUME_SUFFIXES, is_dicom_folder)
+from .predictor import CASamPredictor, ImageRecord
 from .progress import CancelFn, ProgressFn, check_cancel, report
 from .prompts import box_from_mask, object_masks
 from .router import BETA, fit_threshold, router_feature, train_vae
+from .tasks import Task, check_task_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-class TaskDataError(ValueError):
-    """Training data that cannot be used; the message names the file."""
-
-
-def check_task_name(name: str) -> str:
-    if not isinstance(name, str) or not TASK_NAME.match(name):
-        raise ValueError(f"task name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a "
-                         f"letter or digit")
-    if name.lower() in (AUTO,) + FROZEN_NAMES:
-        raise ValueError(f"task name {name!r} is reserved")
-    return name
 
 
 # ---------------------------------------------------------------------------------
@@ -163,7 +149,7 @@ def load_task_data(inputs: Sequence, masks: Sequence = (), axis: int = 0, window
         ds = read_dataset(inputs[0])
         pairs = [(c.image, c.mask) for c in ds.cases(split)][:limit]
         data = TaskData([], ds.objects, {k: v for k, v in ds.labels.items() if k != 0}, ds.modality)
-    elif len(inputs) == 1 and inputs[0].is_dir() and not _is_dicom_dir(inputs[0]):
+    elif len(inputs) == 1 and inputs[0].is_dir() and not is_dicom_folder(inputs[0]):
         if len(masks) != 1 or not masks[0].is_dir():
             raise TaskDataError(f"{inputs[0]} is a folder of images: give the folder of masks too (--masks DIR)")
         by_stem = {_stem(p): p for p in sorted(masks[0].iterdir()) if path_suffix(p) in IMAGE_SUFFIXES}
@@ -195,7 +181,7 @@ def load_task_data(inputs: Sequence, masks: Sequence = (), axis: int = 0, window
 
 
 def _case_slices(img: Path, msk: Optional[Path], axis, window, background_slices) -> List[TrainingSlice]:
-    if path_suffix(img) in VOLUME_SUFFIXES or _is_dicom_dir(img):
+    if path_suffix(img) in VOLUME_SUFFIXES or is_dicom_folder(img):
         image = read_image(img)
         labels = None
         if msk is not None:
@@ -210,10 +196,6 @@ def _stem(p: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return p.stem
-
-
-def _is_dicom_dir(p: Path) -> bool:
-    return p.is_dir() and any(f.suffix.lower() == ".dcm" for f in p.iterdir())
 
 
 # ---------------------------------------------------------------------------------
@@ -237,7 +219,7 @@ class LearnConfig:
     point_fraction: float = 0.5  # share of steps prompted by one click (else a jittered box)
     click_prompt: str = "box"  # a click step's prompt: "point" (method.md) or "box" (the click_box, below)
     jitter_px: float = 5.0  # box shift, in pixels at 1024 scale
-    form: str = "residual"  # "residual" (identity start), "paper" (PyTorch default init) or "gated"
+    form: str = RESIDUAL  # RESIDUAL (identity start), PAPER (PyTorch default init) or GATED (alignment.FORMS)
     n_blocks: int = 3
     val_fraction: float = 0.2
     augment_copies: int = 0
@@ -255,7 +237,7 @@ class LearnConfig:
     def paper(cls, **overrides) -> "LearnConfig":
         """method.md's recipe: paper init, Adam 1e-4, 24 epochs of 6 images x 5 masks, no
         schedule, the last epoch's weights."""
-        base = dict(epochs=24, batch_images=6, lr=1e-4, form="paper", steps=None, time_budget_s=None,
+        base = dict(epochs=24, batch_images=6, lr=1e-4, form=PAPER, steps=None, time_budget_s=None,
                     warmup_steps=0, schedule="constant", val_every=0, click_prompt="point")
         base.update(overrides)
         return cls(**base)
@@ -270,8 +252,7 @@ def learn_config(profile: str = "fast", **overrides) -> LearnConfig:
     """The recipe of a profile with some fields overridden (None = keep the profile's; an
     ``epochs`` override without ``steps`` makes the budget epochs):
     ``fast`` is the product's default (minutes on a CPU), ``paper`` method.md's recipe."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown learning profile {profile!r}; choose one of {PROFILES}")
+    look_up_option(profile, PROFILES, "learning profile")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "epochs" in overrides and "steps" not in overrides:  # an epoch budget replaces a step budget
         overrides["steps"] = None
@@ -448,10 +429,8 @@ def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Obje
     Budget, schedule and ``validate`` (a function of the module returning a held-out score,
     higher is better; the best-scoring weights are restored at the end) follow ``config``.
     """
-    if config.schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
-    if config.click_prompt not in CLICK_PROMPTS:
-        raise ValueError(f"unknown click prompt {config.click_prompt!r}; choose one of {CLICK_PROMPTS}")
+    look_up_option(config.schedule, SCHEDULES, "schedule")
+    look_up_option(config.click_prompt, CLICK_PROMPTS, "click prompt")
     device = backbone.device
     module = layer if layer is not None else mask_decoder
     params = [p for p in module.parameters() if p.requires_grad]
@@ -460,7 +439,7 @@ def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Obje
     steps_per_epoch = math.ceil(len(images) / config.batch_images)
     total = int(config.steps) if config.steps else steps_per_epoch * config.epochs
     if total < 1:
-        raise ValueError(f"the training budget must be at least one step, got {total}")
+        raise OptionError(f"the training budget must be at least one step, got {total}")
     result = FitResult(0, float("nan"))
     best_state = None
     check_every = config.val_every if validate is not None else 0
@@ -523,11 +502,11 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     config = config or LearnConfig()
     check_task_name(name)
     if config.epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {config.epochs}")
+        raise OptionError(f"epochs must be at least 1, got {config.epochs}")
     if config.steps is not None and config.steps < 1:
-        raise ValueError(f"steps must be at least 1, got {config.steps}")
+        raise OptionError(f"steps must be at least 1, got {config.steps}")
     if config.time_budget_s is not None and not config.time_budget_s > 0:
-        raise ValueError(f"the time budget must be a positive number of seconds, got {config.time_budget_s}")
+        raise OptionError(f"the time budget must be a positive number of seconds, got {config.time_budget_s}")
     backbone = predictor.backbone
     device = predictor.device
     rng = np.random.default_rng(config.seed)

@@ -14,16 +14,18 @@ SAMPLES = REPO / "samples"
 DATA = Path(os.environ.get("CASAM_DATA", REPO.parent / "shared" / "data"))
 
 
-@pytest.fixture(autouse=True)
-def _isolated_task_library(tmp_path_factory, monkeypatch):
-    """No test reads or writes the user's own task library."""
-    monkeypatch.setenv("CASAM_LIBRARY", str(tmp_path_factory.mktemp("library")))
-
-
 @pytest.fixture(scope="session")
 def embedding_cache(tmp_path_factory):
     """One on-disk embedding cache for the session, so tests share their real embeddings."""
     return tmp_path_factory.mktemp("embeddings")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_folders(tmp_path_factory, monkeypatch, embedding_cache):
+    """No test reads or writes the user's own task library or embedding cache (the CLI and the
+    viewer default to $CASAM_CACHE_DIR: the tests share the session's one)."""
+    monkeypatch.setenv("CASAM_LIBRARY", str(tmp_path_factory.mktemp("library")))
+    monkeypatch.setenv("CASAM_CACHE_DIR", str(embedding_cache))
 
 
 def dataset_root(name: str) -> Path:

@@ -97,10 +97,10 @@ def test_sam_vit_b_builds_and_predicts_with_random_weights():
     image = (np.random.default_rng(0).random((300, 200)) * 255).astype(np.uint8)
     record = predictor.set_image(image)
     assert record.original_size == (300, 200) and record.input_size == (1024, 683)
-    masks, scores, low = predictor.predict(box=[10, 10, 100, 150])
+    masks, scores, low = predictor.predict_batch(box=[10, 10, 100, 150])
     assert masks.shape == (1, 1, 300, 200) and scores.shape == (1, 1) and low.shape == (1, 1, 256, 256)
-    masks, scores, _ = predictor.predict(point_coords=[[50, 60]], point_labels=[1], multimask_output=True)
-    assert masks.shape == (1, 3, 300, 200) and np.isfinite(scores).all()
+    masks, scores, _ = predictor.predict(point_coords=np.array([[50, 60]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 300, 200) and scores.shape == (3,) and np.isfinite(scores).all()
 
 
 def test_preprocessing_keeps_aspect_and_pads(backbone):

@@ -29,7 +29,7 @@ def test_segment_2d_writes_mask_and_overlay(tmp_path, capsys):
     assert code == 0, err
     result = json.loads(out)
     assert set(result) >= {"out", "route", "mask_voxels"}
-    assert result["route"] == {"decision": None, "scores": {}, "tau": {}, "mode": "auto"}  # empty library
+    assert result["route"] == {"decision": None, "layer": None, "scores": {}, "tau": {}, "mode": "auto"}  # empty library
     mask = read_labels(tmp_path / "m.png").array > 0
     assert mask.shape == gt.shape and result["mask_voxels"] == int(mask.sum())
     assert dice(mask, gt) > 0.8

@@ -10,7 +10,8 @@ from conftest import DATA, dataset_root
 
 
 def test_miniature_run_writes_every_output_and_resumes(tmp_path, embedding_cache):
-    from training.continual import METHODS, Profile, matrix, run
+    from training.continual import METHODS, Profile, run
+    from training.report import matrix
 
     for name in ("kvasir_polyp", "hippocampus_mri", "cxr_lungs"):
         dataset_root(name)  # skips without the data

@@ -6,7 +6,7 @@ import torch
 
 from casam_core import AlignmentLayer, CASamPredictor
 from casam_core.metrics import dice
-from casam_core.predictor import PromptError
+from casam_core.errors import PromptError, UnknownTask
 from casam_core.prompts import box_from_mask
 
 from conftest import centre_point, dataset_case
@@ -28,7 +28,7 @@ def kvasir_predictor(backbone, kvasir):
 def test_ground_truth_box_segments_the_polyp(kvasir, kvasir_predictor):
     image, gt = kvasir
     assert image.shape[0] != image.shape[1]  # a non-square endoscopy frame
-    masks, scores, low = kvasir_predictor.predict(box=box_from_mask(gt))
+    masks, scores, low = kvasir_predictor.predict_batch(box=box_from_mask(gt))
     assert masks.shape == (1, 1) + gt.shape  # back at the original resolution
     assert low.shape == (1, 1, 256, 256)
     assert dice(masks[0, 0], gt) >= 0.8
@@ -38,7 +38,7 @@ def test_ground_truth_box_segments_the_polyp(kvasir, kvasir_predictor):
 def test_a_positive_point_gives_a_mask_that_contains_it(kvasir, kvasir_predictor):
     _, gt = kvasir
     x, y = centre_point(gt)
-    masks, scores, _ = kvasir_predictor.predict(point_coords=[[x, y]], point_labels=[1])
+    masks, scores, _ = kvasir_predictor.predict_batch(point_coords=[[x, y]], point_labels=[1])
     mask = masks[0, 0]
     assert mask.any() and mask[y, x]
     assert dice(mask, gt) > 0.5
@@ -49,7 +49,7 @@ def test_a_negative_point_is_respected(kvasir, kvasir_predictor):
     x, y = centre_point(gt)
     ys, xs = np.nonzero(~gt)
     far = int(np.argmax((ys - y) ** 2 + (xs - x) ** 2))
-    masks, _, _ = kvasir_predictor.predict(point_coords=[[x, y], [xs[far], ys[far]]], point_labels=[1, 0])
+    masks, _, _ = kvasir_predictor.predict_batch(point_coords=[[x, y], [xs[far], ys[far]]], point_labels=[1, 0])
     assert masks[0, 0, y, x] and not masks[0, 0, ys[far], xs[far]]
 
 
@@ -58,17 +58,17 @@ def test_several_boxes_at_once(kvasir, kvasir_predictor):
     box = box_from_mask(gt)
     h, w = gt.shape
     boxes = np.stack([box, [0, 0, w // 4, h // 4]])
-    masks, scores, low = kvasir_predictor.predict(box=boxes)
+    masks, scores, low = kvasir_predictor.predict_batch(box=boxes)
     assert masks.shape == (2, 1, h, w) and scores.shape == (2, 1)
-    single, _, _ = kvasir_predictor.predict(box=box)
+    single, _, _ = kvasir_predictor.predict_batch(box=box)
     assert dice(masks[0, 0], single[0, 0]) > 0.99
 
 
 def test_multimask_and_mask_input(kvasir, kvasir_predictor):
     _, gt = kvasir
-    masks, scores, low = kvasir_predictor.predict(box=box_from_mask(gt), multimask_output=True)
+    masks, scores, low = kvasir_predictor.predict_batch(box=box_from_mask(gt), multimask_output=True)
     assert masks.shape == (1, 3) + gt.shape and low.shape == (1, 3, 256, 256)
-    refined, _, _ = kvasir_predictor.predict(box=box_from_mask(gt), mask_input=low[0, :1])
+    refined, _, _ = kvasir_predictor.predict_batch(box=box_from_mask(gt), mask_input=low[0, :1])
     assert dice(refined[0, 0], gt) >= 0.8
 
 
@@ -86,22 +86,22 @@ def test_the_embedding_is_computed_once_per_image(backbone, kvasir):
 def test_tasks_apply_to_cached_features_once(kvasir, kvasir_predictor):
     _, gt = kvasir
     box = box_from_mask(gt)
-    frozen, frozen_scores, _ = kvasir_predictor.predict(box=box)
+    frozen, frozen_scores, _ = kvasir_predictor.predict_batch(box=box)
     layer = AlignmentLayer(form="gated")  # gate at 0: exactly the frozen model
     calls = []
     layer.register_forward_hook(lambda *a: calls.append(1))
     kvasir_predictor.add_task("polyp", layer)
     for _ in range(3):
-        aligned, aligned_scores, _ = kvasir_predictor.predict(box=box, task="polyp")
+        aligned, aligned_scores, _ = kvasir_predictor.predict_batch(box=box, task="polyp")
     assert len(calls) == 1  # applied once, then cached per (image, task)
     assert np.array_equal(aligned, frozen) and np.allclose(aligned_scores, frozen_scores)
     # a paper-form layer with random init really changes what the decoder sees
     torch.manual_seed(0)
     kvasir_predictor.add_task("polyp", AlignmentLayer())  # replacing a task drops its cache
-    changed, _, _ = kvasir_predictor.predict(box=box, task="polyp")
+    changed, _, _ = kvasir_predictor.predict_batch(box=box, task="polyp")
     assert not np.array_equal(changed, frozen)
-    with pytest.raises(KeyError, match="unknown task 'liver'"):
-        kvasir_predictor.predict(box=box, task="liver")
+    with pytest.raises(UnknownTask, match="unknown task 'liver'"):
+        kvasir_predictor.predict_batch(box=box, task="liver")
     kvasir_predictor.remove_task("polyp")
 
 
@@ -141,22 +141,22 @@ def test_memory_cache_is_bounded(backbone):
 
 def test_prompt_errors_are_clear(kvasir_predictor):
     with pytest.raises(PromptError, match="at least one prompt"):
-        kvasir_predictor.predict()
+        kvasir_predictor.predict_batch()
     with pytest.raises(PromptError, match="x0 <= x1"):
-        kvasir_predictor.predict(box=[50, 50, 10, 10])
+        kvasir_predictor.predict_batch(box=[50, 50, 10, 10])
     with pytest.raises(PromptError, match=r"\(4,\) or \(B, 4\)"):
-        kvasir_predictor.predict(box=[1, 2, 3])
+        kvasir_predictor.predict_batch(box=[1, 2, 3])
     with pytest.raises(PromptError, match="point_labels are needed"):
-        kvasir_predictor.predict(point_coords=[[10, 10]])
+        kvasir_predictor.predict_batch(point_coords=[[10, 10]])
     with pytest.raises(PromptError, match="outside"):
-        kvasir_predictor.predict(point_coords=[[10_000, 10]], point_labels=[1])
+        kvasir_predictor.predict_batch(point_coords=[[10_000, 10]], point_labels=[1])
     with pytest.raises(PromptError, match="finite"):
-        kvasir_predictor.predict(box=[0, 0, np.nan, 10])
+        kvasir_predictor.predict_batch(box=[0, 0, np.nan, 10])
 
 
 def test_predict_before_an_image_is_set(predictor):
     with pytest.raises(RuntimeError, match="no image is set"):
-        predictor.predict(box=[0, 0, 10, 10])
+        predictor.predict_batch(box=[0, 0, 10, 10])
 
 
 def test_a_click_on_a_task_with_a_click_box_decodes_one_box_of_that_size(kvasir, kvasir_predictor):
@@ -167,15 +167,64 @@ def test_a_click_on_a_task_with_a_click_box_decodes_one_box_of_that_size(kvasir,
     p.add_task("clicks", AlignmentLayer(form="residual"), card={"point_prompts": "click_box", "click_box": [0.5, 0.25]})
     try:
         assert p.click_decoding("clicks") == {"click_box": (0.5, 0.25)}
-        clicked, scores, low = p.predict(point_coords=[[x, y]], point_labels=[1], task="clicks")
+        clicked, scores, low = p.predict_batch(point_coords=[[x, y]], point_labels=[1], task="clicks")
         half_w, half_h = 0.5 * max(h, w) / 2, 0.25 * max(h, w) / 2
-        boxed, scores_b, low_b = p.predict(box=[x - half_w, y - half_h, x + half_w, y + half_h], task="clicks")
+        boxed, scores_b, low_b = p.predict_batch(box=[x - half_w, y - half_h, x + half_w, y + half_h], task="clicks")
         np.testing.assert_array_equal(clicked, boxed)  # one decode of that box: same masks, same scores
         np.testing.assert_allclose(scores, scores_b)
         # a negative click cannot be a box: the box search handles it, as on the frozen model
         ys, xs = np.nonzero(~gt)
-        masks, _, _ = p.predict(point_coords=[[x, y], [xs[0], ys[0]]], point_labels=[1, 0], task="clicks")
+        masks, _, _ = p.predict_batch(point_coords=[[x, y], [xs[0], ys[0]]], point_labels=[1, 0], task="clicks")
         assert not masks[0, 0, ys[0], xs[0]]
     finally:
         p.remove_task("clicks")
     assert p.click_decoding("clicks") == {} and p.click_decoding(None) == {}
+
+
+def _segment_anything_usage(predictor, image, box, click):
+    """segment-anything's documented predictor usage (its README and predictor example notebook),
+    unchanged: one click with three masks, the best one's logits fed back, a box, boxes in batch."""
+    predictor.set_image(image)
+    assert predictor.is_image_set and predictor.original_size == image.shape[:2]
+    input_point, input_label = np.array([click]), np.array([1])
+    masks, scores, logits = predictor.predict(point_coords=input_point, point_labels=input_label,
+                                              multimask_output=True)
+    assert masks.shape == (3,) + image.shape[:2] and scores.shape == (3,) and logits.shape == (3, 256, 256)
+    mask_input = logits[np.argmax(scores), :, :]
+    masks, _, _ = predictor.predict(point_coords=input_point, point_labels=input_label,
+                                    mask_input=mask_input[None, :, :], multimask_output=False)
+    assert masks.shape == (1,) + image.shape[:2] and masks.dtype == bool
+    box_masks, _, _ = predictor.predict(point_coords=None, point_labels=None, box=np.array(box)[None, :],
+                                        multimask_output=False)
+    input_boxes = torch.tensor([box, box], device=predictor.device)
+    transformed_boxes = predictor.transform.apply_boxes_torch(input_boxes, image.shape[:2])
+    batch, _, _ = predictor.predict_torch(point_coords=None, point_labels=None, boxes=transformed_boxes,
+                                          multimask_output=False)
+    assert batch.shape == (2, 1) + image.shape[:2]
+    embedding = predictor.get_image_embedding()
+    assert embedding.shape[0] == 1 and embedding.shape[1] == 256 and predictor.input_size is not None
+    predictor.reset_image()
+    assert not predictor.is_image_set
+    return box_masks[0], batch[0, 0].cpu().numpy()
+
+
+def test_segment_anything_usage_runs_unchanged_on_both_predictors(backbone, kvasir):
+    """The same code on segment-anything's own SamPredictor (a small random SAM: its contract, not
+    its accuracy) and on CASamPredictor (real LiteMedSAM): a drop-in, shapes and idioms included."""
+    from segment_anything import SamPredictor
+    from segment_anything.build_sam import _build_sam
+
+    image, gt = kvasir
+    box = [float(v) for v in box_from_mask(gt)]
+    click = list(centre_point(gt))
+    torch.manual_seed(0)
+    sam = _build_sam(encoder_embed_dim=64, encoder_depth=1, encoder_num_heads=2,
+                     encoder_global_attn_indexes=[0], checkpoint=None).eval()
+    _segment_anything_usage(SamPredictor(sam), image, box, click)
+    mask, batched = _segment_anything_usage(CASamPredictor(backbone), image, box, click)
+    assert dice(mask, gt) >= 0.8 and dice(batched, mask) > 0.99  # a box in pixels = the same box through transform
+
+
+def test_predict_takes_one_object_and_says_where_batches_go(kvasir_predictor):
+    with pytest.raises(PromptError, match="predict_batch"):
+        kvasir_predictor.predict(box=[[0, 0, 10, 10], [5, 5, 20, 20]])

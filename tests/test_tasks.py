@@ -93,17 +93,17 @@ def test_auto_mode_uses_the_routed_layer_unless_it_lost_to_frozen(kvasir_task, b
     predictor.set_image(image)
     ys, xs = np.nonzero(labels)
     box = [xs.min(), ys.min(), xs.max(), ys.max()]
-    frozen = predictor.predict(box=box, task="none", return_logits=True)[0]
-    auto = predictor.predict(box=box, task="auto", return_logits=True)[0]
+    frozen = predictor.predict_batch(box=box, task="none", return_logits=True)[0]
+    auto = predictor.predict_batch(box=box, task="auto", return_logits=True)[0]
     if task.use_alignment:
-        aligned = predictor.predict(box=box, task="kvasir", return_logits=True)[0]
+        aligned = predictor.predict_batch(box=box, task="kvasir", return_logits=True)[0]
         assert np.array_equal(auto, aligned) and not np.array_equal(auto, frozen)
     else:  # never worse than frozen: the task routes to the frozen model
-        assert predictor.resolve_task("kvasir") is None
+        assert predictor.choose_task("kvasir").layer is None
         assert np.array_equal(auto, frozen)
     # forcing the layer on regardless (what a task that won its validation would use)
     predictor.add_task("forced", task.layer, task.vae, task.tau)
-    forced = predictor.predict(box=box, task="forced", return_logits=True)[0]
+    forced = predictor.predict_batch(box=box, task="forced", return_logits=True)[0]
     if task.card["training"]["kept_step"] == 0:  # the untrained layer won the checks: it is the identity
         assert np.array_equal(forced, frozen) and not task.use_alignment
     else:
@@ -388,7 +388,7 @@ def test_cli_learn_route_eval_segment_tasks_json(kvasir_task, tmp_path, capsys):
     root = dataset_root("kvasir_polyp")
     test_case = json.loads((root / "dataset.json").read_text())["test"][0]
     route = run("route", str(root / test_case["image"]))
-    assert set(route) == {"decision", "scores", "tau"} and set(route["scores"]) == {"kv"}
+    assert set(route) == {"mode", "decision", "layer", "scores", "tau"} and route["mode"] == "auto" and set(route["scores"]) == {"kv"}
 
     ev = run("eval", str(root), "--limit", "2", "--task", "none")
     assert {"n_images", "iou", "dice", "biou", "routes", "per_image", "prompt"} <= set(ev)

@@ -39,8 +39,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from casam_core.alignment import AlignmentLayer, count_parameters
-from casam_core.backbones import build_backbone
+from casam_core.alignment import PAPER, RESIDUAL, AlignmentLayer, count_parameters
+from casam_core.build import build_predictor
 from casam_core.evaluate import object_metrics
 from casam_core.io import read_dataset, read_image, read_labels, write_json
 from casam_core.metrics import backward_transfer, forgetting
@@ -50,6 +50,8 @@ from casam_core.prompts import object_masks
 from casam_core.router import Router, router_feature
 from casam_core.training import (LearnConfig, TaskData, TrainingSlice, _objects_for, augment_intensity, batch_loss,
                                  fit, image_slice, learn_config, learn_task, volume_slices)
+
+from .report import matrix, other_form, write_report
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_STREAM = ("hippocampus_mri,covid19_ct_infection,monuseg_nuclei,brats_glioma,drive_vessels,em_membranes,"
@@ -68,7 +70,7 @@ class Profile:
     max_objects: Optional[int]  # per test image, instance sets
     epochs: Optional[int] = None  # None: the recipe's budget
     lr: Optional[float] = None  # None: the recipe's
-    form: str = "paper"  # the Alignment Layer form of CA-SAM and the layer baselines
+    form: str = PAPER  # the Alignment Layer form of CA-SAM and the layer baselines
     ewc_lambda: float = 100.0
     variants: bool = True
     recipe: str = "paper"  # the learning profile every layer and baseline trains with (casam learn --profile)
@@ -79,7 +81,7 @@ PROFILES = {
     # a 2-core CPU in <= 2.5 h: 30 training and 20 test images or slices per task, every layer and
     # baseline trained with the product's recipe (casam learn's default, "fast")
     "quick": Profile(train_images=30, test_images=20, train_volumes=3, test_volumes=2, slices_per_volume=10,
-                     background_per_volume=1, max_objects=24, form="residual", recipe="fast"),
+                     background_per_volume=1, max_objects=24, form=RESIDUAL, recipe="fast"),
     "paper": Profile(train_images=None, test_images=None, train_volumes=None, test_volumes=None,
                      slices_per_volume=None, background_per_volume=4, max_objects=None, epochs=24),
 }
@@ -276,18 +278,11 @@ def encoder_gflops(backbone) -> float:
 VARIANTS = {"other_form": {}, "1_block": {"n_blocks": 1}, "augment_1": {}}  # other_form: see other_form()
 
 
-def other_form(form: str) -> str:
-    """The layer form the "other_form" ablation trains: the paper's form, or the residual one for a paper run."""
-    return "residual" if form == "paper" else "paper"
-
-
 def save_models(path: Path, layers, variants, naive, ewc, decoder, router, ewc_terms) -> None:
     """Every model of the run after a stage, as one safetensors file (written atomically)."""
-    import os
-
     from safetensors.torch import save_file
 
-    from casam_core.io import atomic_target
+    from casam_core.io import atomic_write
 
     t: Dict[str, torch.Tensor] = {}
 
@@ -309,14 +304,8 @@ def save_models(path: Path, layers, variants, naive, ewc, decoder, router, ewc_t
     for j, (F, p0, n) in enumerate(ewc_terms):
         t[f"ewc_F.{j}.{n}"] = F.detach().cpu().contiguous()
         t[f"ewc_P.{j}.{n}"] = p0.detach().cpu().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_target(path)
-    try:
+    with atomic_write(path) as tmp:
         save_file(t, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_models(path: Path) -> Dict[str, torch.Tensor]:
@@ -327,7 +316,7 @@ def load_models(path: Path) -> Dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _layer_from(saved, prefix, form="paper", n_blocks=3):
+def _layer_from(saved, prefix, form=PAPER, n_blocks=3):
     state = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
     layer = AlignmentLayer(n_blocks=n_blocks, form=form)
     layer.load_state_dict(state)
@@ -352,8 +341,8 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
     methods = list(methods or METHODS)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = cache_dir or out.parent / ".embeddings"
-    backbone = build_backbone("litemedsam", device=device)
-    predictor = CASamPredictor(backbone, disk_cache=cache_dir)
+    predictor, _ = build_predictor("litemedsam", device=device, cache_dir=cache_dir)
+    backbone = predictor.backbone
     st = Stream(predictor, profile, seed)
     ev = Evaluator(st, profile.max_objects)
     state_path = out / "state.json"
@@ -555,22 +544,10 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
     summarise(state)
     write_json(state, state_path)
     write_json(state, out / "results.json")
-    from .report import write_report
 
     write_report(state, out)
     log(f"wrote {out / 'results.json'} and {out / 'report.md'} in {state['seconds_total']:.0f} s")
     return state
-
-
-def matrix(state: dict, method: str, metric: str = "dice") -> np.ndarray:
-    names = state["stream"]
-    a = np.full((len(state["stages"]), len(names)), np.nan)
-    for t, row in enumerate(state["stages"]):
-        for i, name in enumerate(names):
-            r = row["results"].get(method, {}).get(name)
-            if r is not None:
-                a[t, i] = r[metric]
-    return a
 
 
 def summarise(state: dict) -> None:

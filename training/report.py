@@ -6,9 +6,28 @@ from pathlib import Path
 
 import numpy as np
 
+from casam_core.alignment import PAPER, RESIDUAL
+
 LABELS = {"zero_shot": "zero-shot (frozen)", "casam": "CA-SAM routed", "oracle": "CA-SAM oracle",
           "naive_al": "naive sequential AL", "decoder_ft": "sequential decoder FT", "ewc_al": "EWC on shared AL",
           "joint_al": "joint AL (pooled data)"}
+
+
+def other_form(form: str) -> str:
+    """The layer form the "other_form" ablation trains: the paper's form, or the residual one for a paper run."""
+    return RESIDUAL if form == PAPER else PAPER
+
+
+def matrix(state: dict, method: str, metric: str = "dice") -> np.ndarray:
+    """Accuracy matrix (stages x tasks) of one method: ``metric`` after stage t on task i (NaN: not yet)."""
+    names = state["stream"]
+    a = np.full((len(state["stages"]), len(names)), np.nan)
+    for t, row in enumerate(state["stages"]):
+        for i, name in enumerate(names):
+            r = row["results"].get(method, {}).get(name)
+            if r is not None:
+                a[t, i] = r[metric]
+    return a
 
 
 def _fmt(v) -> str:
@@ -16,8 +35,6 @@ def _fmt(v) -> str:
 
 
 def write_report(state: dict, out: Path) -> None:
-    from .continual import matrix, other_form
-
     out = Path(out)
     names = state["stream"]
     s = state.get("summary", {})
@@ -115,8 +132,6 @@ def plots(state: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .continual import matrix
 
     names = state["stream"]
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -1,0 +1,43 @@
+"""Where CA-SAM keeps things, and the environment variables that move them: one place for
+the CLI, the plugin, learning and the benchmarks.
+
+    $CASAM_LIBRARY         the task library           (default ~/.casam/tasks)
+    $CASAM_CACHE_DIR       the on-disk embedding cache (default ~/.cache/casam/embeddings)
+    $CASAM_CHECKPOINT_DIR  where SAM ViT checkpoints are looked for (then ~/.cache/casam/checkpoints)
+
+An explicit path (``--library``, ``--cache-dir``, ``--checkpoint``, a widget argument) wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+ENV_LIBRARY = "CASAM_LIBRARY"
+ENV_CACHE = "CASAM_CACHE_DIR"
+ENV_CHECKPOINTS = "CASAM_CHECKPOINT_DIR"
+
+
+def _chosen(explicit: Optional[PathLike], env: str, default: Path) -> Path:
+    if explicit:
+        return Path(explicit).expanduser()
+    value = os.environ.get(env)
+    return Path(value).expanduser() if value else default
+
+
+def library_dir(explicit: Optional[PathLike] = None) -> Path:
+    """The task library folder."""
+    return _chosen(explicit, ENV_LIBRARY, Path.home() / ".casam" / "tasks")
+
+
+def cache_dir(explicit: Optional[PathLike] = None) -> Path:
+    """The on-disk embedding cache folder (shared by the CLI and the viewer)."""
+    return _chosen(explicit, ENV_CACHE, Path.home() / ".cache" / "casam" / "embeddings")
+
+
+def checkpoint_dirs() -> List[Path]:
+    """Folders searched, in order, for a SAM ViT checkpoint given by name only."""
+    found = [Path(os.environ[ENV_CHECKPOINTS]).expanduser()] if os.environ.get(ENV_CHECKPOINTS) else []
+    return found + [Path.home() / ".cache" / "casam" / "checkpoints"]
