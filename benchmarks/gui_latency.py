@@ -170,7 +170,7 @@ def main() -> None:
     t0 = time.perf_counter()
     w.embed()
     click_first = (time.perf_counter() - t0) * 1000
-    spin_until(app, lambda: w._embed_worker is None, 120)
+    spin_until(app, lambda: not w.is_embedding, 120)
     ys, xs = np.nonzero(gt)
     y0, x0, y1, x1 = ys.min(), xs.min(), ys.max(), xs.max()
     lat = []
@@ -213,7 +213,7 @@ def main() -> None:
     w.embed()  # the click: sets up the CA-SAM layers for a volume on the UI thread, starts the worker
     click_volume = (time.perf_counter() - t0) * 1000
     meter.start()
-    spin_until(app, lambda: w._embed_worker is None, 600)
+    spin_until(app, lambda: not w.is_embedding, 600)
     embed_s = time.perf_counter() - t0
     embed_stall = meter.stop()
     embed_cause = meter.cause()

@@ -25,15 +25,15 @@ def learn_in_process(queue, cancel_event, name: str, image: np.ndarray, labels: 
                      profile: str, steps: Optional[int], label_names: Optional[dict], modality: Optional[str]) -> None:
     _lower_priority()
     try:
-        from casam_core.backbones import build_backbone
+        from casam_core.build import NO_CACHE, build_predictor
+        from casam_core.errors import TaskLibraryError
         from casam_core.library import TaskLibrary
-        from casam_core.predictor import CASamPredictor
         from casam_core.progress import Cancelled
         from casam_core.training import TaskData, image_slice_from_array, learn_config, learn_task, volume_slices
 
         lib = TaskLibrary(library)
         if name in lib:
-            raise ValueError(f"a task named {name!r} already exists in {lib.root}")
+            raise TaskLibraryError(f"a task named {name!r} already exists in {lib.root}")
         if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4) and labels.ndim == 2):
             slices = [image_slice_from_array(image, labels, name)]
         else:
@@ -41,7 +41,7 @@ def learn_in_process(queue, cancel_event, name: str, image: np.ndarray, labels: 
         if label_names is None:  # every label value present in the annotation
             label_names = {int(v): f"label {int(v)}" for v in np.unique(labels) if v}
         data = TaskData(slices, "class", label_names, modality, [name])
-        predictor = CASamPredictor(build_backbone(backbone, checkpoint, device), disk_cache=cache_dir)
+        predictor, _ = build_predictor(backbone, checkpoint, device, cache_dir=cache_dir or NO_CACHE)
         try:
             task = learn_task(predictor, name, data, learn_config(profile, steps=steps),
                               progress=lambda d, t, m: queue.put(("progress", d, t, m)),
@@ -55,7 +55,10 @@ def learn_in_process(queue, cancel_event, name: str, image: np.ndarray, labels: 
         lib.save(task)
         queue.put(("done", lib.card(name)))
     except Exception as exc:  # reported in the viewer; the library is untouched
-        queue.put(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        from casam_core.errors import CASamError
+
+        text = str(exc) if isinstance(exc, CASamError) else f"{type(exc).__name__}: {exc}"  # a bug: its type too
+        queue.put(("error", text, traceback.format_exc()))
 
 
 NICENESS = 10

@@ -129,7 +129,7 @@ def test_next_image_keeps_the_labels_committed_on_the_last(widget, qtbot):
     assert np.allclose(viewer.camera.center[-2:], (np.array(vol.shape[1:]) - 1) / 2, atol=1)  # framed
     w.undo()  # the undo history belonged to the 2D image's layer: nothing to undo here
     assert np.array_equal(kept.data, committed) and not viewer.layers[LABELS].data.any()
-    qtbot.waitUntil(lambda: w._embed_worker is None, timeout=120000)
+    qtbot.waitUntil(lambda: not w.is_embedding, timeout=120000)
 
 
 def _wait_for_learning(w, qtbot, timeout=240000):
@@ -144,7 +144,7 @@ def test_learn_new_task_then_auto_routes_to_it(widget, qtbot):
     viewer.add_labels(lab, name="hippo annotation")
     w.image_combo.setCurrentText("hippo")
     w.embed()
-    qtbot.waitUntil(lambda: w._embed_worker is None, timeout=120000)
+    qtbot.waitUntil(lambda: not w.is_embedding, timeout=120000)
     qtbot.waitUntil(lambda: w.route_label.text() == "route: frozen model (no learned task for this backbone)",
                     timeout=10000)
     w.steps_spin.setValue(2)
@@ -198,10 +198,10 @@ def test_worker_results_after_the_widget_is_gone_are_dropped(make_napari_viewer,
     viewer = make_napari_viewer()
     w = CASamWidget(viewer, library=str(tmp_path / "library"), cache_dir=str(tmp_path / "cache"))
     calls = []
-    callback = w._guarded(lambda *args: calls.append(w.status_label.text()))
+    callback = w.workers.guarded(lambda *args: calls.append(w.status_label.text()))
     callback(1)
     assert calls == [""]
-    life = w._life
+    life = w.workers
     w.deleteLater()
     qtbot.waitUntil(lambda: not life.alive, timeout=5000)
     callback(2)  # would raise "wrapped C/C++ object ... has been deleted" if it ran
@@ -220,8 +220,8 @@ def test_a_bad_checkpoint_is_reported_and_not_overwritten(widget, qtbot, tmp_pat
     missing = tmp_path / "sam_vit_b.pth"
     w.checkpoint_edit.setText(str(missing))
     w.embed()
-    qtbot.waitUntil(lambda: w._embed_worker is None, timeout=30000)
+    qtbot.waitUntil(lambda: not w.is_embedding, timeout=30000)
     qtbot.wait(100)
     text = w.status_label.text()
     assert text.startswith("CA-SAM: embedding failed") and "sam_vit_b.pth" in text, text
-    assert not w._ready
+    assert not w.is_ready

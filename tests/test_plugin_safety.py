@@ -54,9 +54,9 @@ def _hippocampus(z0=12, z1=20):
 def _embed(viewer, w, qtbot, name, all_slices=True):
     w.image_combo.setCurrentText(name)
     w.embed()
-    qtbot.waitUntil(lambda: w._ready, timeout=120000)
+    qtbot.waitUntil(lambda: w.is_ready, timeout=120000)
     if all_slices:
-        qtbot.waitUntil(lambda: w._embed_worker is None, timeout=240000)
+        qtbot.waitUntil(lambda: not w.is_embedding, timeout=240000)
 
 
 def _box(mask2d, pad=1):
@@ -84,10 +84,10 @@ def test_closing_the_dock_stops_the_embedding(make_napari_viewer, qtbot, tmp_pat
     vol, _ = _hippocampus(0, 35)
     viewer.add_image(vol, name="hippo")
     _embed(viewer, w, qtbot, "hippo", all_slices=False)
-    assert w._life.running()
+    assert w.workers.running()
     viewer.window.remove_dock_widget(w)  # what the dock's close button does: the dock is deleted
-    qtbot.waitUntil(lambda: not w._life.alive, timeout=5000)
-    assert w._life.running() == 0  # stopped and joined when the dock went
+    qtbot.waitUntil(lambda: not w.workers.alive, timeout=5000)
+    assert w.workers.running() == 0  # stopped and joined when the dock went
     calls = w.predictor.encoder_calls
     qtbot.wait(3000)
     assert w.predictor.encoder_calls == calls  # nothing embeds any more
@@ -107,7 +107,7 @@ def test_removing_the_volume_then_opening_a_2d_image_keeps_the_widget_working(wi
     assert w.image_layer is None and "removed" in w.status_label.text()
     (img, kw, _), (gt2, _, _) = sample_2d()
     viewer.add_image(img, **kw)
-    w._on_slice_change()  # the handler napari calls when the dims change
+    w.on_slice_change()  # the handler napari calls when the dims change
     viewer.dims.set_current_step(0, 0)
     _embed(viewer, w, qtbot, kw["name"])
     _draw_box(viewer, gt2 > 0)
@@ -144,7 +144,7 @@ def test_prompts_use_the_displayed_slice_when_layers_have_other_origins(widget, 
     _embed(viewer, w, qtbot, "hippo")
     k = 4  # the image's slice 4 is at world z 6: the slider step is 6
     viewer.dims.set_point(0, 6.0)
-    assert viewer.dims.current_step[0] == 6 and w._current_slice() == k
+    assert viewer.dims.current_step[0] == 6 and w.current_slice() == k
     _draw_box(viewer, gt[k], z=k)
     qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any(), timeout=30000)
     preview = viewer.layers[PREVIEW].data > 0
@@ -161,7 +161,7 @@ def test_a_propagation_result_never_lands_in_another_volume(widget, qtbot):
     viewer.add_image(vol, name="first")
     viewer.add_image(vol[::-1].copy(), name="second")
     _embed(viewer, w, qtbot, "first")
-    k = w._current_slice()
+    k = w.current_slice()
     _draw_box(viewer, gt[k], z=k)
     qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any(), timeout=30000)
     qtbot.wait(300)
@@ -187,7 +187,7 @@ def test_commit_never_takes_a_stale_preview(widget, qtbot):
     qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any(), timeout=30000)
     viewer.layers[BOXES].data = []
     _draw_box(viewer, gt > 0)  # the right box; C at once, while the preview still shows the corner
-    assert w.commit() is None and w._commit_pending and "segmenting" in w.status_label.text()
+    assert w.commit() is None and w.commit_pending and "segmenting" in w.status_label.text()
     qtbot.waitUntil(lambda: viewer.layers[LABELS].data.any(), timeout=30000)
     assert dice(viewer.layers[LABELS].data > 0, gt > 0) > 0.8
     # with no segmentation on its way, a stale preview is refused with the reason
@@ -209,7 +209,7 @@ def test_undo_is_the_labels_layer_history_and_keeps_manual_edits(widget, qtbot):
     viewer.add_image(img, **kw)
     _embed(viewer, w, qtbot, kw["name"])
     _draw_box(viewer, gt > 0)
-    qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any() and w._preview_is_current(), timeout=30000)
+    qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any() and w.preview_is_current(), timeout=30000)
     assert w.commit() == 1
     labels = viewer.layers[LABELS]
     committed = labels.data.copy()
@@ -238,9 +238,9 @@ def test_propagation_keeps_the_approved_slice(widget, qtbot):
     vol, gt = _hippocampus()
     viewer.add_image(vol, name="hippo")
     _embed(viewer, w, qtbot, "hippo")
-    k = w._current_slice()
+    k = w.current_slice()
     _draw_box(viewer, gt[k], z=k)
-    qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any() and w._preview_is_current(), timeout=30000)
+    qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any() and w.preview_is_current(), timeout=30000)
     approved = viewer.layers[PREVIEW].data[k] > 0
     w.propagate()
     qtbot.waitUntil(lambda: viewer.layers[LABELS].data.any(), timeout=60000)
@@ -295,11 +295,11 @@ def test_learn_records_structure_and_modality_and_import_offers_a_new_name(widge
     w.task_list.setCurrentRow(0)
     assert "T1 MRI" in w.card_label.text() and "hippocampus" in w.card_label.text()
     pack = tmp_path / "hippo.casam-task"
-    w.export_task("hippo_t1", str(pack))
+    w.tasks.export_task("hippo_t1", str(pack))
     assert "exported task hippo_t1" in w.status_label.text()
     monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(pack), ""))
     monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: ("hippo_t1_copy", True))
-    w._import_clicked()  # the name is taken: the user is asked for another
+    w.tasks.import_dialog()  # the name is taken: the user is asked for another
     assert sorted(w.library.names()) == ["hippo_t1", "hippo_t1_copy"]
     assert "imported task hippo_t1_copy" in w.status_label.text()
 
@@ -319,7 +319,7 @@ def test_preview_and_clicks_are_visible_and_the_dock_fits_a_small_screen(widget,
     assert w.minimumSizeHint().height() <= 600  # the rest scrolls (it needed 936 px)
     manifest = PluginManifest.from_distribution("napari-casam")
     assert manifest.contributions.widgets[0].display_name != manifest.display_name  # not "CA-SAM (CA-SAM)"
-    qtbot.waitUntil(lambda: w._embed_worker is None, timeout=240000)
+    qtbot.waitUntil(lambda: not w.is_embedding, timeout=240000)
 
 
 def test_triton_is_kept_out_only_when_another_llvm_is_loaded():
@@ -356,7 +356,7 @@ def test_corrective_clicks_do_not_make_the_mask_worse(widget, qtbot):
             (x, y), positive = click
             w.positive_check.setChecked(bool(positive))
         viewer.layers[POINTS].add([y, x])
-        qtbot.waitUntil(lambda: w._preview_is_current() and not w._in_flight, timeout=30000)
+        qtbot.waitUntil(lambda: w.preview_is_current() and not w.is_segmenting, timeout=30000)
         scores.append(dice(viewer.layers[PREVIEW].data > 0, gt))
     assert all(b >= a - 1e-6 for a, b in zip(scores, scores[1:])), scores
     assert scores[-1] > 0.85, scores

@@ -67,13 +67,13 @@ def main(mode: str, cache: str, library: str) -> None:
         viewer.open(str(SAMPLES / "hippocampus_mri" / "hippocampus_003.nii.gz"), plugin="napari-casam")
         w.image_combo.setCurrentText("hippocampus_003")
         w.embed()
-        assert pump(app, 180, lambda: w._ready), "the first slice was never embedded"
-        assert w._life.running(), "nothing was running when the user quit"
+        assert pump(app, 180, lambda: w.is_ready), "the first slice was never embedded"
+        assert w.workers.running(), "nothing was running when the user quit"
         print("quitting while embedding", flush=True)
         t0 = time.time()
         viewer.close()
-        print(f"closed in {time.time() - t0:.1f} s; still running: {w._life.running()}", flush=True)
-        assert w._life.running() == 0
+        print(f"closed in {time.time() - t0:.1f} s; still running: {w.workers.running()}", flush=True)
+        assert w.workers.running() == 0
     print("SESSION OK", flush=True)
 
 

@@ -1,0 +1,237 @@
+"""The napari layers the dock manages, and pure converters from layers to prompts.
+
+* ``CA-SAM points``  positive (green) / negative (red) clicks; ``T`` toggles the kind
+* ``CA-SAM boxes``   rectangles drawn with the Shapes tools
+* ``CA-SAM preview`` the current mask (not saved)
+* ``CA-SAM labels``  committed masks, one label id per commit, in the layer's own undo history
+
+``prompts_from_layers``, ``slice_index`` and ``to_image`` are pure functions of layers (in
+the spirit of micro-sam's ``sam_annotator/util.py``); ``PromptLayers`` adds, reuses and
+clears the layers for the image being segmented.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+POINTS, BOXES, PREVIEW, LABELS = "CA-SAM points", "CA-SAM boxes", "CA-SAM preview", "CA-SAM labels"
+POSITIVE, NEGATIVE = "positive", "negative"
+COLOURS = {POSITIVE: "lime", NEGATIVE: "red"}
+PREVIEW_COLOUR = "cyan"  # unlike any colour of napari's label cycle, and visible on endoscopy and greyscale
+POINT_PIXELS = (10, 40)  # clicks are drawn 10-40 screen pixels wide
+
+
+def slice_index(layer, world_point) -> int:
+    """The index along a 3D layer's first axis of the slice napari shows at ``world_point``."""
+    point = np.asarray(world_point, float)[-layer.ndim:]
+    index = float(np.asarray(layer.world_to_data(point))[0])
+    return int(np.clip(np.round(index), 0, layer.data.shape[0] - 1))
+
+
+def to_image(image_layer, layer, coords) -> np.ndarray:
+    """(N, D) data coordinates of a prompt ``layer`` as (N, D) data coordinates of ``image_layer``."""
+    coords = np.atleast_2d(np.asarray(coords, float))
+    if len(coords) == 0 or image_layer is None:
+        return coords
+    same = (np.allclose(layer.scale, image_layer.scale[-layer.ndim:])
+            and np.allclose(layer.translate, image_layer.translate[-layer.ndim:]))
+    if same and layer.ndim == image_layer.ndim:
+        return coords
+    return np.array([image_layer.world_to_data(layer.data_to_world(c)) for c in coords])
+
+
+def prompts_from_layers(points, boxes, image_layer, k: int = 0) -> Tuple:
+    """The prompts on slice ``k`` (2D: the image): (coords (N, 2) as x, y, labels (N,) 1/0, boxes
+    (B, 4) as x0, y0, x1, y1), each None when absent. ``points``: a Points layer whose ``kind``
+    feature is POSITIVE/NEGATIVE; ``boxes``: a Shapes layer (its rectangles are the boxes);
+    either may be None. Coordinates are the image's pixels; clicks are clipped to the image."""
+    coords = labels = out = None
+    if points is not None:
+        data = to_image(image_layer, points, points.data)
+        if len(data):
+            kinds = np.asarray(points.features["kind"]) if "kind" in points.features else np.full(len(data), POSITIVE)
+            keep = np.ones(len(data), bool) if data.shape[1] == 2 else np.round(data[:, 0]) == k
+            if keep.any():
+                coords = data[keep][:, -2:][:, ::-1]
+                labels = (kinds[keep] != NEGATIVE).astype(int)
+    if boxes is not None:
+        rows = []
+        for shape, verts in zip(boxes.shape_type, boxes.data):
+            verts = to_image(image_layer, boxes, verts)
+            if shape != "rectangle" or (verts.shape[1] == 3 and np.round(verts[0, 0]) != k):
+                continue
+            ys, xs = verts[:, -2], verts[:, -1]
+            rows.append([xs.min(), ys.min(), xs.max(), ys.max()])
+        out = np.array(rows) if rows else None
+    if coords is not None and image_layer is not None:
+        h, w = image_layer.data.shape[:2] if image_layer.rgb else image_layer.data.shape[-2:]
+        coords = np.clip(coords, 0, [w - 1, h - 1])
+    return coords, labels, out
+
+
+def rgba(colour: str) -> np.ndarray:
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    return transform_color(colour)[0]
+
+
+def preview_colours():
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: PREVIEW_COLOUR})
+
+
+class PromptLayers:
+    """The four CA-SAM layers of one viewer. ``on_change`` runs when the user edits a prompt;
+    ``bind_keys(layer)`` gives a new prompt layer the dock's shortcuts; ``say`` shows a status line."""
+
+    def __init__(self, viewer, on_change: Callable, bind_keys: Callable, say: Callable[[str], None]) -> None:
+        self.viewer = viewer
+        self.on_change = on_change
+        self.bind_keys = bind_keys
+        self.say = say
+        self.source: Optional[str] = None  # the image the layers belong to
+
+    def get(self, name: str):
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def present(self) -> bool:
+        """The preview and labels layers exist (the user may have removed them)."""
+        return PREVIEW in self.viewer.layers and LABELS in self.viewer.layers
+
+    def prompts(self, image_layer, k: int):
+        return prompts_from_layers(self.get(POINTS), self.get(BOXES), image_layer, k)
+
+    def ensure(self, shape, image_layer) -> bool:
+        """The prompt, preview and labels layers for this image; True for another image than before.
+        Existing layers are reused where they fit: adding a napari layer costs the UI thread several
+        times more than giving one new data. Labels committed on another image are never overwritten:
+        that layer is kept, hidden, under a new name."""
+        layers = self.viewer.layers
+        ndim = len(shape)
+        kw = {"scale": image_layer.scale[-ndim:], "translate": image_layer.translate[-ndim:]}
+        source = image_layer.name
+        new_image = source != self.source
+        for name in (POINTS, BOXES, PREVIEW):  # a 3D layer given 2D data keeps its 3D scale: napari fails
+            if name in layers and layers[name].ndim != ndim:
+                layers.remove(name)
+        if new_image:
+            self.clear_prompts()
+        if POINTS not in layers:
+            pts = self.viewer.add_points(np.empty((0, ndim)), name=POINTS, size=max(shape) / 80,
+                                         canvas_size_limits=POINT_PIXELS,  # visible at any zoom and image size
+                                         face_color=COLOURS[POSITIVE], features={"kind": np.array([], dtype=object)},
+                                         **kw)
+            pts.feature_defaults["kind"] = POSITIVE
+            pts.events.data.connect(self.on_change)
+            pts.mode = "add"
+            self.bind_keys(pts)
+        if BOXES not in layers:
+            shapes = self.viewer.add_shapes(name=BOXES, ndim=ndim, edge_color="yellow", face_color="transparent",
+                                            edge_width=max(shape) / 300, **kw)
+            shapes.events.data.connect(self.on_change)
+            self.bind_keys(shapes)
+        for name in (POINTS, BOXES):
+            _place(layers[name], kw)
+        metadata = {**image_layer.metadata, "casam_source": source}
+        labels = self.get(LABELS)
+        if labels is not None:
+            mine = labels.metadata.get("casam_source", source) == source and labels.data.shape == tuple(shape)
+            if not mine and np.any(labels.data):  # another image's work: keep it, under its image's name
+                labels.name = self._free_name(f"{LABELS} [{labels.metadata.get('casam_source', 'previous image')}]")
+                labels.visible = False  # it belongs to another image
+                self.say(f"the labels committed before are kept in the hidden layer {labels.name}")
+            elif labels.ndim != ndim:  # empty, but of another dimensionality: replaced below
+                layers.remove(LABELS)
+        for name in (PREVIEW, LABELS):
+            layer = self.get(name)
+            if layer is None:
+                extra = {"colormap": preview_colours()} if name == PREVIEW else {}
+                self.viewer.add_labels(np.zeros(shape, np.int32), name=name, opacity=0.5 if name == PREVIEW else 0.6,
+                                       metadata=metadata, **extra, **kw)
+                continue
+            if layer.data.shape != tuple(shape) or (name == PREVIEW and np.any(layer.data)):
+                layer.data = np.zeros(shape, np.int32)  # (a new data array also starts a new undo history)
+            layer.metadata = metadata
+            _place(layer, kw)
+        order = [layers.index(name) for name in (LABELS, PREVIEW, BOXES, POINTS)]
+        if min(order) < layers.index(image_layer) or order != sorted(order):
+            for name in (LABELS, PREVIEW, BOXES, POINTS):  # reused layers lay under an image opened since, or a
+                layers.move(layers.index(name), len(layers))  # replaced one above the prompts: prompts uppermost
+        self.source = source
+        if new_image:  # napari keeps the camera while layers remain: frame the new image
+            try:
+                self.viewer.reset_view(layers=[image_layer])
+            except (TypeError, IndexError):  # napari < 0.6 frames every layer; napari 0.9 cannot frame a 2D
+                self.viewer.reset_view()  # layer alone while a 3D one is open ("index 2 is out of bounds")
+        layers.selection.active = layers[POINTS]
+        return new_image
+
+    def _free_name(self, name: str) -> str:
+        base, k = name, 2
+        while name in self.viewer.layers:
+            name, k = f"{base} {k}", k + 1
+        return name
+
+    def set_kind(self, positive: bool) -> None:
+        """New clicks are positive (or negative)."""
+        pts = self.get(POINTS)
+        if pts is not None:
+            kind = POSITIVE if positive else NEGATIVE
+            pts.feature_defaults["kind"] = kind
+            pts.current_face_color = COLOURS[kind]
+
+    def colour_points(self) -> None:
+        """Each click coloured by its kind."""
+        pts = self.get(POINTS)
+        if pts is None:
+            return
+        kinds = list(pts.features["kind"]) if "kind" in pts.features else []
+        if len(kinds) == len(pts.data) and len(kinds):
+            colours = np.array([rgba(COLOURS.get(k, COLOURS[POSITIVE])) for k in kinds])
+            if not np.allclose(np.asarray(pts.face_color), colours):
+                pts.face_color = colours
+
+    def clear_prompts(self) -> None:
+        """Remove every click and box (without announcing it as a prompt edit)."""
+        for name in (POINTS, BOXES):
+            layer = self.get(name)
+            if layer is not None:
+                layer.events.data.disconnect(self.on_change)
+                layer.data = np.empty((0, layer.ndim)) if name == POINTS else []
+                layer.events.data.connect(self.on_change)
+
+    def clear_preview(self) -> None:
+        preview = self.get(PREVIEW)
+        if preview is not None:
+            preview.data = np.zeros_like(preview.data)
+
+    def show_preview(self, mask: np.ndarray, k: Optional[int]) -> None:
+        """The preview shows ``mask`` (on slice ``k`` of a volume, nothing elsewhere)."""
+        preview = self.viewer.layers[PREVIEW]
+        data = np.zeros_like(preview.data)
+        if k is None:
+            data[:] = mask
+        else:
+            data[k] = mask
+        preview.data = data
+
+    def write_label(self, mask: np.ndarray, labels=None) -> Tuple[int, int]:
+        """Give the mask's pixels the next free label id, as one step of the Labels layer's own undo history
+        (the dock's Undo and napari's Ctrl+Z are the same history); the preview is cleared.
+        Returns (label id, voxels)."""
+        labels = labels if labels is not None else self.viewer.layers[LABELS]
+        label_id = int(np.asarray(labels.data).max()) + 1
+        index = np.nonzero(mask)
+        labels.data_setitem(index, label_id)
+        self.clear_preview()
+        return label_id, len(index[0])
+
+
+def _place(layer, kw) -> None:
+    """Give a reused layer the image's scale and translate (only when they differ: each set redraws)."""
+    for attr in ("scale", "translate"):
+        if not np.allclose(getattr(layer, attr), kw[attr]):
+            setattr(layer, attr, kw[attr])

@@ -1,0 +1,101 @@
+"""The dock's model session, without Qt: testable with no viewer.
+
+One predictor (rebuilt when the backbone, checkpoint or device changes), the lock that makes
+model calls one at a time, the image generation that tells a stale worker result from a
+current one, and the task choice. Every method that touches the model takes the lock itself
+and is meant to run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from casam_core.build import build_predictor
+from casam_core.library import TaskLibrary
+from casam_core.predictor import CASamPredictor
+from casam_core.prompts import propagate_box
+from casam_core.tasks import TaskChoice
+
+BackboneKey = Tuple[str, Optional[str], str]  # (backbone, checkpoint, device)
+
+
+class ModelSession:
+    def __init__(self, library: TaskLibrary, cache_dir) -> None:
+        self.library = library
+        self.cache_dir = cache_dir
+        self.predictor: Optional[CASamPredictor] = None
+        self._key: Optional[BackboneKey] = None
+        self.lock = threading.Lock()  # one model call at a time
+        self.generation = 0  # bumps when the image changes: results for an older one are dropped
+        self.is_volume = False
+
+    # -- the image ---------------------------------------------------------------------
+    def new_image(self, is_volume: bool = False) -> int:
+        """A new image (or none): results of work for the previous one become stale."""
+        self.generation += 1
+        self.is_volume = is_volume
+        return self.generation
+
+    def is_current(self, generation: int) -> bool:
+        return generation == self.generation
+
+    def open(self, key: BackboneKey, array: np.ndarray, is_volume: bool) -> Dict[str, str]:
+        """Build (or reuse) the predictor for ``key`` and give it the image or volume (nothing
+        embedded yet for a volume). Returns {task not loaded: why}; a bad checkpoint raises here."""
+        with self.lock:
+            skipped = {}
+            if self.predictor is None or key != self._key:
+                self.predictor, skipped = build_predictor(*key, cache_dir=self.cache_dir, library=self.library)
+                self._key = key
+            if is_volume:
+                self.predictor.set_volume(array, axis=0)
+            else:
+                self.predictor.set_image(array)
+            return skipped
+
+    def embed_slice(self, index: int) -> None:
+        """Embed one slice of the volume (a cached slice costs nothing)."""
+        with self.lock:
+            self.predictor.slice_record(index)
+
+    def reload_tasks(self) -> Dict[str, str]:
+        """(Re)register the library's tasks after a library change; returns {skipped task: why}."""
+        with self.lock:
+            if self.predictor is None:
+                return {}
+            for name in list(self.predictor.layers):
+                self.predictor.remove_task(name)
+            return self.predictor.load_tasks(self.library)
+
+    # -- tasks and prompts ---------------------------------------------------------------
+    def _choose(self, task: Optional[str]) -> TaskChoice:
+        # a volume's route comes from the slices embedded so far until all are (never waits for the rest)
+        return self.predictor.choose_task(task, provisional=self.is_volume)
+
+    def route(self, task: Optional[str], generation: int) -> Optional[TaskChoice]:
+        """The task choice for the current image (None once another image was opened)."""
+        with self.lock:
+            return self._choose(task) if self.is_current(generation) else None
+
+    def segment(self, slice_index: int, coords, labels, boxes, task: Optional[str],
+                prior: Optional[np.ndarray]) -> Tuple[np.ndarray, TaskChoice, Optional[np.ndarray]]:
+        """(mask of the union of the objects, the task choice, low-res logits of a single object
+        for the next corrective click, else None). ``prior``: the last logits on this slice."""
+        with self.lock:
+            p = self.predictor
+            if self.is_volume:
+                p.set_slice(slice_index)
+            choice = self._choose(task)
+            masks, _, low = p.predict_batch(point_coords=coords, point_labels=labels, box=boxes, task=choice.layer,
+                                            mask_input=prior)
+        return masks[:, 0].any(0), choice, (low[0] if len(low) == 1 else None)
+
+    def propagate(self, slice_index: int, box, start: Optional[np.ndarray], task: Optional[str],
+                  cancel: Callable[[], bool]):
+        """Carry the slice's mask (or box) up and down the volume: (mask volume, summary)."""
+        with self.lock:
+            choice = self._choose(task)
+            return propagate_box(self.predictor, slice_index, box, task=choice.layer, start_mask=start, cancel=cancel)

@@ -1,0 +1,149 @@
+"""Worker discipline for the dock: model calls run in napari workers (never on the UI thread),
+no callback runs once the dock is gone, and one object stops and joins all running work.
+
+``Workers`` is a plain Python object, not a Qt one: it outlives the widget's C++ object, so
+napari quitting, the dock closing or the widget being deleted can all still stop the work.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import time
+from typing import Callable, List
+
+
+class WorkerError(Exception):
+    """An error raised in a CA-SAM worker thread, re-raised under a type that reaches the widget."""
+
+
+def reraise(fn):
+    """``fn`` (a function or a generator function) with RuntimeError re-raised as WorkerError. superqt's
+    workers drop a RuntimeError without emitting ``errored`` or ``finished`` (it takes it for a deleted
+    Qt object), and torch (CUDA out of memory) and casam_core (a bad checkpoint) raise RuntimeErrors."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                return (yield from fn(*args, **kwargs))
+            except RuntimeError as exc:
+                raise WorkerError(str(exc)) from exc
+
+        return generator
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as exc:
+            raise WorkerError(str(exc)) from exc
+
+    return call
+
+
+class Workers:
+    """The work a dock started (napari workers, learning processes), whether the dock still exists,
+    and how to stop and join that work."""
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.stop = threading.Event()  # workers check it between units of work
+        self.workers: List[tuple] = []  # (worker, threading.Event set when its function has returned)
+        self.jobs: List = []  # learning processes
+
+    def guarded(self, fn: Callable) -> Callable:
+        """``fn`` as a worker callback that does nothing once the dock is gone (a worker can finish
+        after napari closed: its callback must not touch deleted Qt objects)."""
+
+        def call(*args):
+            if self.alive:
+                return fn(*args)
+
+        return call
+
+    def start(self, work, *, errored: Callable, returned=None, yielded=None, finished=None):
+        """Run ``work`` (a function or generator function) in a napari worker. Errors (RuntimeErrors
+        included) reach ``errored``; no callback runs once the dock is gone. Returns the worker
+        (None when the dock is already gone)."""
+        from napari.qt.threading import create_worker
+        from qtpy.QtCore import Qt
+
+        if not self.alive:
+            return None
+        done = threading.Event()
+        worker = create_worker(reraise(work), _start_thread=False, _ignore_errors=True)
+        # set in the worker's own thread as it ends (a shutdown waits on it without Qt's event loop)
+        worker.finished.connect(done.set, Qt.DirectConnection)
+        self.workers = [(w, d) for w, d in self.workers if not d.is_set()] + [(worker, done)]
+        for signal, fn in (("returned", returned), ("yielded", yielded), ("finished", finished),
+                           ("errored", errored)):
+            if fn is not None:
+                getattr(worker, signal).connect(self.guarded(fn))
+        worker.start()
+        return worker
+
+    def running(self) -> int:
+        """How many workers and learning processes are still running."""
+        return sum(not d.is_set() for _, d in self.workers) + sum(job.alive() for job in self.jobs)
+
+    def shutdown(self, timeout: float = 30.0, *_) -> bool:
+        """Ask all work to stop, then wait for it; True when nothing is left running. No callback runs after."""
+        if not isinstance(timeout, (int, float)):  # called by a Qt signal with its own argument
+            timeout = 30.0
+        self.alive = False
+        self.stop.set()
+        for worker, done in self.workers:
+            if not done.is_set() and hasattr(worker, "quit"):
+                try:
+                    worker.quit()  # a generator worker stops at its next yield
+                except RuntimeError:  # its Qt object is gone: the event below still tells
+                    pass
+        for job in self.jobs:
+            job.cancel()
+        deadline = time.monotonic() + timeout
+        for _, done in self.workers:
+            done.wait(max(0.0, deadline - time.monotonic()))
+        for job in self.jobs:
+            job.stop(max(1.0, deadline - time.monotonic()))
+        return self.running() == 0
+
+
+def task_status(viewer, description: str, cancel: Callable) -> Callable[[], None]:
+    """Tell napari that a long job runs: its close dialog lists it, and closing the window calls
+    ``cancel``. Returns a function that marks the job done. napari 0.9 offers this only as private
+    Window methods (it warns that plugins lose them from 0.10): without them, aboutToQuit and the
+    dock's destruction still stop the work."""
+    import warnings
+
+    window = getattr(viewer, "window", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        register = getattr(window, "_register_task_status", None)
+        update = getattr(window, "_update_task_status", None)
+    if register is None or update is None:
+        return lambda: None
+    from napari.utils.task_status import Status
+
+    status_id = register("CA-SAM", Status.BUSY, description, cancel_callback=cancel)
+
+    def finished():
+        try:
+            update(status_id, Status.COMPLETED)
+        except Exception:  # the window is being torn down
+            pass
+
+    return finished
+
+
+def prewarm_imports() -> None:
+    """Import, off the UI thread, what the first Embed click would otherwise import on it
+    (napari's Points layer features need pandas: about 0.4 s here)."""
+    try:
+        import pandas  # noqa: F401
+    except ImportError:  # napari without pandas: the Points layer then imports what it needs itself
+        pass
+
+
+def start_prewarm() -> None:
+    threading.Thread(target=prewarm_imports, name="casam-prewarm", daemon=True).start()
