@@ -86,17 +86,3 @@ def test_config_round_trip_and_bad_form():
     assert again.config() == {"channels": 256, "n_blocks": 2, "form": "gated"}
     with pytest.raises(ValueError, match="unknown Alignment Layer form"):
         AlignmentLayer(form="identity")
-
-
-def test_core_imports_no_gui_toolkit():
-    import ast
-    from pathlib import Path
-
-    core = Path(__file__).resolve().parent.parent / "casam_core"
-    banned = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "superqt")
-    for path in core.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            for name in names:
-                assert name.split(".")[0] not in banned, f"{path.name} imports {name}"
