@@ -77,6 +77,25 @@ def test_errors_are_one_line_with_a_non_zero_exit(tmp_path, capsys):
     assert not list(tmp_path.glob("m.*"))  # nothing half-written
 
 
+def test_a_bug_keeps_its_traceback_and_an_unknown_task_is_one_line(tmp_path, capsys, monkeypatch):
+    """Only CASamError (the user's input) and OSError become one-line errors; a bug is not hidden."""
+    import pytest
+
+    import casam_core.cli as cli
+
+    code, _, err = _run(capsys, "segment", HC18, "--out", tmp_path / "m.png", "--box", "1,1,5,5", "--task", "livr",
+                        "--device", "cpu")
+    assert code == 2 and "unknown task 'livr'" in err and len(err.strip().splitlines()) == 1
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not the user's fault")
+
+    monkeypatch.setattr(cli, "read_image", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["segment", str(HC18), "--out", str(tmp_path / "m.png"), "--box", "1,1,5,5", "--device", "cpu"])
+    assert not list(tmp_path.glob("m.*"))
+
+
 def test_backbones_listing(capsys):
     code, out, _ = _run(capsys, "backbones", "--json")
     rows = json.loads(out)
