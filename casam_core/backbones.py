@@ -35,6 +35,9 @@ PathLike = Union[str, os.PathLike]
 LITEMEDSAM_FILENAME = "lite_medsam.pth"
 LITEMEDSAM_SIZE = 39_370_479
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+# Appended to LiteMedSAM's fingerprint since its attention biases are applied (2026-11-30; see
+# _load_into): cached embeddings and tasks made with the biases missing are not reused.
+ENCODER_REVISION = ".r2"
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -261,7 +264,12 @@ def load_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
 
 
 def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], path: PathLike, name: str) -> None:
+    """Load ``state`` into ``model`` and switch it to eval mode again: TinyViT's attention caches
+    its relative-position biases (``ab``) when it enters eval mode, so a cache taken before the
+    weights were loaded holds the initial zeros (LiteMedSAM ran without its attention biases
+    until 2026-11-30: ENCODER_REVISION)."""
     result = model.load_state_dict(state, strict=False)
+    model.train(False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         raise BackboneError(
@@ -341,7 +349,7 @@ def _build_litemedsam(checkpoint: Optional[PathLike], random_weights: bool) -> B
     else:
         digest = file_sha256(path) if path.is_file() else ""
     state = load_state_dict(path)
-    model = Backbone(spec, encoder, prompt_encoder, mask_decoder, f"litemedsam:{digest[:16]}")
+    model = Backbone(spec, encoder, prompt_encoder, mask_decoder, f"litemedsam:{digest[:16]}{ENCODER_REVISION}")
     bad = _shape_errors(model, state)
     if bad:
         raise BackboneError(f"checkpoint {path} does not fit backbone 'litemedsam': wrong shapes for {bad[:3]}")

@@ -4,19 +4,34 @@ import torch
 
 from casam_core import CASamPredictor, build_backbone
 from casam_core.backbones import (
-    LITEMEDSAM_SHA256, BackboneError, litemedsam_checkpoint_path, preprocess_shape,
+    ENCODER_REVISION, LITEMEDSAM_SHA256, BackboneError, litemedsam_checkpoint_path, preprocess_shape,
     verify_litemedsam_checkpoint,
 )
 
 
 def test_default_backbone_is_verified_litemedsam(backbone):
     assert backbone.name == "litemedsam"
-    assert backbone.fingerprint == f"litemedsam:{LITEMEDSAM_SHA256[:16]}"
+    assert backbone.fingerprint == f"litemedsam:{LITEMEDSAM_SHA256[:16]}{ENCODER_REVISION}"
     assert backbone.embedding_shape == (256, 64, 64)
     assert not any(p.requires_grad for p in backbone.parameters())
     assert not backbone.training
     backbone.train()  # a frozen backbone refuses to leave eval mode
     assert not backbone.training
+
+
+def test_litemedsam_attention_uses_the_checkpoint_biases():
+    """TinyViT caches its attention biases on entering eval mode; built fresh, every cache must hold the
+    loaded biases (they were the initial zeros until 2026-11-30), and the encoder must not change when
+    switched to eval mode again."""
+    backbone = build_backbone("litemedsam", device="cpu")  # fresh: the session's may have been switched since
+    attention = [m for m in backbone.image_encoder.modules() if hasattr(m, "ab")]
+    assert len(attention) == 10
+    for m in attention:
+        assert m.ab.abs().max() > 0.5 and torch.equal(m.ab, m.attention_biases[:, m.attention_bias_idxs])
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    before = backbone.encode(x)
+    backbone.train(False)
+    assert torch.equal(backbone.encode(x), before)
 
 
 def test_tampered_litemedsam_checkpoint_is_refused(tmp_path):
