@@ -18,6 +18,7 @@ from typing import Hashable, Optional, Tuple
 import numpy as np
 import torch
 
+from .config import cache_limit_bytes
 from .io import atomic_write
 
 DISK_FORMAT = "casam-embedding-1"
@@ -80,12 +81,50 @@ class TensorLRU:
 
 
 class DiskEmbeddingCache:
-    """Embeddings on disk, one safetensors file per slice: ``<root>/<key[:2]>/<key>.safetensors``."""
+    """Embeddings on disk, one safetensors file per slice: ``<root>/<key[:2]>/<key>.safetensors``.
 
-    def __init__(self, root: os.PathLike, fingerprint: str) -> None:
+    Bounded in size (``max_bytes``, default ``config.cache_limit_bytes()``): when a save takes
+    the folder over the bound, the least recently used entries (a read marks an entry used)
+    are deleted until it is back under 90 % of it. Several processes may share the folder
+    (the viewer, the CLI, a learning process): each counts what it adds and measures the
+    folder again before deleting anything.
+    """
+
+    PRUNE_TO = 0.9
+
+    def __init__(self, root: os.PathLike, fingerprint: str, max_bytes: Optional[int] = None) -> None:
         self.root = Path(root)
         self.fingerprint = fingerprint
+        self.max_bytes = cache_limit_bytes(max_bytes)
         self.stale_found = 0
+        self._used: Optional[int] = None  # bytes in the folder, measured at the first save
+
+    def _entries(self):
+        """(last use, size, path) of every entry in the folder."""
+        found = []
+        for path in self.root.glob("*/*.safetensors"):
+            try:
+                st = path.stat()
+            except OSError:  # deleted meanwhile by another process
+                continue
+            found.append((st.st_mtime, st.st_size, path))
+        return found
+
+    def prune(self, target: Optional[int] = None) -> int:
+        """Delete least recently used entries until the folder holds at most ``target`` bytes
+        (default 90 % of the bound); returns how many were deleted."""
+        target = int(self.PRUNE_TO * self.max_bytes) if target is None else target
+        entries = sorted(self._entries())
+        used = sum(size for _, size, _ in entries)
+        deleted = 0
+        for _, size, path in entries:
+            if used <= target:
+                break
+            path.unlink(missing_ok=True)
+            used -= size
+            deleted += 1
+        self._used = used
+        return deleted
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -111,13 +150,25 @@ class DiskEmbeddingCache:
         if tensor is None:
             self.stale_found += 1
             path.unlink(missing_ok=True)
+        else:
+            try:
+                os.utime(path)  # used now: the last to go when the cache is pruned
+            except OSError:
+                pass
         return tensor
 
     def save(self, key: str, embedding: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        with atomic_write(self._path(key)) as tmp:
+        path = self._path(key)
+        with atomic_write(path) as tmp:
             save_file(
                 {"embedding": embedding.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
                 metadata={"format": DISK_FORMAT, "key": key, "fingerprint": self.fingerprint},
             )
+        if self._used is None:
+            self._used = sum(size for _, size, _ in self._entries())
+        else:
+            self._used += path.stat().st_size
+        if self._used > self.max_bytes:
+            self.prune()

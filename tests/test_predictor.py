@@ -128,6 +128,29 @@ def test_disk_cache_reuses_and_detects_stale_entries(backbone, kvasir, tmp_path)
     assert fourth.encoder_calls == 1 and torch.equal(fourth.embedding(), z)
 
 
+def test_disk_cache_is_bounded_and_keeps_what_was_used_last(tmp_path, monkeypatch):
+    import os
+
+    from casam_core.cache import DiskEmbeddingCache
+    from casam_core.errors import OptionError
+
+    probe = DiskEmbeddingCache(tmp_path / "probe", "fp", max_bytes=10**9)
+    probe.save("aa00", torch.zeros(4, 8, 8))
+    entry = next((tmp_path / "probe").rglob("*.safetensors")).stat().st_size
+    cache = DiskEmbeddingCache(tmp_path / "cache", "fp", max_bytes=int(3.5 * entry))
+    for i, key in enumerate(("k1", "k2", "k3")):
+        cache.save(key, torch.full((4, 8, 8), float(i)))
+        os.utime(cache._path(key), (1000 + i, 1000 + i))  # saved in this order, seconds apart
+    assert cache.load("k1", (4, 8, 8)) is not None  # k1 used again: k2 is now the least recently used
+    cache.save("k4", torch.ones(4, 8, 8))  # over the bound: pruned back under 90 % of it
+    kept = sorted(p.stem for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert kept == ["k1", "k3", "k4"], kept  # k2 went first
+    assert sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*.safetensors")) <= 3.5 * entry
+    monkeypatch.setenv("CASAM_CACHE_MAX_GB", "lots")
+    with pytest.raises(OptionError, match="CASAM_CACHE_MAX_GB"):
+        DiskEmbeddingCache(tmp_path / "other", "fp")
+
+
 def test_memory_cache_is_bounded(backbone):
     predictor = CASamPredictor(backbone, memory_bytes=2 * 256 * 64 * 64 * 4)
     rng = np.random.default_rng(1)
