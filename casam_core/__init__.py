@@ -5,7 +5,7 @@ modules the same way.
 
 The model classes below are imported on first use (PEP 562), so that the light modules
 (``casam_core.io``, ``casam_core.samples``) load without torch: napari's reader and sample
-menus use them in a viewer whose OpenGL context is already up (see ``casam_core.runtime``).
+menus use them in a viewer whose OpenGL context is already up (see ``napari_casam._runtime``).
 """
 
 from __future__ import annotations

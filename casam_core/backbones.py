@@ -28,6 +28,7 @@ from torch import nn
 
 from .config import ENV_CHECKPOINTS, checkpoint_dirs
 from .errors import BackboneError, CASamError, look_up_option
+from .runtimes import accelerate
 
 PathLike = Union[str, os.PathLike]
 
@@ -127,6 +128,15 @@ class Backbone(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+        self._fast_encoder = None  # the encoder in another runtime (runtimes.py), for inputs on the CPU
+        self.runtime_note = "torch (eager)"
+
+    def use_runtime(self, runtime: Optional[str] = None) -> str:
+        """Run the image encoder in ``runtime`` ("auto", "torch", "openvino"; see casam_core.runtimes)
+        where it agrees with eager PyTorch; returns a note on what runs it."""
+        self._fast_encoder, self.runtime_note = accelerate(self.image_encoder, self.img_size, self.fingerprint,
+                                                           self.device, runtime)
+        return self.runtime_note
 
     # -- properties -----------------------------------------------------------------
     @property
@@ -170,6 +180,8 @@ class Backbone(nn.Module):
     @torch.inference_mode()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder input (B, 3, S, S) -> frozen embedding Z (B, 256, 64, 64)."""
+        if self._fast_encoder is not None and x.device.type == "cpu":
+            return self._fast_encoder(x)
         return self.image_encoder(x)
 
     def decode(self, embeddings: torch.Tensor, points=None, boxes=None, masks=None,
@@ -386,12 +398,14 @@ def _build_sam(spec: BackboneSpec, checkpoint: Optional[PathLike], random_weight
 
 def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] = None,
                    device: Optional[Union[str, torch.device]] = None, *,
-                   random_weights: bool = False) -> Backbone:
+                   random_weights: bool = False, runtime: Optional[str] = None) -> Backbone:
     """Build a frozen backbone by registry name.
 
     ``checkpoint``: for SAM models the official file (or a folder holding it); for
     ``litemedsam`` leave it out to use the bundled, verified weights.
     ``random_weights=True`` builds the architecture without loading anything (tests).
+    ``runtime``: where the image encoder runs (casam_core.runtimes; default ``$CASAM_RUNTIME``
+    or "auto": OpenVINO on a CPU; random weights default to eager PyTorch).
     """
     try:
         spec = BACKBONES[look_up_option(name, BACKBONES, "backbone")]
@@ -399,4 +413,6 @@ def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] 
         raise BackboneError(str(exc)) from None
     model = (_build_litemedsam(checkpoint, random_weights) if spec.sam_type is None
              else _build_sam(spec, checkpoint, random_weights))
-    return model.to(resolve_device(device))
+    model = model.to(resolve_device(device))
+    model.use_runtime("torch" if random_weights and runtime is None else runtime)
+    return model

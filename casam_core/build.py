@@ -17,17 +17,19 @@ NO_CACHE = False  # pass as ``cache_dir`` for a predictor without an on-disk emb
 
 def build_predictor(backbone: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] = None,
                     device: Optional[str] = "auto", *, cache_dir: Union[PathLike, None, bool] = None,
-                    library: Union[TaskLibrary, PathLike, None, bool] = None,
+                    library: Union[TaskLibrary, PathLike, None, bool] = None, runtime: Optional[str] = None,
                     **predictor_options) -> Tuple[CASamPredictor, Dict[str, str]]:
     """(predictor, {task not loaded: why}).
 
     ``cache_dir``: the on-disk embedding cache (None: ``config.cache_dir()``, shared by the
     CLI and the viewer; ``NO_CACHE``: none). ``library``: a ``TaskLibrary`` or its folder
     whose tasks for this backbone are registered (None: no tasks; True: the default library).
+    ``runtime``: where the image encoder runs (casam_core.runtimes; default ``$CASAM_RUNTIME``
+    or "auto").
     """
     if cache_dir is None or cache_dir is True:
         cache_dir = default_cache_dir()
-    predictor = CASamPredictor(build_backbone(backbone, checkpoint, device),
+    predictor = CASamPredictor(build_backbone(backbone, checkpoint, device, runtime=runtime),
                                disk_cache=cache_dir or None, **predictor_options)
     if library is None or library is False:
         return predictor, {}

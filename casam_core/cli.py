@@ -29,6 +29,7 @@ from .overlay import overlay, save_png, volume_montage
 from .predictor import CASamPredictor
 from .progress import Cancelled, TqdmProgress
 from .prompts import box_from_mask, parse_box, parse_point, propagate_box
+from .runtimes import RUNTIMES
 from .samples import SAMPLES
 from .tasks import AUTO, TaskChoice, describe_route, task_mode
 from .training import PROFILES, LearnConfig, learn_config, learn_task, load_task_data
@@ -43,6 +44,9 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
                    help=f"frozen backbone (default {DEFAULT_BACKBONE}, bundled weights)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file for the SAM ViT backbones")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--runtime", default=None, choices=RUNTIMES,
+                   help="where the image encoder runs: auto (OpenVINO on a CPU), torch (eager, the reference) "
+                        "or openvino (default $CASAM_RUNTIME or auto)")
     p.add_argument("--cache-dir", default=None,
                    help=f"on-disk embedding cache, shared with the viewer (default $CASAM_CACHE_DIR or "
                         f"{default_cache_dir()})")
@@ -59,7 +63,7 @@ def _library(args) -> TaskLibrary:
 
 def _predictor(args, with_tasks: bool = False) -> CASamPredictor:
     predictor, skipped = build_predictor(args.backbone, args.checkpoint, args.device, cache_dir=args.cache_dir,
-                                         library=_library(args) if with_tasks else None)
+                                         library=_library(args) if with_tasks else None, runtime=args.runtime)
     for name, why in skipped.items():
         print(f"casam: task {name!r} not loaded: {why}", file=sys.stderr)
     return predictor
@@ -272,7 +276,7 @@ def cmd_tasks(args) -> dict:
     if action == "import":
         fingerprint = None
         if not args.any_backbone:
-            fingerprint = build_backbone(args.backbone, args.checkpoint, "cpu").fingerprint
+            fingerprint = build_backbone(args.backbone, args.checkpoint, "cpu", runtime="torch").fingerprint
         task = library.import_pack(name, fingerprint=fingerprint, name=args.name)
         _echo(args, f"imported task {task.name!r} into {library.root}")
         return {"imported": task.name, "card": task.card}
@@ -319,12 +323,14 @@ def cmd_demo(args) -> dict:
                     "slices": len(info3["propagation"]["slices"]), "out": info3["out"],
                     "overlay": info3["overlay"], "seconds": info3["seconds"]})
     if not args.json:
-        print(f"backbone {predictor.backbone.fingerprint} on {predictor.device}")
+        print(f"backbone {predictor.backbone.fingerprint} on {predictor.device}; encoder: "
+              f"{predictor.backbone.runtime_note}")
         for r in results:
             extra = f", slice Dice {r['slice_dice']:.3f}, {r['slices']} slices" if "slices" in r else ""
             print(f"{r['case']}: Dice {r['dice']:.3f}{extra} ({r['seconds']:.1f} s)\n"
                   f"    prompt: {r['prompt']}\n    mask: {r['out']}\n    overlay: {r['overlay']}")
-    return {"backbone": predictor.backbone.fingerprint, "device": str(predictor.device), "results": results}
+    return {"backbone": predictor.backbone.fingerprint, "device": str(predictor.device),
+            "runtime": predictor.backbone.runtime_note, "results": results}
 
 
 def cmd_backbones(args) -> dict:

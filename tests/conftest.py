@@ -14,18 +14,21 @@ SAMPLES = REPO / "samples"
 DATA = Path(os.environ.get("CASAM_DATA", REPO.parent / "shared" / "data"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def embedding_cache(tmp_path_factory):
-    """One on-disk embedding cache for the session, so tests share their real embeddings."""
-    return tmp_path_factory.mktemp("embeddings")
+    """One on-disk embedding cache for the session, so tests share their real embeddings; it is
+    also $CASAM_CACHE_DIR from the start (the CLI and the viewer default to it, and the encoder's
+    OpenVINO model is kept beside it): no test touches the user's own cache."""
+    folder = tmp_path_factory.mktemp("embeddings")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CASAM_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(autouse=True)
-def _isolated_user_folders(tmp_path_factory, monkeypatch, embedding_cache):
-    """No test reads or writes the user's own task library or embedding cache (the CLI and the
-    viewer default to $CASAM_CACHE_DIR: the tests share the session's one)."""
+def _isolated_task_library(tmp_path_factory, monkeypatch):
+    """No test reads or writes the user's own task library."""
     monkeypatch.setenv("CASAM_LIBRARY", str(tmp_path_factory.mktemp("library")))
-    monkeypatch.setenv("CASAM_CACHE_DIR", str(embedding_cache))
 
 
 def dataset_root(name: str) -> Path:

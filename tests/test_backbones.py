@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from casam_core import CASamPredictor, build_backbone
+from conftest import dataset_case
 from casam_core.backbones import (
     ENCODER_REVISION, LITEMEDSAM_SHA256, BackboneError, litemedsam_checkpoint_path, preprocess_shape,
     verify_litemedsam_checkpoint,
@@ -128,3 +129,30 @@ def test_preprocessing_keeps_aspect_and_pads(backbone):
     assert float(x[..., 85:, :].abs().max()) == 0.0  # bottom padding
     boxes = backbone.transform_boxes(np.array([[0, 0, 300, 100]]), (100, 300))
     assert np.allclose(boxes, [[0, 0, 256, 85]], atol=0.01)
+
+
+def test_the_openvino_encoder_matches_eager_pytorch_on_a_real_image(tmp_path, monkeypatch):
+    """The default runtime on a CPU (OpenVINO, converted once and kept beside the embedding cache)
+    gives the reference's embeddings and masks; $CASAM_RUNTIME=torch keeps eager PyTorch."""
+    from casam_core.errors import OptionError
+
+    monkeypatch.setenv("CASAM_CACHE_DIR", str(tmp_path / "cache"))
+    fast = build_backbone("litemedsam", device="cpu", runtime="openvino")
+    assert fast.runtime_note.startswith("openvino"), fast.runtime_note
+    assert list((tmp_path / "cache" / "encoders").glob("*.xml"))  # converted once, kept
+    monkeypatch.setenv("CASAM_RUNTIME", "torch")
+    eager = build_backbone("litemedsam", device="cpu")
+    assert eager.runtime_note == "torch (eager)"
+    image, labels = dataset_case("kvasir_polyp", "test", 0)
+    ys, xs = np.nonzero(labels == 1)
+    box = [xs.min(), ys.min(), xs.max(), ys.max()]
+    out = []
+    for backbone in (eager, fast):
+        predictor = CASamPredictor(backbone)
+        predictor.set_image(image)
+        out.append((predictor.embedding(), predictor.predict_batch(box=box, return_logits=True)[0]))
+    assert float((out[0][0] - out[1][0]).abs().max()) < 1e-3
+    assert np.abs(out[0][1] - out[1][1]).max() < 1e-2 and np.array_equal(out[0][1] > 0, out[1][1] > 0)
+    monkeypatch.setenv("CASAM_RUNTIME", "tensorrt")
+    with pytest.raises(OptionError, match="unknown runtime 'tensorrt'"):
+        build_backbone("litemedsam", device="cpu")
