@@ -1,0 +1,154 @@
+"""Encoder runtimes in one run: eager PyTorch (the reference) against OpenVINO on the CPU.
+
+    python benchmarks/runtime.py [--faith-limit N] [--out benchmarks/results/runtime_cpu.md]
+
+Measured, each as a ratio to the reference in the same run (issue 12's targets):
+1. the encoder per slice (fresh pixels each time; the two runtimes interleaved);
+2. faithfulness: frozen GT-box Dice on the kvasir_polyp and hc18_fetal_head test splits with
+   each runtime, and the largest absolute embedding difference (first 10 images of each);
+3. ``casam demo``'s volume: one box on the tumour core's largest slice, propagated, with the
+   embeddings of every slice it visits (no cache), with each runtime;
+4. the peak resident memory of a session (its own process, default runtime) that embeds all
+   155 slices of that BraTS volume and propagates through it.
+The prompt encoder, mask decoder and Alignment Layers stay in PyTorch: clicks and learning
+steps cost what ``benchmarks/latency.py`` reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from casam_core import CASamPredictor, build_backbone  # noqa: E402
+from casam_core.evaluate import evaluate_dataset  # noqa: E402
+from casam_core.io import read_dataset, read_image, read_labels  # noqa: E402
+from casam_core.metrics import dice  # noqa: E402
+from casam_core.prompts import box_from_mask, propagate_box  # noqa: E402
+from latency import machine  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+BRATS = REPO / "samples" / "brats_glioma"
+FAITH_SETS = ("kvasir_polyp", "hc18_fetal_head")
+DIFF_IMAGES = 10  # per set, for the largest embedding difference
+
+
+def encoder_ms(backbones, n: int = 7):
+    image = read_image(REPO / "samples" / "hc18_fetal_head" / "006_HC.png").array
+    rng = np.random.default_rng(0)
+    times = {name: [] for name in backbones}
+    predictors = {name: CASamPredictor(b) for name, b in backbones.items()}
+    for i in range(n + 1):
+        for name, p in predictors.items():
+            noisy = image.copy()
+            noisy[0, :8] = rng.integers(0, 255, 8)
+            t = time.perf_counter()
+            p.set_image(noisy)
+            if i:  # the first round warms up
+                times[name].append((time.perf_counter() - t) * 1000)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def faithfulness(backbones, limit):
+    dices, diff = {}, 0.0
+    for dataset in FAITH_SETS:
+        root = DATA / dataset
+        for name, b in backbones.items():
+            dices[(dataset, name)] = evaluate_dataset(CASamPredictor(b), root, task="none", limit=limit)["dice"]
+        ds = read_dataset(root)
+        ref, other = (CASamPredictor(b) for b in backbones.values())
+        for case in ds.cases("test")[:DIFF_IMAGES]:
+            image = read_image(case.image).array
+            ref.set_image(image)
+            other.set_image(image)
+            diff = max(diff, float((ref.embedding() - other.embedding()).abs().max()))
+    return dices, diff
+
+
+def demo_volume():
+    vol = read_image(BRATS / "brats_2013_pat0005_1.nii.gz")
+    gt = np.isin(read_labels(BRATS / "brats_2013_pat0005_1_mask.nii.gz", like=vol).array, (1, 3, 4))
+    k = int(gt.sum(axis=(1, 2)).argmax())
+    return vol, gt, k, box_from_mask(gt[k])
+
+
+def propagation(backbone):
+    vol, gt, k, box = demo_volume()
+    predictor = CASamPredictor(backbone)  # no disk cache: every visited slice is embedded
+    t = time.perf_counter()
+    predictor.set_volume(vol.array, axis=0)
+    mask, summary = propagate_box(predictor, k, box)
+    return time.perf_counter() - t, len(summary["slices"]), dice(mask > 0, gt)
+
+
+def session_rss() -> dict:
+    """Run in a child: embed every slice of the demo volume and propagate; report peak RSS."""
+    vol, gt, k, box = demo_volume()
+    predictor = CASamPredictor(build_backbone("litemedsam", device="cpu"))
+    predictor.set_volume(vol.array, axis=0)
+    predictor.embed_slices()
+    propagate_box(predictor, k, box)
+    return {"slices": int(vol.array.shape[0]), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "runtime": predictor.backbone.runtime_note}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--faith-limit", type=int, default=None, help="images per test split (default all)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "runtime_cpu.md"))
+    ap.add_argument("--session-rss", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.session_rss:
+        print(json.dumps(session_rss()))
+        return 0
+    backbones = {"torch": build_backbone("litemedsam", device="cpu", runtime="torch"),
+                 "openvino": build_backbone("litemedsam", device="cpu", runtime="openvino")}
+    print("runtime:", backbones["openvino"].runtime_note, flush=True)
+    enc = encoder_ms(backbones)
+    print("encoder ms", enc, flush=True)
+    dices, diff = faithfulness(backbones, args.faith_limit)
+    print("dice", dices, "max diff", diff, flush=True)
+    prop = {name: propagation(b) for name, b in backbones.items()}
+    print("propagation", prop, flush=True)
+    child = subprocess.run([sys.executable, __file__, "--session-rss"], capture_output=True, text=True, check=True)
+    rss = json.loads(child.stdout.strip().splitlines()[-1])
+    print("session", rss, flush=True)
+
+    ratio = enc["openvino"] / enc["torch"]
+    p_ratio = prop["openvino"][0] / prop["torch"][0]
+    lines = [f"# Encoder runtimes, LiteMedSAM ({backbones['torch'].fingerprint}) on the CPU", "",
+             f"Machine: {machine()}. Run: `python benchmarks/runtime.py` on {time.strftime('%Y-%m-%d')}. "
+             f"OpenVINO: {backbones['openvino'].runtime_note}.", "",
+             "| measure | eager PyTorch (reference) | OpenVINO | ratio | target |", "|---|---:|---:|---:|---|",
+             f"| encoder per slice (ms, median of 7) | {enc['torch']:.0f} | {enc['openvino']:.0f} | {ratio:.2f} | "
+             f"<= 0.4: {'met' if ratio <= 0.4 else 'NOT met'} |"]
+    for dataset in FAITH_SETS:
+        a, b = dices[(dataset, "torch")], dices[(dataset, "openvino")]
+        lines.append(f"| {dataset} test, frozen GT-box Dice | {a:.4f} | {b:.4f} | diff {b - a:+.4f} | "
+                     f"within 0.003: {'met' if abs(b - a) <= 0.003 else 'NOT met'} |")
+    lines.append(f"| largest absolute embedding difference ({DIFF_IMAGES} images of each set) | | {diff:.1e} | | "
+                 "reported |")
+    (ta, na, da), (tb, nb, db) = prop["torch"], prop["openvino"]
+    lines.append(f"| demo volume: propagate {na} slices with their embeddings (s; 3D Dice) | {ta:.1f} ({da:.3f}) | "
+                 f"{tb:.1f} ({db:.3f}, {nb} slices) | {p_ratio:.2f} | <= 0.45: {'met' if p_ratio <= 0.45 else 'NOT met'} |")
+    lines.append(f"| peak RSS, a session embedding all {rss['slices']} slices and propagating (MB) | | "
+                 f"{rss['peak_rss_mb']:.0f} | | <= 2048: {'met' if rss['peak_rss_mb'] <= 2048 else 'NOT met'} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    Path(args.out).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
