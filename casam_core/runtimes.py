@@ -61,14 +61,22 @@ def accelerate(encoder: torch.nn.Module, img_size: int, fingerprint: str, device
 
             raise OptionError("runtime 'openvino' asked for, but the openvino package is not installed")
         return None, "torch (eager; openvino is not installed)"
-    run = _OpenVINOEncoder(encoder, img_size, fingerprint)
-    diff = run.verified_difference()
-    if diff is None:  # first use of this converted model with this OpenVINO: compare with eager once
-        probe = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            diff = float((run(probe) - encoder(probe)).abs().max())
-        if diff <= TOLERANCE:
-            run.record_verification(diff)
+    try:
+        run = _OpenVINOEncoder(encoder, img_size, fingerprint)
+        diff = run.verified_difference()
+        if diff is None:  # first use of this converted model with this OpenVINO: compare with eager once
+            probe = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+            with torch.inference_mode():
+                diff = float((run(probe) - encoder(probe)).abs().max())
+            if diff <= TOLERANCE:
+                run.record_verification(diff)
+    except Exception as exc:  # a read-only cache, a damaged converted model, a model OpenVINO cannot take
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if runtime == "openvino":
+            from .errors import OptionError
+
+            raise OptionError(f"runtime 'openvino' cannot run this encoder ({why})") from exc
+        return None, f"torch (eager; OpenVINO failed: {why})"
     if not diff <= TOLERANCE:
         return None, f"torch (eager; OpenVINO differed by {diff:.2g} on the probe image)"
     return run, f"openvino CPU float32 (max difference {diff:.1e} on the probe image)"

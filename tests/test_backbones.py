@@ -134,6 +134,8 @@ def test_preprocessing_keeps_aspect_and_pads(backbone):
 def test_the_openvino_encoder_matches_eager_pytorch_on_a_real_image(tmp_path, monkeypatch):
     """The default runtime on a CPU (OpenVINO, converted once and kept beside the embedding cache)
     gives the reference's embeddings and masks; $CASAM_RUNTIME=torch keeps eager PyTorch."""
+    import shutil
+
     from casam_core.errors import OptionError
 
     monkeypatch.setenv("CASAM_CACHE_DIR", str(tmp_path / "cache"))
@@ -153,6 +155,16 @@ def test_the_openvino_encoder_matches_eager_pytorch_on_a_real_image(tmp_path, mo
         out.append((predictor.embedding(), predictor.predict_batch(box=box, return_logits=True)[0]))
     assert float((out[0][0] - out[1][0]).abs().max()) < 1e-3
     assert np.abs(out[0][1] - out[1][1]).max() < 1e-2 and np.array_equal(out[0][1] > 0, out[1][1] > 0)
+    # a damaged converted model: "auto" falls back to eager PyTorch and says why; nothing crashes
+    monkeypatch.delenv("CASAM_RUNTIME")
+    for xml in (tmp_path / "cache" / "encoders").glob("*.xml"):
+        xml.write_text("not a model")
+        xml.with_suffix(".verified.json").unlink()
+    shutil.rmtree(tmp_path / "cache" / "encoders" / "compiled", ignore_errors=True)
+    fallback = build_backbone("litemedsam", device="cpu")
+    assert fallback.runtime_note.startswith("torch (eager; OpenVINO failed"), fallback.runtime_note
+    with pytest.raises(OptionError, match="cannot run this encoder"):
+        build_backbone("litemedsam", device="cpu", runtime="openvino")
     monkeypatch.setenv("CASAM_RUNTIME", "tensorrt")
     with pytest.raises(OptionError, match="unknown runtime 'tensorrt'"):
         build_backbone("litemedsam", device="cpu")
