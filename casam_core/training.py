@@ -338,11 +338,33 @@ def task_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor
             + F.mse_loss(iou_pred, _soft_iou(logits, target).detach()))
 
 
-def _validation_split(annotated: List[int], fraction: float) -> Tuple[List[int], List[int]]:
-    """Evenly spaced validation images among the annotated ones (deterministic; spans a volume)."""
+def _group(source: str) -> str:
+    """The file a training slice came from: ``brain.nii.gz[57]`` -> ``brain.nii.gz``."""
+    return source.rsplit("[", 1)[0] if source.endswith("]") else source
+
+
+def _validation_split(annotated: List[int], fraction: float,
+                      sources: Optional[List[str]] = None) -> Tuple[List[int], List[int]]:
+    """Held-out images among the annotated ones (deterministic).
+
+    When the slices come from 3 or more files (volumes) and some file gave several slices,
+    whole files are held out, evenly spaced: neighbouring slices of one volume are nearly
+    the same image, so holding out single slices would measure memory, not what a layer does
+    on the next patient. Otherwise evenly spaced images (spanning a volume) are held out.
+    """
     n = len(annotated)
     if n < 2:
         raise TaskDataError("at least 2 annotated images or slices are needed (one is held out to validate)")
+    if sources is not None:
+        groups: Dict[str, List[int]] = {}
+        for i in annotated:
+            groups.setdefault(_group(sources[i]), []).append(i)
+        if len(groups) >= 3 and len(groups) < n:
+            names = list(groups)
+            n_val = min(len(names) - 2, max(1, int(round(fraction * len(names)))))
+            pick = sorted(set(np.linspace(0, len(names) - 1, n_val + 2)[1:-1].round().astype(int).tolist()))
+            val = sorted(i for k in pick for i in groups[names[k]])
+            return [i for i in annotated if i not in set(val)], val
     n_val = min(n - 1, max(1, int(round(fraction * n))))
     pick = set(np.linspace(0, n - 1, n_val + 2)[1:-1].round().astype(int).tolist()) if n_val < n - 1 else None
     if pick is None or len(pick) < n_val:
@@ -514,7 +536,7 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
 
     # 1. frozen embeddings, once (the predictor's caches: memory and optional disk)
     annotated = [i for i, s in enumerate(data.slices) if s.annotated]
-    train_idx, val_idx = _validation_split(annotated, config.val_fraction)
+    train_idx, val_idx = _validation_split(annotated, config.val_fraction, [s.source for s in data.slices])
     n_aug = config.augment_copies * len(train_idx)
     total = len(data.slices) + n_aug
     records: List[ImageRecord] = []
@@ -622,7 +644,9 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
         "training_data": {**data.summary(), "train_images": len(train_idx), "validation_images": len(val_idx),
                           "augmented_copies": n_aug, "objects_per_image": round(
                               float(np.mean([len(v) for v in per_image.values()])), 2)},
-        "validation": {"images": len(val_idx), "dice_zero_shot": round(zero_shot, 4),
+        "validation": {"images": len(val_idx),
+                       "held_out_files": sorted({_group(data.slices[i].source) for i in val_idx})[:50],
+                       "dice_zero_shot": round(zero_shot, 4),
                        "dice_aligned": round(aligned, 4), "aligned_better": use_alignment,
                        "point_dice": point, "history": [[k, round(v, 4)] for k, v in fitted.history]},
         "point_prompts": point_prompts,
