@@ -1,6 +1,7 @@
 """Corrective clicks: does each click make the mask better? A simulated user, frozen LiteMedSAM, CPU.
 
-    python benchmarks/corrective_clicks.py [--clicks 5] [--cache DIR] [--out benchmarks/results/corrective_clicks_cpu.md]
+    python benchmarks/corrective_clicks.py [--clicks 5] [--choose] [--cache DIR]
+                                           [--out benchmarks/results/corrective_clicks_cpu.md]
 
 Each case starts with ONE positive click at the object's pixel nearest its centroid. Every
 next click goes to the centre (the point farthest from its border) of the largest error
@@ -10,14 +11,19 @@ leaks. Two ways to send the clicks to ``CASamPredictor.predict`` are compared:
 - ``clicks + earlier logits`` (what the widget does): all clicks so far, with the previous
   result's low-res logits as ``mask_input``. On a box-only backbone the predictor searches
   boxes around the earlier mask (grown to each positive click, cut back from each negative
-  one) and around the clicks, keeps the candidate that honours most clicks (then the highest
-  predicted IoU, then closeness to the earlier mask), and keeps the earlier mask when no
-  candidate honours more clicks than it did;
+  one) and around the clicks, and makes local edits of the earlier mask at the newest click
+  (``LOCAL_EDIT_FRACTIONS``); it keeps the candidate that honours most clicks, a local edit
+  first (``LOCAL_EDIT_BONUS``), then the highest predicted IoU and closeness to the earlier
+  mask, and keeps the earlier mask when no candidate honours more clicks than it did;
 - ``clicks only``: the same clicks, no earlier logits (the box search around the clicks).
 
 Target (issue 16): averaged over the cases, Dice must not drop from one click to the next.
 Cases: the committed 2D sample (HC18 006), the middle slices of the two 3D samples
-(hippocampus_003, BraTS pat0005 whole tumour) and the first three kvasir_polyp test images.
+(hippocampus_003, BraTS pat0005 whole tumour; both from their sets' test splits) and the
+first three kvasir_polyp test images.
+
+``--choose`` first runs the local-edit rules tried on 13 TRAINING cases (``train_cases``),
+where the shipped rule was chosen: the one with no drop of the mean, then the best last click.
 """
 
 from __future__ import annotations
@@ -68,6 +74,30 @@ def cases(predictor):
                 read_labels(root / case["mask"], like=img).array > 0
 
 
+def train_cases(predictor):
+    """Cases from the TRAIN splits, on which the click rules are chosen: the first 4 kvasir_polyp,
+    3 hc18_fetal_head and 2 skin_lesion training images, and the middle slices of the first 2
+    training volumes of brats_glioma (whole tumour) and hippocampus_mri."""
+    for name, n in (("kvasir_polyp", 4), ("hc18_fetal_head", 3), ("skin_lesion", 2)):
+        root = DATA / name
+        for case in json.loads((root / "dataset.json").read_text())["train"][:n]:
+            img = read_image(root / case["image"])
+            yield f"{name} {Path(case['image']).stem}", (lambda img=img: predictor.set_image(img.array)), \
+                read_labels(root / case["mask"], like=img).array > 0
+    for name in ("brats_glioma", "hippocampus_mri"):
+        root = DATA / name
+        for case in json.loads((root / "dataset.json").read_text())["train"][:2]:
+            v = read_image(root / case["image"])
+            gt = read_labels(root / case["mask"], like=v).array > 0
+            k = int(np.median(np.nonzero(gt.any(axis=(1, 2)))[0]))
+
+            def setter(v=v, k=k):
+                predictor.set_volume(v.array, axis=0)
+                predictor.set_slice(k)
+
+            yield f"{name} {Path(case['image']).name.split('.')[0]} middle slice", setter, gt[k]
+
+
 def next_click(pred: np.ndarray, gt: np.ndarray):
     """((x, y), label) at the centre of the largest error region, or None when there is no error."""
     error = pred ^ gt
@@ -99,13 +129,48 @@ def run_case(predictor, gt, mode: str, clicks: int):
     return scores
 
 
+RULES = (("no local edits", (), 0.0), ("local edits 0.06-0.1, equal", (0.06, 0.1), 0.0),
+         ("local edits 0.06-0.16, equal", (0.06, 0.1, 0.16), 0.0),
+         ("local edits 0.06-0.16, preferred", (0.06, 0.1, 0.16), 2.0))
+
+
+def choose(predictor, clicks: int) -> list:
+    """Mean Dice per click on the training cases under each rule in RULES -> table lines."""
+    import casam_core.predictor as P
+
+    shipped = (P.LOCAL_EDIT_FRACTIONS, P.LOCAL_EDIT_BONUS)
+    cases = list(train_cases(predictor))
+    lines = ["", f"Rules tried on {len(cases)} training cases (kvasir_polyp 4, hc18_fetal_head 3, skin_lesion 2, "
+             "middle slices of brats_glioma 2 and hippocampus_mri 2 training volumes), `--choose`:", "",
+             "| rule | " + " | ".join(f"{i} click{'s' if i > 1 else ''}" for i in range(1, clicks + 1)) +
+             " | drops of the mean | worst single step |", "|---|" + "---:|" * (clicks + 2)]
+    try:
+        for name, fractions, bonus in RULES:
+            P.LOCAL_EDIT_FRACTIONS, P.LOCAL_EDIT_BONUS = fractions, bonus
+            rows = []
+            for _, setter, gt in cases:
+                setter()
+                rows.append(run_case(predictor, gt, MODES[0], clicks))
+            mean = np.mean(rows, axis=0)
+            drops = sum(mean[i + 1] < mean[i] for i in range(clicks - 1))
+            worst = min(r[i + 1] - r[i] for r in rows for i in range(clicks - 1))
+            tag = " (shipped)" if (fractions, bonus) == shipped else ""
+            lines.append(f"| {name}{tag} | " + " | ".join(f"{v:.3f}" for v in mean) + f" | {drops} | {worst:+.3f} |")
+            print(lines[-1], flush=True)
+    finally:
+        P.LOCAL_EDIT_FRACTIONS, P.LOCAL_EDIT_BONUS = shipped
+    return lines
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clicks", type=int, default=5)
+    ap.add_argument("--choose", action="store_true", help="also run the rules tried on the training cases")
     ap.add_argument("--cache", default=str(REPO / "runs" / ".embeddings"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "corrective_clicks_cpu.md"))
     args = ap.parse_args(argv)
     predictor = CASamPredictor(build_backbone("litemedsam", device="cpu"), disk_cache=args.cache)
+    chosen = choose(predictor, args.clicks) if args.choose else []
     table = {m: [] for m in MODES}
     names = []
     for name, setter, gt in cases(predictor):
@@ -116,18 +181,21 @@ def main(argv=None) -> None:
             print(name, mode, " ".join(f"{v:.3f}" for v in table[mode][-1]), flush=True)
     head = " | ".join(f"{i} click{'s' if i > 1 else ''}" for i in range(1, args.clicks + 1))
     lines = ["# Corrective clicks (frozen LiteMedSAM, CPU): Dice after each click", "",
-             "`python benchmarks/corrective_clicks.py`: first click at the object's centre, each next one at the "
-             "centre of the largest error region. Target: the mean must not drop from one click to the next.", "",
+             "`python benchmarks/corrective_clicks.py --choose`: first click at the object's centre, each next one at "
+             "the centre of the largest error region. Target: the mean must not drop from one click to the next.", "",
              f"| case | mode | {head} |", "|---|---|" + "---:|" * args.clicks]
     for mode in MODES:
         for name, row in zip(names, table[mode]):
             lines.append(f"| {name} | {mode} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    verdict = []
     for mode in MODES:
         mean = np.mean(table[mode], axis=0)
-        drops = sum(mean[i + 1] < mean[i] for i in range(len(mean) - 1))
-        lines.append(f"| **mean** | {mode} | " + " | ".join(f"**{v:.3f}**" for v in mean) +
-                     f" |")
-        print(mode, "mean", " ".join(f"{v:.3f}" for v in mean), f"({drops} drops)")
+        drops = [f"{i + 1} -> {i + 2}" for i in range(len(mean) - 1) if mean[i + 1] < mean[i]]
+        lines.append(f"| **mean** | {mode} | " + " | ".join(f"**{v:.3f}**" for v in mean) + " |")
+        verdict.append(f"- {mode}: " + ("no drop of the mean (met)" if not drops else
+                                       "the mean drops at " + ", ".join(drops) + " (not met)"))
+        print(mode, "mean", " ".join(f"{v:.3f}" for v in mean), f"({len(drops)} drops)")
+    lines += ["", "Target, on these cases:", ""] + verdict + chosen
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("wrote", args.out)
 

@@ -46,6 +46,11 @@ DEFAULT_ALIGNED_BYTES = 512 * 1024**2
 # Box sizes tried around point-only clicks on box-only backbones, as fractions of the
 # longest side of the image (plus the spread of the positive clicks).
 POINT_SEARCH_FRACTIONS = (0.06, 0.1, 0.16, 0.25, 0.4, 0.6)
+# Corrective clicks on an earlier mask: box sizes of the local edits (same units), and the
+# score bonus that makes a local edit win over a restart honouring as many clicks. Chosen on
+# training images: benchmarks/corrective_clicks.py --choose.
+LOCAL_EDIT_FRACTIONS = (0.06, 0.1, 0.16)
+LOCAL_EDIT_BONUS = 2.0
 
 
 @dataclass(frozen=True)
@@ -572,8 +577,14 @@ class CASamPredictor:
         variants of that box: as is, grown to take in each positive click, cut back on the
         side that excludes each negative click, and both, each also 10 % larger and smaller.
         All are decoded in one batch (without the earlier logits: this backbone was not
-        trained with mask prompts). The winner satisfies the most clicks (positives inside,
-        negatives outside), then has the highest predicted IoU. So a corrective click can
+        trained with mask prompts). With earlier logits, the newest click also edits the
+        earlier mask locally: boxes of ``LOCAL_EDIT_FRACTIONS`` centred on it are decoded, and
+        the part of each that touches the click, inside its box, is added to the earlier mask
+        (positive click) or cut out of it (negative; where the click is background in the
+        local decode, the box keeps only what both call foreground). The winner satisfies
+        the most clicks (positives inside, negatives outside); among those a local edit comes
+        first (``LOCAL_EDIT_BONUS``: a correction fixes, it does not restart), then the
+        highest predicted IoU plus closeness to the earlier mask. So a corrective click can
         only move the result towards a mask that agrees with it; earlier clicks stay
         honoured where any candidate honours them.
         """
@@ -597,10 +608,21 @@ class CASamPredictor:
                 cand.append(torch.cat([centre - half, centre + half], dim=1))
             if prior is not None:
                 cand.append(_box_variants(prior, pos, neg))
+            last = coords[b][-1]
+            n_local = len(LOCAL_EDIT_FRACTIONS) if masks is not None else 0
+            if n_local:  # boxes centred on the newest click, for local edits of the earlier mask
+                half = torch.tensor(LOCAL_EDIT_FRACTIONS, device=coords.device)[:, None] * long_side / 2
+                cand.append(torch.cat([last - half, last + half], dim=1))
             cand = torch.cat(cand)
             cand[:, 0::2] = cand[:, 0::2].clamp(0, w_in - 1)
             cand[:, 1::2] = cand[:, 1::2].clamp(0, h_in - 1)
             low, iou = self.backbone.decode(z, None, cand, None, False)
+            if n_local:
+                edits = _local_edits(masks[b, 0], low[-n_local:, 0], cand[-n_local:] * scale,
+                                     (last * scale).long().clamp(0, low_size - 1), bool(labels[b][-1] == 1))
+                low = torch.cat([low, edits[:, None]])
+                iou = torch.cat([iou, iou[-n_local:]])
+                cand = torch.cat([cand, cand[-n_local:]])
             logits = low[:, 0]
 
             def inside(pts):
@@ -619,6 +641,8 @@ class CASamPredictor:
                 honoured_before = int(before[ij_pos[:, 1], ij_pos[:, 0]].sum() + (~before[ij_neg[:, 1], ij_neg[:, 0]]).sum())
                 if int(satisfied.max()) <= honoured_before:  # no candidate honours more clicks: keep the mask
                     keep = int(closeness.argmax())
+            if n_local:
+                score[-n_local:] += LOCAL_EDIT_BONUS  # a local edit beats a restart that honours no more clicks
             best = int(score.argmax())
             if int(satisfied.max()) == 0 and pos.shape[0]:
                 best = len(POINT_SEARCH_FRACTIONS) - 1  # nothing honours a click: the largest centred box
@@ -626,8 +650,10 @@ class CASamPredictor:
                 low_b, iou_b = masks[b: b + 1].expand(-1, 3 if multimask_output else 1, -1, -1), iou[keep: keep + 1]
                 if multimask_output:
                     iou_b = iou_b.expand(-1, 3)
-            elif multimask_output:
+            elif multimask_output and best < len(cand) - n_local:
                 low_b, iou_b = self.backbone.decode(z, None, cand[best: best + 1], None, True)
+            elif multimask_output:  # a local edit: the one mask, three times
+                low_b, iou_b = low[best: best + 1].expand(-1, 3, -1, -1), iou[best: best + 1].expand(-1, 3)
             else:
                 low_b, iou_b = low[best: best + 1], iou[best: best + 1]
             out_low.append(low_b)
@@ -656,6 +682,32 @@ def _logits_box(logits: torch.Tensor, to_input: float) -> Optional[torch.Tensor]
     if len(xs) == 0:
         return None
     return torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float() * to_input
+
+
+def _local_edits(before: torch.Tensor, local: torch.Tensor, boxes: torch.Tensor, click, positive: bool) -> torch.Tensor:
+    """Earlier logits ``before`` (S, S) edited at one corrective click (``click`` = (x, y) in
+    low-res pixels) by each of the ``local`` (K, S, S) decodes of the ``boxes`` (K, 4; low-res
+    pixels) centred on it: the part of each local mask inside its box and connected to the
+    click is added (positive click) or cut out (negative). The edit stays inside the box."""
+    from scipy import ndimage
+
+    out = []
+    x, y = int(click[0]), int(click[1])
+    size = before.shape[-1]
+    for lk, box in zip(local, boxes):
+        x0, y0 = (int(v) for v in box[:2].floor().clamp(0, size - 1))
+        x1, y1 = (int(v) for v in box[2:].ceil().clamp(0, size - 1))
+        inside = np.zeros((size, size), bool)
+        inside[y0: y1 + 1, x0: x1 + 1] = True
+        comp, _ = ndimage.label((lk > 0).cpu().numpy() & inside)
+        region = torch.as_tensor(comp == comp[y, x], device=lk.device) if comp[y, x] else None
+        if positive:
+            out.append(before if region is None else torch.where(region, torch.maximum(before, lk), before))
+        elif region is not None:  # the click is on something else: cut that out
+            out.append(torch.where(region, torch.minimum(before, -lk), before))
+        else:  # the click is background here: inside the box, keep what both call foreground
+            out.append(torch.where(torch.as_tensor(inside, device=lk.device), torch.minimum(before, lk), before))
+    return torch.stack(out)
 
 
 def _box_variants(box: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:

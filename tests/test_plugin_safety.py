@@ -331,10 +331,6 @@ def test_triton_is_kept_out_only_when_another_llvm_is_loaded():
     assert foreign_llvm(triton + "\n7f04-7f05 r-xp 0 0 0 /usr/lib/libGL.so.1\n") is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 16, open: with LiteMedSAM's attention biases applied (2026-11-30) the first click is far better "
-    "(benchmark mean 0.744 -> 0.902) but the box search's corrections no longer keep it: here 0.811, 0.804, "
-    "0.860, 0.669; on 20 training images 13 cases drop at some click, with either ranking tried"))
 def test_corrective_clicks_do_not_make_the_mask_worse(widget, qtbot):
     """Item 11: on hc18 one, two and three positive clicks gave 0.40, 0.59, 0.80; on BraTS a positive and a
     negative click after the first took Dice from 0.876 to 0.51 and 0.35. Each click here goes to the centre of

@@ -251,3 +251,23 @@ def test_segment_anything_usage_runs_unchanged_on_both_predictors(backbone, kvas
 def test_predict_takes_one_object_and_says_where_batches_go(kvasir_predictor):
     with pytest.raises(PromptError, match="predict_batch"):
         kvasir_predictor.predict(box=[[0, 0, 10, 10], [5, 5, 20, 20]])
+
+
+def test_a_corrective_click_edits_the_earlier_mask_only_inside_its_box():
+    from casam_core.predictor import _local_edits
+
+    before = torch.full((32, 32), -5.0)
+    before[8:16, 8:16] = 5.0  # the earlier mask
+    local = torch.full((1, 32, 32), -5.0)
+    local[0, 4:30, 16:30] = 5.0  # what the box at the click sees: reaches far beyond its box
+    box = torch.tensor([[14.0, 6.0, 24.0, 16.0]])
+    added = _local_edits(before, local, box, (20, 10), positive=True)[0] > 0
+    assert added[8:16, 8:16].all() and added[10, 20]  # the earlier mask stays, the click's part joins
+    assert not added[25, 20] and not added[10, 28]  # nothing outside the box
+    # a negative click on a part the local decode calls foreground: that part goes, inside the box only
+    grown = torch.where(local[0] > 0, 5.0, before)
+    cut = _local_edits(grown, local, box, (20, 10), positive=False)[0] > 0
+    assert not cut[10, 20] and cut[25, 20] and cut[8:16, 8:14].all()
+    # a negative click where the local decode sees background: inside the box only both-foreground stays
+    kept = _local_edits(before, local, torch.tensor([[4.0, 4.0, 14.0, 14.0]]), (10, 10), positive=False)[0] > 0
+    assert not kept[8:14, 8:14].any() and kept[15, 15]
