@@ -163,7 +163,7 @@ class DiskEmbeddingCache:
         path = self._path(key)
         with atomic_write(path) as tmp:
             save_file(
-                {"embedding": embedding.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
+                {"embedding": embedding.detach().to("cpu").contiguous()}, str(tmp),  # its dtype: float16 or 32
                 metadata={"format": DISK_FORMAT, "key": key, "fingerprint": self.fingerprint},
             )
         if self._used is None:

@@ -80,8 +80,16 @@ class VolumeState:
 class CASamPredictor:
     def __init__(self, backbone: Backbone, memory_bytes: int = DEFAULT_MEMORY_BYTES,
                  aligned_bytes: int = DEFAULT_ALIGNED_BYTES,
-                 disk_cache: Optional[Union[str, os.PathLike]] = None) -> None:
+                 disk_cache: Optional[Union[str, os.PathLike]] = None,
+                 embedding_dtype: torch.dtype = torch.float16) -> None:
+        """``embedding_dtype``: how cached frozen embeddings are kept, in memory and on disk
+        (float16 by default: half the memory and disk of float32, same masks within the
+        benchmark's tolerance, ``benchmarks/runtime.py``; float32 is the reference). They
+        are computed, aligned and decoded in float32 whatever is stored."""
+        if embedding_dtype not in (torch.float16, torch.float32):
+            raise OptionError(f"embeddings are stored as torch.float16 or torch.float32, not {embedding_dtype}")
         self.backbone = backbone
+        self.embedding_dtype = embedding_dtype
         self.embeddings = TensorLRU(memory_bytes)
         self.aligned = TensorLRU(aligned_bytes)
         self.disk = DiskEmbeddingCache(disk_cache, backbone.fingerprint) if disk_cache else None
@@ -297,9 +305,10 @@ class CASamPredictor:
                 x, input_size = self.backbone.preprocess(rgb)
                 z = self.backbone.encode(x)[0]
                 self.encoder_calls += 1
-                if self.disk:
-                    self.disk.save(key, z)
-            self.embeddings.put(key, z.to(self.device))
+            z = z.to(self.device, self.embedding_dtype)
+            if self.disk and x is not None:
+                self.disk.save(key, z)
+            self.embeddings.put(key, z)
         if input_size is None:
             input_size = preprocess_shape(rgb.shape[0], rgb.shape[1], self.backbone.img_size)
         return ImageRecord(key, (int(rgb.shape[0]), int(rgb.shape[1])), tuple(input_size))
@@ -314,7 +323,7 @@ class CASamPredictor:
             z = self.embeddings.get(record.key)
         if z is None:
             raise LookupError("this image's embedding is no longer cached; set it again")
-        return z
+        return z.float()
 
     # -- volumes --------------------------------------------------------------------
     def set_volume(self, volume: np.ndarray, axis: int = 0, window=None) -> VolumeState:

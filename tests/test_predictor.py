@@ -152,7 +152,7 @@ def test_disk_cache_is_bounded_and_keeps_what_was_used_last(tmp_path, monkeypatc
 
 
 def test_memory_cache_is_bounded(backbone):
-    predictor = CASamPredictor(backbone, memory_bytes=2 * 256 * 64 * 64 * 4)
+    predictor = CASamPredictor(backbone, memory_bytes=2 * 256 * 64 * 64 * 2)  # two float16 embeddings
     rng = np.random.default_rng(1)
     images = [(rng.random((64, 64)) * 255).astype(np.uint8) for _ in range(3)]
     for im in images:
@@ -271,3 +271,22 @@ def test_a_corrective_click_edits_the_earlier_mask_only_inside_its_box():
     # a negative click where the local decode sees background: inside the box only both-foreground stays
     kept = _local_edits(before, local, torch.tensor([[4.0, 4.0, 14.0, 14.0]]), (10, 10), positive=False)[0] > 0
     assert not kept[8:14, 8:14].any() and kept[15, 15]
+
+
+def test_embeddings_are_kept_as_float16_and_give_the_float32_masks(backbone, kvasir, tmp_path):
+    image, gt = kvasir
+    box = box_from_mask(gt)
+    half = CASamPredictor(backbone, disk_cache=tmp_path)
+    full = CASamPredictor(backbone, embedding_dtype=torch.float32)
+    for p in (half, full):
+        p.set_image(image)
+    assert half.embeddings.nbytes * 2 == full.embeddings.nbytes == 256 * 64 * 64 * 4
+    assert half.embedding().dtype == torch.float32  # decoded in float32 whatever is stored
+    assert (half.embedding() - full.embedding()).abs().max() < 5e-3
+    (entry,) = list(tmp_path.rglob("*.safetensors"))
+    assert entry.stat().st_size < 256 * 64 * 64 * 2 + 4096  # float16 on disk too
+    m_half = half.predict_batch(box=box)[0][0, 0]
+    m_full = full.predict_batch(box=box)[0][0, 0]
+    assert dice(m_half, m_full) > 0.995
+    with pytest.raises(Exception, match="float16 or torch.float32"):
+        CASamPredictor(backbone, embedding_dtype=torch.int8)
