@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,9 +37,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from .alignment import AlignmentLayer
+from .alignment import FORMS, AlignmentLayer
 from .config import library_dir
-from .errors import TaskLibraryError, TaskNameClash
+from .errors import CASamError, TaskLibraryError, TaskNameClash
 from .io import atomic_write
 from .router import TaskVAE
 from .tasks import Task, check_task_name
@@ -53,10 +54,107 @@ PACK_VERSION = 1
 PACK_MEMBERS = {MANIFEST, CARD, ALIGNMENT, ROUTER}
 MANIFEST_KEYS = {"format", "version", "task", "files", "casam_version"}
 MAX_MEMBER_BYTES = 256 * 1024**2
+MAX_CARD_BYTES = 4 * 1024**2  # task.json / manifest.json
+MAX_JSON_DEPTH = 32
+LAYER_CHANNELS = 256  # the prompt decoder's width, the same for every registered backbone
+MAX_BLOCKS = 16
+MAX_SAFETENSORS_HEADER = 1024**2
+POINT_PROMPTS = ("default", "direct", "click_box")  # how a task decodes clicks (predictor.click_decoding)
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def parse_json(data: Union[bytes, str], what: str) -> dict:
+    """A JSON object from untrusted bytes: bounded in size and nesting, one clear error otherwise."""
+    if len(data) > MAX_CARD_BYTES:
+        raise TaskLibraryError(f"{what} is too large ({len(data)} bytes; at most {MAX_CARD_BYTES})")
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise TaskLibraryError(f"{what} is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(value, dict):
+        raise TaskLibraryError(f"{what} must be a JSON object")
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise TaskLibraryError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return value
+
+
+def _number(value, what: str, low: float, high: float, integer: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not integer or float(value).is_integer())
+    if not ok or not math.isfinite(value) or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise TaskLibraryError(f"{what} must be {kind} in [{low:g}, {high:g}]; got {value!r}")
+    return value
+
+
+def check_card(card: dict, where: str) -> None:
+    """The card's fields that decide what is built and how it is used: known values and ranges,
+    checked before any model is allocated."""
+    for key in ("name", "backbone_fingerprint", "alignment", "router", "files"):
+        if key not in card:
+            raise TaskLibraryError(f"{where}: task.json has no {key!r}")
+    try:
+        check_task_name(card["name"])
+    except (CASamError, TypeError) as exc:
+        raise TaskLibraryError(f"{where}: task.json: {exc}") from None
+    align, router = card["alignment"], card["router"]
+    if not isinstance(align, dict) or not isinstance(router, dict) or not isinstance(card["files"], dict):
+        raise TaskLibraryError(f"{where}: task.json: alignment, router and files must be JSON objects")
+    _number(align.get("channels"), f"{where}: task.json alignment.channels", LAYER_CHANNELS, LAYER_CHANNELS, True)
+    _number(align.get("n_blocks"), f"{where}: task.json alignment.n_blocks", 1, MAX_BLOCKS, True)
+    if align.get("form") not in FORMS:
+        raise TaskLibraryError(f"{where}: task.json alignment.form must be one of {list(FORMS)}; got {align.get('form')!r}")
+    _number(router.get("tau"), f"{where}: task.json router.tau", 1e-12, 1e12)
+    if "click_box" in card:
+        box = card["click_box"]
+        if not isinstance(box, list) or len(box) != 2:
+            raise TaskLibraryError(f"{where}: task.json click_box must be [width, height]; got {box!r}")
+        for v in box:
+            _number(v, f"{where}: task.json click_box", 1e-4, 1.0)
+    if card.get("point_prompts", "default") not in POINT_PROMPTS:
+        raise TaskLibraryError(f"{where}: task.json point_prompts must be one of {list(POINT_PROMPTS)}; "
+                               f"got {card.get('point_prompts')!r}")
+    if not isinstance(card.get("use_alignment", True), bool):
+        raise TaskLibraryError(f"{where}: task.json use_alignment must be true or false")
+
+
+def _check_header(data: bytes, expected: Dict[str, torch.Tensor], what: str) -> None:
+    """The safetensors header against the module's own tensors (names, float32, shapes, byte
+    ranges), read before any tensor data is allocated."""
+    bad = TaskLibraryError(f"{what} is not a valid safetensors file (bad header)")
+    if len(data) < 8:
+        raise bad
+    n = int.from_bytes(data[:8], "little")
+    if n > MAX_SAFETENSORS_HEADER or 8 + n > len(data):
+        raise bad
+    try:
+        header = json.loads(data[8: 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise bad from None
+    if not isinstance(header, dict):
+        raise bad
+    header.pop("__metadata__", None)
+    unknown, missing = sorted(set(header) - set(expected)), sorted(set(expected) - set(header))
+    if unknown or missing:
+        raise TaskLibraryError(f"{what}: unknown tensors {unknown[:5]} / missing tensors {missing[:5]}")
+    body = len(data) - 8 - n
+    for key, info in header.items():
+        want = tuple(expected[key].shape)
+        if not isinstance(info, dict) or info.get("dtype") != "F32" or tuple(info.get("shape", ())) != want:
+            raise TaskLibraryError(f"{what}: tensor {key} must be float32 of shape {want}; got "
+                                   f"{info.get('dtype') if isinstance(info, dict) else info} "
+                                   f"{info.get('shape') if isinstance(info, dict) else ''}")
+        start, end = (info.get("data_offsets") or [None, None])[:2]
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= body
+                and end - start == 4 * math.prod(want)):
+            raise bad
 
 
 def _tensors_from_bytes(data: bytes, what: str) -> Dict[str, torch.Tensor]:
@@ -66,8 +164,10 @@ def _tensors_from_bytes(data: bytes, what: str) -> Dict[str, torch.Tensor]:
         raise TaskLibraryError(f"{what} is not a valid safetensors file ({exc})") from None
 
 
-def _load_state(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], what: str) -> None:
+def _load_state(module: torch.nn.Module, data: bytes, what: str) -> None:
     expected = module.state_dict()
+    _check_header(data, expected, what)
+    tensors = _tensors_from_bytes(data, what)
     unknown = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if unknown or missing:
@@ -76,15 +176,16 @@ def _load_state(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], what:
         if tuple(t.shape) != tuple(expected[key].shape):
             raise TaskLibraryError(f"{what}: tensor {key} has shape {tuple(t.shape)}, "
                                    f"expected {tuple(expected[key].shape)}")
+    for key, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise TaskLibraryError(f"{what}: tensor {key} holds NaN or infinite values")
     module.load_state_dict(tensors, strict=True)
 
 
 def task_from_files(card: dict, alignment: bytes, router: bytes, where: str,
                     fingerprint: Optional[str] = None) -> Task:
     """Build a Task from a card and the two safetensors files' bytes, checking everything."""
-    for key in ("name", "backbone_fingerprint", "alignment", "router", "files"):
-        if key not in card:
-            raise TaskLibraryError(f"{where}: task.json has no {key!r}")
+    check_card(card, where)
     files = card["files"]
     for fname, data in ((ALIGNMENT, alignment), (ROUTER, router)):
         if files.get(fname) != sha256_bytes(data):
@@ -98,9 +199,9 @@ def task_from_files(card: dict, alignment: bytes, router: bytes, where: str,
         tau = float(card["router"]["tau"])
     except (KeyError, TypeError, ValueError) as exc:
         raise TaskLibraryError(f"{where}: task.json has a bad alignment/router entry ({exc})") from None
-    _load_state(layer, _tensors_from_bytes(alignment, f"{where}/{ALIGNMENT}"), f"{where}/{ALIGNMENT}")
+    _load_state(layer, alignment, f"{where}/{ALIGNMENT}")
     vae = TaskVAE()
-    _load_state(vae, _tensors_from_bytes(router, f"{where}/{ROUTER}"), f"{where}/{ROUTER}")
+    _load_state(vae, router, f"{where}/{ROUTER}")
     return Task(card["name"], layer.eval(), vae.eval(), tau, card)
 
 
@@ -128,9 +229,10 @@ class TaskLibrary:
     def card(self, name: str) -> dict:
         path = self._folder(name) / CARD
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = path.read_bytes()
+        except OSError as exc:
             raise TaskLibraryError(f"{path}: unreadable task card ({exc})") from None
+        return parse_json(data, str(path))
 
     def load(self, name: str, fingerprint: Optional[str] = None) -> Task:
         folder = self._folder(name)
@@ -270,13 +372,8 @@ def read_pack(pack: PathLike, fingerprint: Optional[str] = None) -> Task:
             if info.file_size > MAX_MEMBER_BYTES:
                 raise TaskLibraryError(f"{pack}: {info.filename} is too large ({info.file_size} bytes)")
         data = {n: zf.read(n) for n in names}
-    try:
-        manifest = json.loads(data[MANIFEST])
-        card = json.loads(data[CARD])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TaskLibraryError(f"{pack}: manifest.json or task.json is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or not isinstance(card, dict):
-        raise TaskLibraryError(f"{pack}: manifest.json and task.json must be JSON objects")
+    manifest = parse_json(data[MANIFEST], f"{pack}: manifest.json")
+    card = parse_json(data[CARD], f"{pack}: task.json")
     unknown = sorted(set(manifest) - MANIFEST_KEYS)
     if unknown:
         raise TaskLibraryError(f"{pack}: unknown manifest keys {unknown}")

@@ -270,6 +270,93 @@ def test_pack_with_unknown_manifest_keys_or_pickled_weights_is_refused(pack, tmp
         read_pack(bad)
 
 
+def _forge(pack, dst, card_edit=None, alignment=None):
+    """A self-consistent pack (every hash matches) with an edited card and/or other alignment tensors."""
+    from safetensors.torch import save as save_bytes
+
+    with zipfile.ZipFile(pack) as z:
+        data = {n: z.read(n) for n in z.namelist()}
+    if alignment is not None:
+        data[ALIGNMENT] = save_bytes(alignment)
+    card = json.loads(data[CARD])
+    if card_edit:
+        card_edit(card)
+    card["files"][ALIGNMENT] = sha256_bytes(data[ALIGNMENT])
+    data[CARD] = card if isinstance(card, bytes) else json.dumps(card).encode()
+    manifest = json.loads(data[MANIFEST])
+    manifest["files"] = {n: sha256_bytes(data[n]) for n in (CARD, ALIGNMENT, ROUTER)}
+    data[MANIFEST] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(dst, "w") as z:
+        for n, b in data.items():
+            z.writestr(n, b)
+    return dst
+
+
+def _deep(card, depth):
+    node = card
+    for _ in range(depth):
+        node["x"] = {}
+        node = node["x"]
+
+
+def _layer_tensors(**kw):
+    from casam_core import AlignmentLayer
+
+    return {k: v.contiguous() for k, v in AlignmentLayer(**kw).state_dict().items()}
+
+
+HOSTILE = {
+    "8-channel layer": (lambda c: c["alignment"].update(channels=8), lambda: _layer_tensors(channels=8, n_blocks=3),
+                        "alignment.channels must be an integer in \\[256, 256\\]"),
+    "tau NaN": (lambda c: c["router"].update(tau=float("nan")), None, "router.tau"),
+    "tau negative": (lambda c: c["router"].update(tau=-1.0), None, "router.tau"),
+    "100000 blocks": (lambda c: c["alignment"].update(n_blocks=100000), None, "alignment.n_blocks"),
+    "NaN weights": (None, lambda: {k: torch.full_like(v, float("nan")) for k, v in _layer_tensors(n_blocks=3).items()},
+                    "NaN or infinite"),
+    "float16 weights": (None, lambda: {k: v.half() for k, v in _layer_tensors(n_blocks=3).items()},
+                        "must be float32"),
+    "card 100 levels deep": (lambda c: _deep(c, 100), None, "nested more than 32"),
+    "card 200000 levels deep": (lambda c: c.update(x="DEEP"), None, "not valid JSON"),
+    "click box of 5 images": (lambda c: c.update(click_box=[5.0, 0.1]), None, "click_box"),
+    "unknown click decoding": (lambda c: c.update(point_prompts="shell"), None, "point_prompts"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_packs_are_refused_in_one_line_before_anything_is_built(pack, kvasir_task, tmp_path, case):
+    edit, tensors, message = HOSTILE[case]
+    if case == "card 200000 levels deep":
+        bad = _forge(pack, tmp_path / "x.casam-task", edit)
+        with zipfile.ZipFile(bad) as z:
+            members = {n: z.read(n) for n in z.namelist()}
+        members[CARD] = members[CARD].replace(b'"DEEP"', b"[" * 200000 + b"]" * 200000)
+        with zipfile.ZipFile(bad, "w") as z:  # the card's hash no longer matters: it is refused before
+            for n, b in members.items():
+                z.writestr(n, b)
+    else:
+        bad = _forge(pack, tmp_path / "x.casam-task", edit, tensors() if tensors else None)
+    library = TaskLibrary(tmp_path / "lib2")
+    library.save(kvasir_task[0])
+    before = sorted((p.relative_to(library.root), p.read_bytes()) for p in library.root.rglob("*") if p.is_file())
+    with pytest.raises(TaskLibraryError, match=message) as info:
+        library.import_pack(bad)
+    assert "\n" not in str(info.value)
+    after = sorted((p.relative_to(library.root), p.read_bytes()) for p in library.root.rglob("*") if p.is_file())
+    assert after == before  # the library is byte-identical
+
+
+def test_a_tampered_task_in_the_library_is_skipped_not_fatal(kvasir_task, backbone, tmp_path):
+    from casam_core import CASamPredictor
+
+    library = _saved(kvasir_task[0], tmp_path)
+    card_path = library.root / "kvasir" / CARD
+    card = json.loads(card_path.read_text())
+    card["router"]["tau"] = float("nan")
+    card_path.write_text(json.dumps(card))
+    skipped = CASamPredictor(backbone).load_tasks(library)
+    assert list(skipped) == ["kvasir"] and "router.tau" in skipped["kvasir"]
+
+
 def test_cancelled_training_leaves_the_library_unchanged(backbone, kvasir_task, tmp_path):
     from casam_core import CASamPredictor
 
