@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
@@ -371,7 +372,10 @@ def read_pack(pack: PathLike, fingerprint: Optional[str] = None) -> Task:
         for info in infos:
             if info.file_size > MAX_MEMBER_BYTES:
                 raise TaskLibraryError(f"{pack}: {info.filename} is too large ({info.file_size} bytes)")
-        data = {n: zf.read(n) for n in names}
+        try:
+            data = {n: zf.read(n) for n in names}
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError) as exc:
+            raise TaskLibraryError(f"{pack}: damaged task pack ({exc})") from None
     manifest = parse_json(data[MANIFEST], f"{pack}: manifest.json")
     card = parse_json(data[CARD], f"{pack}: task.json")
     unknown = sorted(set(manifest) - MANIFEST_KEYS)

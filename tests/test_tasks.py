@@ -521,3 +521,16 @@ def test_slices_from_several_volumes_are_validated_on_a_whole_held_out_volume():
     for srcs in (one, [f"img{k}.png" for k in range(40)]):
         train, val = _validation_split(list(range(40)), 0.2, srcs)
         assert len(val) == 8 and len(train) == 32 and val == sorted(val) and val[0] > 0
+
+
+def test_a_damaged_pack_is_one_line_not_a_traceback(pack, tmp_path):
+    raw = bytearray(pack.read_bytes())
+    with zipfile.ZipFile(pack) as z:
+        info = z.getinfo(ALIGNMENT)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)  # the member's data
+    raw[start + info.compress_size // 2] ^= 0xFF  # a flipped byte: bad CRC (or bad deflate data)
+    bad = tmp_path / "flipped.casam-task"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(TaskLibraryError, match="damaged task pack|not a task pack") as err:
+        read_pack(bad)
+    assert "\n" not in str(err.value)
