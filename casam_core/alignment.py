@@ -33,6 +33,7 @@ from torch import nn
 from .errors import OptionError, look_up_option
 
 FORMS = PAPER, GATED, RESIDUAL = ("paper", "gated", "residual")
+MAX_BLOCKS = 16  # the most CA-ResBlocks a layer may have (a task card beyond it is refused)
 
 
 class ECA(nn.Module):

@@ -205,13 +205,13 @@ def cmd_learn(args) -> dict:
     if args.name in library and not args.replace:
         raise CLIError(f"a task named {args.name!r} already exists in {library.root} (use --replace, "
                        f"or another name)")
+    config = learn_config(args.profile, steps=args.steps, epochs=args.epochs, time_budget_s=args.time_budget,
+                          form=args.form, lr=args.lr, n_blocks=args.blocks, val_fraction=args.val_fraction,
+                          augment_copies=args.augment_copies, seed=args.seed)  # checked before any data is read
     progress = None if args.json else TqdmProgress()
     data = load_task_data(args.data, args.masks, axis=args.axis, window=args.window, limit=args.limit,
                           background_slices=args.background_slices, progress=progress)
     predictor = _predictor(args)
-    config = learn_config(args.profile, steps=args.steps, epochs=args.epochs, time_budget_s=args.time_budget,
-                          form=args.form, lr=args.lr, n_blocks=args.blocks, val_fraction=args.val_fraction,
-                          augment_copies=args.augment_copies, seed=args.seed)
     task = learn_task(predictor, args.name, data, config, progress=progress)
     path = library.save(task, replace=args.replace)
     card = library.card(args.name)

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from .alignment import FORMS, AlignmentLayer
+from .alignment import FORMS, MAX_BLOCKS, AlignmentLayer
 from .config import library_dir
 from .errors import CASamError, TaskLibraryError, TaskNameClash
 from .io import atomic_write
@@ -58,7 +58,6 @@ MAX_MEMBER_BYTES = 256 * 1024**2
 MAX_CARD_BYTES = 4 * 1024**2  # task.json / manifest.json
 MAX_JSON_DEPTH = 32
 LAYER_CHANNELS = 256  # the prompt decoder's width, the same for every registered backbone
-MAX_BLOCKS = 16
 MAX_SAFETENSORS_HEADER = 1024**2
 POINT_PROMPTS = ("default", "direct", "click_box")  # how a task decodes clicks (predictor.click_decoding)
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .alignment import PAPER, RESIDUAL, AlignmentLayer, count_parameters
+from .alignment import FORMS, MAX_BLOCKS, PAPER, RESIDUAL, AlignmentLayer, count_parameters
 from .evaluate import object_metrics
 from .errors import OptionError, TaskDataError, look_up_option
 from .io import (read_dataset, read_image, read_labels, normalize_intensity, path_suffix, take_slice,
@@ -233,6 +233,27 @@ class LearnConfig:
     val_max_objects: int = 16  # per held-out image, for the checks during training
     val_final_max_objects: int = 64  # per held-out image, for frozen vs learned (decoding is ~80 ms an object on a CPU)
 
+    def check(self) -> "LearnConfig":
+        """Every field within its range (an ``OptionError`` naming it otherwise); returns self."""
+        look_up_option(self.form, FORMS, "layer form")
+        look_up_option(self.schedule, SCHEDULES, "schedule")
+        look_up_option(self.click_prompt, CLICK_PROMPTS, "click prompt")
+        for name, low, high, optional in _LIMITS:
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            integer = isinstance(low, int) and isinstance(high, int)
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and low <= value <= high and (not integer or float(value).is_integer()))
+            if name in ("lr", "time_budget_s", "val_fraction") and ok:
+                ok = value > 0
+            if not ok:
+                kind = "an integer" if integer else "a number"
+                raise OptionError(f"{_LIMIT_NAMES.get(name, name)} must be {kind} in "
+                                  f"{'(' if name in ('lr', 'time_budget_s', 'val_fraction') else '['}{low:g}, {high:g}]; "
+                                  f"got {value!r}")
+        return self
+
     @classmethod
     def paper(cls, **overrides) -> "LearnConfig":
         """method.md's recipe: paper init, Adam 1e-4, 24 epochs of 6 images x 5 masks, no
@@ -244,6 +265,15 @@ class LearnConfig:
 
 
 SCHEDULES = ("cosine", "constant")
+# (field, low, high, may be None): bounds that keep a typo from running for days or writing nonsense
+_LIMITS = (("epochs", 1, 10_000, False), ("steps", 1, 1_000_000, True), ("time_budget_s", 0.0, 7 * 24 * 3600.0, True),
+           ("lr", 0.0, 1.0, False), ("n_blocks", 1, MAX_BLOCKS, False), ("val_fraction", 0.0, 0.5, False),
+           ("augment_copies", 0, 16, False), ("batch_images", 1, 64, False), ("masks_per_image", 1, 64, False),
+           ("seed", 0, 2**32 - 1, False), ("point_fraction", 0.0, 1.0, False), ("jitter_px", 0.0, 1024.0, False),
+           ("vae_epochs", 1, 10_000, False), ("warmup_steps", 0, 1_000_000, False), ("val_every", 0, 1_000_000, False),
+           ("val_max_objects", 1, 100_000, False), ("val_final_max_objects", 1, 100_000, False))
+_LIMIT_NAMES = {"time_budget_s": "the time budget (seconds)", "lr": "the learning rate", "n_blocks": "blocks",
+                "val_fraction": "the validation fraction", "augment_copies": "augmented copies"}
 CLICK_PROMPTS = ("box", "point")
 PROFILES = ("fast", "paper")
 
@@ -256,7 +286,7 @@ def learn_config(profile: str = "fast", **overrides) -> LearnConfig:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "epochs" in overrides and "steps" not in overrides:  # an epoch budget replaces a step budget
         overrides["steps"] = None
-    return LearnConfig.paper(**overrides) if profile == "paper" else LearnConfig(**overrides)
+    return (LearnConfig.paper(**overrides) if profile == "paper" else LearnConfig(**overrides)).check()
 
 
 @dataclass
@@ -523,12 +553,7 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     """
     config = config or LearnConfig()
     check_task_name(name)
-    if config.epochs < 1:
-        raise OptionError(f"epochs must be at least 1, got {config.epochs}")
-    if config.steps is not None and config.steps < 1:
-        raise OptionError(f"steps must be at least 1, got {config.steps}")
-    if config.time_budget_s is not None and not config.time_budget_s > 0:
-        raise OptionError(f"the time budget must be a positive number of seconds, got {config.time_budget_s}")
+    config.check()
     backbone = predictor.backbone
     device = predictor.device
     rng = np.random.default_rng(config.seed)

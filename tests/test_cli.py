@@ -111,3 +111,15 @@ def test_two_boxes_on_a_volume_slice_get_one_label_each(tmp_path, capsys):
     seg = read_labels(tmp_path / "s.nii.gz").array
     assert set(np.unique(seg[0])) <= {0, 1, 2} and 2 in np.unique(seg[0]) and not seg[1].any()
     assert len(json.loads(out)["details"]["scores"]) == 2
+
+
+def test_learn_options_are_bounded_before_any_data_is_read(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"  # never read: the option is refused first
+    for flag, value, says in (("--epochs", "99999999999999", "epochs must be an integer in [1, 10000]"),
+                              ("--val-fraction", "-3", "the validation fraction must be a number in (0, 0.5]"),
+                              ("--lr", "nan", "the learning rate"), ("--blocks", "100000", "blocks must be"),
+                              ("--time-budget", "0", "the time budget")):
+        code, out, err = _run(capsys, "learn", "bounded", missing, flag, value, "--library", tmp_path / "lib",
+                              "--device", "cpu")
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, (flag, err)
+        assert not (tmp_path / "lib" / "bounded").exists()
