@@ -123,3 +123,11 @@ def test_learn_options_are_bounded_before_any_data_is_read(tmp_path, capsys):
                               "--device", "cpu")
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, (flag, err)
         assert not (tmp_path / "lib" / "bounded").exists()
+
+
+def test_a_library_that_is_a_file_is_refused(tmp_path, capsys):
+    afile = tmp_path / "library.txt"
+    afile.write_text("not a library")
+    code, out, err = _run(capsys, "tasks", "list", "--library", afile)
+    assert code == 2 and "must be a folder" in err and str(afile) in err
+    assert afile.read_text() == "not a library"
