@@ -11,6 +11,8 @@ expects (``ValueError`` for bad input, ``LookupError`` for an unknown task: not
 
 from __future__ import annotations
 
+import math
+
 
 class CASamError(Exception):
     """A problem with the user's input, files or tasks; the message says which and why."""
@@ -67,3 +69,17 @@ def look_up_option(value, choices, what: str):
     near = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
     hint = f"did you mean {near[0]!r}? " if near else ""
     raise OptionError(f"unknown {what} {value!r}; {hint}choose one of {', '.join(map(str, options))}")
+
+
+def check_number(value, what: str, low: float, high: float, *, integer: bool = False, low_open: bool = False,
+                 error: type = OptionError):
+    """``value`` if it is a finite number (an integer with ``integer``) in [low, high] ((low, high]
+    with ``low_open``); otherwise ``error`` naming ``what`` and the range ("epochs must be an
+    integer in [1, 10000]; got 99999999999999")."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (low < value if low_open else low <= value) and value <= high
+          and (not integer or float(value).is_integer()))
+    if not ok:
+        raise error(f"{what} must be {'an integer' if integer else 'a number'} in "
+                    f"{'(' if low_open else '['}{low:g}, {high:g}]; got {value!r}")
+    return value

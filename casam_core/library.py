@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from .alignment import FORMS, MAX_BLOCKS, AlignmentLayer
 from .config import library_dir
-from .errors import CASamError, TaskLibraryError, TaskNameClash
+from .errors import CASamError, TaskLibraryError, TaskNameClash, check_number
 from .io import atomic_write
 from .router import TaskVAE
 from .tasks import Task, check_task_name
@@ -86,14 +86,6 @@ def parse_json(data: Union[bytes, str], what: str) -> dict:
     return value
 
 
-def _number(value, what: str, low: float, high: float, integer: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not integer or float(value).is_integer())
-    if not ok or not math.isfinite(value) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise TaskLibraryError(f"{what} must be {kind} in [{low:g}, {high:g}]; got {value!r}")
-    return value
-
-
 def check_card(card: dict, where: str) -> None:
     """The card's fields that decide what is built and how it is used: known values and ranges,
     checked before any model is allocated."""
@@ -107,17 +99,19 @@ def check_card(card: dict, where: str) -> None:
     align, router = card["alignment"], card["router"]
     if not isinstance(align, dict) or not isinstance(router, dict) or not isinstance(card["files"], dict):
         raise TaskLibraryError(f"{where}: task.json: alignment, router and files must be JSON objects")
-    _number(align.get("channels"), f"{where}: task.json alignment.channels", LAYER_CHANNELS, LAYER_CHANNELS, True)
-    _number(align.get("n_blocks"), f"{where}: task.json alignment.n_blocks", 1, MAX_BLOCKS, True)
+    check_number(align.get("channels"), f"{where}: task.json alignment.channels", LAYER_CHANNELS, LAYER_CHANNELS,
+                 integer=True, error=TaskLibraryError)
+    check_number(align.get("n_blocks"), f"{where}: task.json alignment.n_blocks", 1, MAX_BLOCKS, integer=True,
+                 error=TaskLibraryError)
     if align.get("form") not in FORMS:
         raise TaskLibraryError(f"{where}: task.json alignment.form must be one of {list(FORMS)}; got {align.get('form')!r}")
-    _number(router.get("tau"), f"{where}: task.json router.tau", 1e-12, 1e12)
+    check_number(router.get("tau"), f"{where}: task.json router.tau", 0, 1e12, low_open=True, error=TaskLibraryError)
     if "click_box" in card:
         box = card["click_box"]
         if not isinstance(box, list) or len(box) != 2:
             raise TaskLibraryError(f"{where}: task.json click_box must be [width, height]; got {box!r}")
         for v in box:
-            _number(v, f"{where}: task.json click_box", 1e-4, 1.0)
+            check_number(v, f"{where}: task.json click_box", 0, 1.0, low_open=True, error=TaskLibraryError)
     if card.get("point_prompts", "default") not in POINT_PROMPTS:
         raise TaskLibraryError(f"{where}: task.json point_prompts must be one of {list(POINT_PROMPTS)}; "
                                f"got {card.get('point_prompts')!r}")

@@ -90,6 +90,7 @@ class CASamPredictor:
             raise OptionError(f"embeddings are stored as torch.float16 or torch.float32, not {embedding_dtype}")
         self.backbone = backbone
         self.embedding_dtype = embedding_dtype
+        self._float32: Optional[Tuple[str, torch.Tensor]] = None  # the last embedding used, as float32
         self.embeddings = TensorLRU(memory_bytes)
         self.aligned = TensorLRU(aligned_bytes)
         self.disk = DiskEmbeddingCache(disk_cache, backbone.fingerprint) if disk_cache else None
@@ -323,7 +324,11 @@ class CASamPredictor:
             z = self.embeddings.get(record.key)
         if z is None:
             raise LookupError("this image's embedding is no longer cached; set it again")
-        return z.float()
+        if z.dtype == torch.float32:
+            return z
+        if self._float32 is None or self._float32[0] != record.key:  # once per image, not once per click
+            self._float32 = (record.key, z.float())
+        return self._float32[1]
 
     # -- volumes --------------------------------------------------------------------
     def set_volume(self, volume: np.ndarray, axis: int = 0, window=None) -> VolumeState:
@@ -378,16 +383,15 @@ class CASamPredictor:
         """Decoder input (1, 256, 64, 64): frozen Z, or A_layer(Z) cached per (image, layer).
         ``layer`` is a ``TaskChoice.layer`` (None: the frozen features)."""
         record = record or self._require_current()
-        z = self.embedding(record)[None]
         if layer is None:
-            return z
+            return self.embedding(record)[None]
         if self.layers.get(layer) is None:
             raise UnknownTask(f"no Alignment Layer for task {layer!r}; with layers: "
                               f"{', '.join(n for n, l in self.layers.items() if l is not None) or 'none'}")
         cache_key = (record.key, layer)
         aligned = self.aligned.get(cache_key)
         if aligned is None:
-            aligned = self.layers[layer](z)
+            aligned = self.layers[layer](self.embedding(record)[None])
             self.aligned.put(cache_key, aligned)
         return aligned
 

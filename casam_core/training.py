@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from . import __version__
 from .alignment import FORMS, MAX_BLOCKS, PAPER, RESIDUAL, AlignmentLayer, count_parameters
 from .evaluate import object_metrics
-from .errors import OptionError, TaskDataError, look_up_option
+from .errors import OptionError, TaskDataError, check_number, look_up_option
 from .io import (read_dataset, read_image, read_labels, normalize_intensity, path_suffix, take_slice,
                  to_rgb, VOLUME_SUFFIXES, is_dicom_folder)
 from .predictor import CASamPredictor, ImageRecord
@@ -238,20 +238,12 @@ class LearnConfig:
         look_up_option(self.form, FORMS, "layer form")
         look_up_option(self.schedule, SCHEDULES, "schedule")
         look_up_option(self.click_prompt, CLICK_PROMPTS, "click prompt")
-        for name, low, high, optional in _LIMITS:
+        for name, low, high, low_open in _LIMITS:
             value = getattr(self, name)
-            if value is None and optional:
+            if value is None and name in ("steps", "time_budget_s"):  # no step / time budget
                 continue
-            integer = isinstance(low, int) and isinstance(high, int)
-            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                  and low <= value <= high and (not integer or float(value).is_integer()))
-            if name in ("lr", "time_budget_s", "val_fraction") and ok:
-                ok = value > 0
-            if not ok:
-                kind = "an integer" if integer else "a number"
-                raise OptionError(f"{_LIMIT_NAMES.get(name, name)} must be {kind} in "
-                                  f"{'(' if name in ('lr', 'time_budget_s', 'val_fraction') else '['}{low:g}, {high:g}]; "
-                                  f"got {value!r}")
+            check_number(value, _LIMIT_NAMES.get(name, name), low, high,
+                         integer=isinstance(low, int) and isinstance(high, int), low_open=low_open)
         return self
 
     @classmethod
@@ -265,9 +257,9 @@ class LearnConfig:
 
 
 SCHEDULES = ("cosine", "constant")
-# (field, low, high, may be None): bounds that keep a typo from running for days or writing nonsense
-_LIMITS = (("epochs", 1, 10_000, False), ("steps", 1, 1_000_000, True), ("time_budget_s", 0.0, 7 * 24 * 3600.0, True),
-           ("lr", 0.0, 1.0, False), ("n_blocks", 1, MAX_BLOCKS, False), ("val_fraction", 0.0, 0.5, False),
+# (field, low, high, low bound excluded): bounds that keep a typo from running for days or writing nonsense
+_LIMITS = (("epochs", 1, 10_000, False), ("steps", 1, 1_000_000, False), ("time_budget_s", 0.0, 7 * 24 * 3600.0, True),
+           ("lr", 0.0, 1.0, True), ("n_blocks", 1, MAX_BLOCKS, False), ("val_fraction", 0.0, 0.5, True),
            ("augment_copies", 0, 16, False), ("batch_images", 1, 64, False), ("masks_per_image", 1, 64, False),
            ("seed", 0, 2**32 - 1, False), ("point_fraction", 0.0, 1.0, False), ("jitter_px", 0.0, 1024.0, False),
            ("vae_epochs", 1, 10_000, False), ("warmup_steps", 0, 1_000_000, False), ("val_every", 0, 1_000_000, False),
