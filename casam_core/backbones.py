@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -260,7 +261,10 @@ def load_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
         raise BackboneError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupted file, not a torch file, or pickled objects
+    except pickle.UnpicklingError as exc:  # pickled objects, or not a torch file at all: never unpickled
+        raise BackboneError(f"cannot read checkpoint {path}: it is not a file of plain weights (it holds "
+                            f"pickled Python objects, which CA-SAM never loads, or it is damaged)") from exc
+    except Exception as exc:  # corrupted file, not a torch file
         raise BackboneError(
             f"cannot read checkpoint {path}: not a PyTorch weights file "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"

@@ -3,8 +3,9 @@
 Keys are signatures of the data the encoder saw (the uint8 RGB slice) and of the
 backbone (its fingerprint), so a cached embedding is never used for other pixels or
 another model. On disk each entry is one safetensors file whose metadata repeats
-the key, fingerprint and shape; an entry that disagrees (stale, truncated,
-another format) is detected, deleted and recomputed, never used.
+the key, fingerprint and a checksum of the tensor's bytes; an entry that disagrees
+(stale, truncated, damaged or tampered with, another format) is detected, deleted and
+recomputed, never used. Temporary files left by a killed writer are swept.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import numpy as np
 import torch
 
 from .config import cache_limit_bytes
-from .io import atomic_write
+from .io import atomic_write, sweep_temporaries
 
-DISK_FORMAT = "casam-embedding-1"
+DISK_FORMAT = "casam-embedding-2"  # 2: a checksum of the data in the metadata
 
 
 def data_signature(image: np.ndarray, fingerprint: str) -> str:
@@ -31,6 +32,14 @@ def data_signature(image: np.ndarray, fingerprint: str) -> str:
     digest.update(str(image.shape).encode())
     digest.update(str(image.dtype).encode())
     digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def tensor_checksum(tensor: torch.Tensor) -> str:
+    """Hash of a CPU tensor's bytes, dtype and shape."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -97,12 +106,15 @@ class DiskEmbeddingCache:
         self.fingerprint = fingerprint
         self.max_bytes = cache_limit_bytes(max_bytes)
         self.stale_found = 0
+        self.swept = 0
         self._used: Optional[int] = None  # bytes in the folder, measured at the first save
 
     def _entries(self):
         """(last use, size, path) of every entry in the folder."""
         found = []
         for path in self.root.glob("*/*.safetensors"):
+            if path.name.startswith("."):  # another writer's temporary file
+                continue
             try:
                 st = path.stat()
             except OSError:  # deleted meanwhile by another process
@@ -145,6 +157,8 @@ class DiskEmbeddingCache:
                     and tuple(fh.get_slice("embedding").get_shape()) == tuple(shape)
                 )
                 tensor = fh.get_tensor("embedding") if ok else None
+            if tensor is not None and meta.get("blake2b") != tensor_checksum(tensor):
+                tensor = None  # the data changed after it was written
         except Exception:  # truncated or foreign file
             tensor = None
         if tensor is None:
@@ -161,12 +175,13 @@ class DiskEmbeddingCache:
         from safetensors.torch import save_file
 
         path = self._path(key)
+        tensor = embedding.detach().to("cpu").contiguous()  # its dtype: float16 or 32
         with atomic_write(path) as tmp:
-            save_file(
-                {"embedding": embedding.detach().to("cpu").contiguous()}, str(tmp),  # its dtype: float16 or 32
-                metadata={"format": DISK_FORMAT, "key": key, "fingerprint": self.fingerprint},
-            )
-        if self._used is None:
+            save_file({"embedding": tensor}, str(tmp), metadata={
+                "format": DISK_FORMAT, "key": key, "fingerprint": self.fingerprint,
+                "blake2b": tensor_checksum(tensor)})
+        if self._used is None:  # the first save of this process: measure the folder, sweep leftovers
+            self.swept = sweep_temporaries(self.root, pattern="*/.*.tmp*")
             self._used = sum(size for _, size, _ in self._entries())
         else:
             self._used += path.stat().st_size

@@ -22,7 +22,8 @@ from .build import build_predictor
 from .config import cache_dir as default_cache_dir, library_dir
 from .errors import CASamError
 from .evaluate import PROMPTS, evaluate_dataset
-from .io import VOLUME_SUFFIXES, WINDOWS, path_suffix, read_image, read_labels, write_mask
+from .io import (WINDOWS, MedicalImage, check_mask_path, read_dataset, read_image, read_labels,
+                 write_mask)
 from .library import TaskLibrary, TaskLibraryError
 from .metrics import dice
 from .overlay import overlay, save_png, volume_montage
@@ -92,17 +93,17 @@ def _echo(args, text: str) -> None:
 def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: List[List[float]],
                  points: List, slice_index: Optional[int] = None, axis: int = 0, window=None,
                  propagate: bool = True, overlay_path: Optional[str] = None, progress=None,
-                 task: Optional[str] = None) -> dict:
+                 task: Optional[str] = None, image: Optional[MedicalImage] = None) -> dict:
     """Segment one 2D image or volume with box/point prompts and write the mask (+ overlay).
 
     ``task``: "auto" (the router decides; one route per image or volume), "none"/None
-    (frozen model) or a task name. The report's ``route`` says what was used.
+    (frozen model) or a task name. The report's ``route`` says what was used. ``image``: the
+    input already read (the CLI reads it before it builds a model, so a bad file costs nothing).
     """
     if not boxes and not points:
         raise CLIError("give a prompt: --box x0,y0,x1,y1 and/or --point x,y[,label]")
-    image = read_image(input_path)
-    if image.is_volume and path_suffix(out) not in VOLUME_SUFFIXES:
-        raise CLIError(f"{out}: a volume's mask is written as .nii.gz, .nii, .mha or .nrrd")
+    image = read_image(input_path) if image is None else image
+    check_mask_path(out, volume=image.is_volume)
     if not image.is_volume and slice_index is not None:
         raise CLIError(f"{input_path} is a 2D image: --slice is for volumes")
     coords = np.array([p[0] for p in points]) if points else None
@@ -114,7 +115,6 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
         predictor.set_image(image.array, window=window)
         choice = _route(predictor, task)
         result, info["scores"] = _labelled(predictor, coords, labels, box, choice.layer)
-        picture = overlay(image.array, result, boxes[0] if boxes else None)
     else:
         n = image.array.shape[axis]
         if slice_index is None:
@@ -134,13 +134,14 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
             index[axis] = slice_index
             result[tuple(index)], info["scores"] = _labelled(predictor, coords, labels, box, chosen)
         result = result.astype(np.uint8)
-        # the montage reuses the predictor's once-windowed uint8 volume
-        picture = volume_montage(predictor.volume.volume, result, axis, box_slice=slice_index,
-                                 box=boxes[0] if boxes else None)
     info["route"] = choice.to_json()
     info["route_text"] = describe_route(choice)
     write_mask(result, out, reference=image)
-    if overlay_path:
+    if overlay_path:  # built only when asked for: a full-size picture can be large
+        first_box = boxes[0] if boxes else None
+        # a volume's montage reuses the predictor's once-windowed uint8 volume
+        picture = (volume_montage(predictor.volume.volume, result, axis, box_slice=slice_index, box=first_box)
+                   if image.is_volume else overlay(image.array, result, first_box))
         save_png(picture, overlay_path)
         info["overlay"] = str(overlay_path)
     info["mask_voxels"] = int((result > 0).sum())
@@ -160,10 +161,11 @@ def _labelled(predictor: CASamPredictor, coords, labels, box, task: Optional[str
 def cmd_segment(args) -> dict:
     boxes = [parse_box(b) for b in args.box]
     points = [parse_point(p) for p in args.point]
+    image = read_image(args.input)  # a bad file is refused before any model is built
     predictor = _predictor(args, with_tasks=task_mode(args.task) != "frozen")
     progress = None if args.json else TqdmProgress()
     info = segment_file(predictor, args.input, args.out, boxes, points, args.slice, args.axis, args.window,
-                        not args.no_propagate, args.overlay, progress, task=args.task)
+                        not args.no_propagate, args.overlay, progress, task=args.task, image=image)
     _echo(args, f"route: {info['route_text']}")
     _echo(args, f"wrote {info['out']} ({info['mask_voxels']} foreground pixels/voxels)")
     return {"out": info["out"], "route": info["route"], "mask_voxels": info["mask_voxels"], "details": info}
@@ -173,8 +175,8 @@ def cmd_segment(args) -> dict:
 # route, eval, learn, tasks
 # ---------------------------------------------------------------------------------
 def cmd_route(args) -> dict:
+    image = read_image(args.input)  # a bad file is refused before any model is built
     predictor = _predictor(args, with_tasks=True)
-    image = read_image(args.input)
     if image.is_volume:
         predictor.set_volume(image.array, axis=args.axis, window=args.window)
     else:
@@ -190,11 +192,12 @@ def cmd_route(args) -> dict:
 
 def cmd_eval(args) -> dict:
     task = args.task
+    dataset = read_dataset(args.dataset)  # a bad dataset.json is refused before any model is built
     predictor = _predictor(args, with_tasks=task_mode(task) != "frozen")
     if task_mode(task) == "named" and task not in predictor.layers:
         raise CLIError(f"unknown task {task!r}; the library has: {', '.join(predictor.layers) or 'no tasks'}")
     progress = None if args.json else TqdmProgress()
-    result = evaluate_dataset(predictor, args.dataset, split=args.split, task=task, limit=args.limit,
+    result = evaluate_dataset(predictor, dataset, split=args.split, task=task, limit=args.limit,
                               axis=args.axis, progress=progress, prompt=args.prompt)
     if not args.json:
         print(f"{result['dataset']} ({result['split']}, task {task}, {args.prompt} prompts): {result['n_images']} images  "

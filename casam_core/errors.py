@@ -26,6 +26,10 @@ class ImageIOError(CASamError, ValueError):
     """An image or file that cannot be read, written or used; the message names it and the problem."""
 
 
+class ImageWarning(UserWarning):
+    """Something a reader said about an image that was read anyway (one line, naming the file)."""
+
+
 class PromptError(CASamError, ValueError):
     """Prompts that cannot be used (shape, range, missing labels)."""
 

@@ -9,14 +9,18 @@ Intensities (``normalize_intensity``) become uint8 for the backbone:
 - CT in Hounsfield units: a window preset (``WINDOWS``) when asked for;
 - anything else (MR, 16-bit, float): clipped to the 0.5-99.5 percentiles of the
   whole image or volume, then scaled to 0..255;
-- NaN/Inf become the lowest finite value; a constant image becomes zeros.
+- NaN/Inf become the lowest finite value; a constant image becomes zeros; an image with no
+  finite value is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +28,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import ImageIOError, OptionError, PromptError, look_up_option
+from .errors import ImageIOError, ImageWarning, OptionError, PromptError, look_up_option
 
 PathLike = Union[str, os.PathLike]
 
@@ -36,6 +40,11 @@ WINDOWS: Dict[str, Tuple[float, float]] = {
     "brain": (80.0, 40.0),
 }
 PERCENTILES = (0.5, 99.5)
+
+# Size limits, checked on the file's header before any pixel is read
+MAX_PIXELS_2D = 8192 * 8192  # 67 M pixels
+MAX_VOXELS_3D = 1024 * 1024 * 512  # 537 M voxels (a 512 x 512 CT of 2048 slices)
+MAX_IMAGE_BYTES = 2 * 1024 ** 3  # 2 GiB of pixel data in memory
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -73,10 +82,92 @@ def path_suffix(path: PathLike) -> str:
 # ---------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------
+_ITK = threading.local()  # .notes: the list collecting SimpleITK's messages in this thread, if any
+_ITK_LOGGER = None
+
+
 def _sitk():
+    """SimpleITK, with its warnings routed to Python: inside ``_itk_notes()`` they are collected
+    (and become part of one line), elsewhere they are Python warnings (one line each)."""
     import SimpleITK as sitk
 
+    global _ITK_LOGGER
+    if _ITK_LOGGER is None:
+        class _Logger(sitk.LoggerBase):
+            def _note(self, text):
+                note = _itk_note(text)
+                notes = getattr(_ITK, "notes", None)
+                if notes is not None:
+                    notes.append(note)
+                elif note:
+                    warnings.warn(f"SimpleITK: {note}", ImageWarning, stacklevel=2)
+
+            DisplayText = DisplayErrorText = DisplayWarningText = DisplayGenericOutputText = _note
+
+            def DisplayDebugText(self, text):
+                pass
+
+        _ITK_LOGGER = _Logger()
+        _ITK_LOGGER.SetAsGlobalITKLogger()
     return sitk
+
+
+def _itk_note(text: str) -> str:
+    """ITK's "WARNING: In <source file>, line N\n<Class> (0x...): message" -> "message"."""
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not re.match(r"^(WARNING|ERROR): In .*, line \d+$", ln)]
+    text = " ".join(re.sub(r"^\w+ \(0x[0-9a-fA-F]+\): ", "", ln) for ln in lines)
+    return text[:200]
+
+
+@contextmanager
+def _itk_notes() -> Iterator[List[str]]:
+    """Collect what SimpleITK/ITK/GDCM say during the block (this thread only)."""
+    _sitk()
+    outer = getattr(_ITK, "notes", None)
+    _ITK.notes = notes = []
+    try:
+        yield notes
+    finally:
+        _ITK.notes = outer
+
+
+def _said(notes: List[str]) -> str:
+    notes = [n for n in dict.fromkeys(notes) if n]
+    return f" (SimpleITK: {'; '.join(notes)[:200]})" if notes else ""
+
+
+def check_image_size(path: PathLike, shape: Tuple[int, ...], components: int, itemsize: int) -> None:
+    """Refuse an image whose header promises more than the limits, before its pixels are read."""
+    shape = tuple(int(v) for v in shape)
+    count = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    volume = sum(v > 1 for v in shape) >= 3
+    limit = MAX_VOXELS_3D if volume else MAX_PIXELS_2D
+    nbytes = float(count) * components * itemsize
+    size = " x ".join(map(str, shape))
+    if count > limit:
+        raise ImageIOError(f"{path}: {size} {'voxels' if volume else 'pixels'} is more than CA-SAM reads "
+                           f"({limit / 1e6:.0f} M {'voxels for a volume' if volume else 'pixels for a 2D image'})")
+    if nbytes > MAX_IMAGE_BYTES:
+        raise ImageIOError(f"{path}: {size} x {components} channel(s) of {itemsize} byte(s) is "
+                           f"{nbytes / 1024 ** 3:.1f} GiB of pixels, more than CA-SAM reads "
+                           f"({MAX_IMAGE_BYTES / 1024 ** 3:.0f} GiB)")
+
+
+def _header(sitk, path: str) -> Tuple[Tuple[int, ...], int, int]:
+    """(size in x, y[, z] order, components per pixel, bytes per component) from the header only."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    probe = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())
+    itemsize = sitk.GetArrayViewFromImage(probe).itemsize
+    return tuple(reader.GetSize()), int(reader.GetNumberOfComponents()), int(itemsize)
+
+
+def _check_finite(array: np.ndarray, what) -> None:
+    """Refuse an image with no finite pixel value (all NaN or infinite)."""
+    if np.issubdtype(array.dtype, np.floating) and array.size and not np.isfinite(array).any():
+        raise ImageIOError(f"{what} has no finite pixel value (all NaN or infinite)")
 
 
 def _from_sitk(img, path: str, is_volume: Optional[bool] = None) -> MedicalImage:
@@ -101,6 +192,7 @@ def _from_sitk(img, path: str, is_volume: Optional[bool] = None) -> MedicalImage
             array = array[..., 0]
         elif channels != 3:
             raise ImageIOError(f"{path}: {channels} channels per pixel; expected gray, RGB or RGBA")
+    _check_finite(array, f"{path}: the image")
     meta = {k: img.GetMetaData(k) for k in img.GetMetaDataKeys()} if hasattr(img, "GetMetaDataKeys") else {}
     return MedicalImage(
         array=array, spacing=tuple(img.GetSpacing()), origin=tuple(img.GetOrigin()),
@@ -117,11 +209,18 @@ def read_image(path: PathLike) -> MedicalImage:
         raise ImageIOError(f"{p}: no such file or folder")
     if p.is_dir():
         return read_dicom_series(p)
-    try:
-        img = sitk.ReadImage(str(p))
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "unreadable"
-        raise ImageIOError(f"{p}: cannot read as an image ({reason})") from exc
+    with _itk_notes() as notes:
+        try:
+            size, components, itemsize = _header(sitk, str(p))
+            check_image_size(p, tuple(reversed(size)), components, itemsize)
+            img = sitk.ReadImage(str(p))
+        except RuntimeError as exc:
+            reason = _itk_note(str(exc).strip().splitlines()[-1]) if str(exc).strip() else "unreadable"
+            raise ImageIOError(f"{p}: cannot read as an image ({reason}){_said(notes)}") from exc
+        except PermissionError as exc:
+            raise ImageIOError(f"{p}: cannot read it ({exc.strerror})") from exc
+    for note in dict.fromkeys(notes):
+        warnings.warn(f"{p}: SimpleITK: {note}", ImageWarning, stacklevel=2)
     return _from_sitk(img, str(p))
 
 
@@ -129,20 +228,26 @@ def read_dicom_series(folder: PathLike) -> MedicalImage:
     sitk = _sitk()
     folder = Path(folder)
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise ImageIOError(f"{folder}: a folder must hold a DICOM series, and none was found")
-    if len(series) > 1:
-        sizes = {s: len(reader.GetGDCMSeriesFileNames(str(folder), s)) for s in series}
-        chosen = max(sizes, key=sizes.get)
-    else:
-        chosen = series[0]
-    files = reader.GetGDCMSeriesFileNames(str(folder), chosen)
-    reader.SetFileNames(files)
-    try:
-        img = reader.Execute()
-    except RuntimeError as exc:
-        raise ImageIOError(f"{folder}: cannot read DICOM series {chosen} ({str(exc).strip()[:200]})") from exc
+    with _itk_notes() as notes:
+        series = reader.GetGDCMSeriesIDs(str(folder))
+        if not series:
+            raise ImageIOError(f"{folder}: a folder must hold a DICOM series, and none was found{_said(notes)}")
+        if len(series) > 1:
+            sizes = {s: len(reader.GetGDCMSeriesFileNames(str(folder), s)) for s in series}
+            chosen = max(sizes, key=sizes.get)
+        else:
+            chosen = series[0]
+        files = reader.GetGDCMSeriesFileNames(str(folder), chosen)
+        try:
+            size, components, itemsize = _header(sitk, files[0])
+            check_image_size(folder, (len(files),) + tuple(reversed(size[:2])), components, itemsize)
+            reader.SetFileNames(files)
+            img = reader.Execute()
+        except RuntimeError as exc:
+            raise ImageIOError(f"{folder}: cannot read DICOM series {chosen} "
+                               f"({_itk_note(str(exc))}){_said(notes)}") from exc
+    for note in dict.fromkeys(notes):
+        warnings.warn(f"{folder}: SimpleITK: {note}", ImageWarning, stacklevel=2)
     out = _from_sitk(img, str(folder), is_volume=True)
     out.metadata["dicom_series"] = chosen
     return out
@@ -180,9 +285,14 @@ def check_same_grid(image: MedicalImage, labels: MedicalImage, atol: float = 1e-
             a, b = np.asarray(getattr(image, what)), np.asarray(getattr(labels, what))
             if a.shape != b.shape or not np.allclose(a, b, atol=atol, rtol=1e-4):
                 raise ImageIOError(
-                    f"{labels.path}: label map {what} {tuple(np.round(b, 4))} does not match image "
-                    f"{image.path} {what} {tuple(np.round(a, 4))}"
+                    f"{labels.path}: label map {what} {_numbers(b)} does not match image "
+                    f"{image.path} {what} {_numbers(a)}"
                 )
+
+
+def _numbers(values) -> str:
+    """(1.0, 2.5, 3.0): plain numbers, not numpy reprs."""
+    return "(" + ", ".join(f"{float(v):.4g}" for v in np.asarray(values).ravel()) + ")"
 
 
 # ---------------------------------------------------------------------------------
@@ -202,6 +312,7 @@ def normalize_intensity(array: np.ndarray, window: Optional[Union[str, Tuple[flo
         raise ValueError(f"cannot normalise an array of dtype {a.dtype}")
     if a.dtype == np.uint8 and window is None and keep_uint8:
         return a
+    _check_finite(a, "the image")
     a = a.astype(np.float32, copy=True)
     finite = np.isfinite(a)
     if not finite.all():
@@ -244,28 +355,93 @@ def take_slice(volume: np.ndarray, index: int, axis: int = 0) -> np.ndarray:
 # ---------------------------------------------------------------------------------
 # Writing (atomic: temp file in the same folder, then rename)
 # ---------------------------------------------------------------------------------
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc; elsewhere set and restore)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: PathLike, folder: bool = False) -> None:
+    """Give a file (0666) or folder (0777) made by mkstemp/mkdtemp (0600/0700) the permissions a
+    plain open()/mkdir() would have had, so a library or cache can be shared within a group."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+TEMP_MARK = ".tmp"  # every temporary file or folder CA-SAM makes is ".<name>.<random>.tmp..."
+
+
 @contextmanager
 def atomic_write(path: PathLike) -> Iterator[Path]:
     """The one way CA-SAM writes a file: ``with atomic_write(path) as tmp:`` write ``tmp`` (a new
     file beside ``path``, with the same suffix); on success it is renamed over ``path``, and on
-    any error or cancel it is removed, so ``path`` is never left half-written."""
+    any error or cancel it is removed, so ``path`` is never left half-written. Errors name
+    ``path``, never the temporary file; the result honours the umask."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path_suffix(path)}", dir=str(path.parent))
+    if path.is_dir():
+        raise ImageIOError(f"{path}: is a folder; give a file name to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{TEMP_MARK}{path_suffix(path)}",
+                                   dir=str(path.parent))
+    except OSError as exc:
+        raise ImageIOError(f"{path}: cannot write here ({exc.strerror or exc})") from exc
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        honour_umask(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename not in (str(tmp), tmp) and exc.filename2 not in (str(path), path):
+            raise  # about another file: its own message names it
+        raise ImageIOError(f"{path}: cannot write it ({exc.strerror or exc})") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def sweep_temporaries(folder: PathLike, older_than_s: float = 3600.0, pattern: str = "**/.*.tmp*") -> int:
+    """Delete CA-SAM's temporary files left in ``folder`` by a killed process (older than
+    ``older_than_s``, so a write in progress elsewhere is left alone); returns how many."""
+    import time
+
+    now, removed = time.time(), 0
+    for tmp in Path(folder).glob(pattern):
+        try:
+            if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed += 1
+        except OSError:  # gone meanwhile, or not ours to delete
+            continue
+    return removed
 
 
 def is_dicom_folder(path: PathLike) -> bool:
     """A folder that holds .dcm files (a DICOM series is read from a folder)."""
     p = Path(path)
     return p.is_dir() and any(f.suffix.lower() == ".dcm" for f in p.iterdir())
+
+
+def check_mask_path(path: PathLike, volume: bool) -> None:
+    """Refuse a mask file name that cannot be written (a folder, a format that does not fit):
+    called before the work, so nobody waits for a result that cannot be saved."""
+    path = Path(path)
+    suffix = path_suffix(path)
+    if path.is_dir():
+        raise ImageIOError(f"{path}: is a folder; give a file name to write")
+    if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES or suffix in (".jpg", ".jpeg"):
+        raise ImageIOError(f"{path}: unsupported mask format {suffix!r}; use .png, .nii.gz, .mha or .nrrd")
+    if volume and suffix not in VOLUME_SUFFIXES:
+        raise ImageIOError(f"{path}: a {suffix} file holds a 2D mask; write a volume as .nii.gz, .nii, .mha "
+                           f"or .nrrd")
 
 
 def write_mask(mask: np.ndarray, path: PathLike, reference: Optional[MedicalImage] = None) -> Path:
@@ -280,10 +456,7 @@ def write_mask(mask: np.ndarray, path: PathLike, reference: Optional[MedicalImag
         mask = mask.astype(np.uint8)
     else:
         mask = mask.astype(np.uint16)
-    if suffix in (".png", ".tif", ".tiff", ".bmp") and mask.ndim != 2:
-        raise ImageIOError(f"{path}: a {suffix} file holds a 2D mask; write a volume as .nii.gz, .mha or .nrrd")
-    if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES or suffix in (".jpg", ".jpeg"):
-        raise ImageIOError(f"{path}: unsupported mask format {suffix!r}; use .png, .nii.gz, .mha or .nrrd")
+    check_mask_path(path, volume=mask.ndim == 3)
     img = sitk.GetImageFromArray(mask)
     if reference is not None:
         if reference.spatial_shape != mask.shape:
@@ -332,6 +505,21 @@ class Dataset:
         return self.splits[split]
 
 
+def _inside(root: Path, meta_path: Path, split: str, index: int, case, key: str) -> Path:
+    """A case's file: a relative path inside the dataset folder (no absolute path, no ``..``)."""
+    where = f"{meta_path}: case {index} of the {split!r} split"
+    if not isinstance(case, dict) or key not in case:
+        raise ImageIOError(f"{where} has no {key!r} entry (each case needs an image and a mask file)")
+    name = case[key]
+    if not isinstance(name, str) or not name.strip():
+        raise ImageIOError(f"{where}: {key!r} must be a file name, not {name!r}")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ImageIOError(f"{where}: {key!r} {name!r} leaves the dataset folder; files must be named "
+                           f"relative to it, without '..'")
+    return root / rel  # a symbolic link inside the folder is the folder owner's choice, and is followed
+
+
 def read_dataset(root: PathLike) -> Dataset:
     root = Path(root)
     meta_path = root / "dataset.json"
@@ -341,12 +529,21 @@ def read_dataset(root: PathLike) -> Dataset:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise ImageIOError(f"{meta_path}: invalid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ImageIOError(f"{meta_path}: dataset.json must hold an object with name, labels, train and test")
     for key in ("name", "labels", "train", "test"):
         if key not in meta:
-            raise ImageIOError(f"{meta_path}: missing key {key!r}")
+            raise ImageIOError(f"{meta_path}: dataset.json has no {key!r} entry (it needs name, labels, train "
+                               f"and test)")
+    if not isinstance(meta["labels"], dict):
+        raise ImageIOError(f"{meta_path}: 'labels' must map label values to names, like {{\"1\": \"tumour\"}}")
     splits = {}
     for split in ("train", "test"):
-        splits[split] = [DatasetCase(root / c["image"], root / c["mask"]) for c in meta[split]]
+        if not isinstance(meta[split], list):
+            raise ImageIOError(f"{meta_path}: {split!r} must be a list of cases")
+        splits[split] = [DatasetCase(_inside(root, meta_path, split, i, c, "image"),
+                                     _inside(root, meta_path, split, i, c, "mask"))
+                         for i, c in enumerate(meta[split])]
     objects = meta.get("objects", "class")
     if objects not in ("class", "instance"):
         raise ImageIOError(f"{meta_path}: 'objects' must be 'class' or 'instance', not {objects!r}")

@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from .alignment import FORMS, MAX_BLOCKS, AlignmentLayer
 from .config import library_dir
 from .errors import CASamError, TaskLibraryError, TaskNameClash, check_number
-from .io import atomic_write
+from .io import atomic_write, honour_umask
 from .router import TaskVAE
 from .tasks import Task, check_task_name
 
@@ -241,9 +241,15 @@ class TaskLibrary:
 
     # -- writing (always atomic) --------------------------------------------------------
     def _staging(self, name: str) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._sweep()
-        return Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=str(self.root)))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._sweep()
+            staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=str(self.root)))
+        except OSError as exc:
+            raise TaskLibraryError(f"{self.root}: cannot write to the task library ({exc.strerror or exc})") \
+                from None
+        honour_umask(staging, folder=True)
+        return staging
 
     def _sweep(self, older_than_s: float = 24 * 3600) -> None:
         """Remove leftovers of crashed writes (hidden temp/trash folders over a day old)."""
@@ -257,6 +263,8 @@ class TaskLibrary:
                     pass
 
     def _commit(self, staging: Path, name: str, replace: bool = False) -> Path:
+        for f in staging.iterdir():  # safetensors writes 0600 whatever the umask
+            honour_umask(f)
         target = self.root / name
         trash = None
         if target.exists():

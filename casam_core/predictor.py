@@ -538,6 +538,9 @@ class CASamPredictor:
                 raise PromptError("box coordinates must be finite numbers")
             if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
                 raise PromptError(f"box needs x0 <= x1 and y0 <= y1; got {b.tolist()}")
+            outside = (b[:, 2] < 0) | (b[:, 0] > w - 1) | (b[:, 3] < 0) | (b[:, 1] > h - 1)
+            if outside.any():
+                raise PromptError(f"box {b[outside][0].tolist()} lies entirely outside the {w}x{h} image")
             b = np.stack([np.clip(b[:, 0], 0, w - 1), np.clip(b[:, 1], 0, h - 1),
                           np.clip(b[:, 2], 0, w - 1), np.clip(b[:, 3], 0, h - 1)], axis=1)
             batch = b.shape[0]

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
@@ -136,7 +137,8 @@ def _convert(encoder: torch.nn.Module, img_size: int, xml: Path) -> None:
     import openvino as ov
 
     xml.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes about the model's code: not the user's concern
         model = ov.convert_model(encoder, example_input=torch.zeros(1, 3, img_size, img_size))
     tmp = Path(tempfile.mkdtemp(dir=xml.parent, prefix=".converting-"))
     try:

@@ -91,8 +91,8 @@ def test_label_checks(tmp_path):
     moved.CopyInformation(img)
     moved.SetOrigin((0.0, 0.0, 0.0))
     sitk.WriteImage(moved, str(tmp_path / "moved.nii.gz"))
-    with pytest.raises(ImageIOError, match="origin"):
-        read_labels(tmp_path / "moved.nii.gz", like=vol)
+    with pytest.raises(ImageIOError, match=r"origin \(0, 0, 0\) does not match image .* origin \(-10, 20, 5.5\)"):
+        read_labels(tmp_path / "moved.nii.gz", like=vol)  # plain numbers, not np.float64(...)
     frac = sitk.GetImageFromArray(np.full(arr.shape, 0.5, np.float32))
     frac.CopyInformation(img)
     sitk.WriteImage(frac, str(tmp_path / "frac.nii.gz"))
@@ -129,7 +129,8 @@ def test_nan_inf_and_constant_images():
     a[3:, :] = np.linspace(0, 1, 16)
     out = normalize_intensity(a)
     assert out.dtype == np.uint8 and out.max() == 255
-    assert not normalize_intensity(np.full((4, 4), np.nan)).any()
+    with pytest.raises(ImageIOError, match="no finite pixel value"):
+        normalize_intensity(np.full((4, 4), np.nan))
 
 
 def test_dataset_json():

@@ -126,6 +126,23 @@ def test_disk_cache_reuses_and_detects_stale_entries(backbone, kvasir, tmp_path)
     fourth = CASamPredictor(backbone, disk_cache=tmp_path)
     fourth.set_image(kvasir[0])
     assert fourth.encoder_calls == 1 and torch.equal(fourth.embedding(), z)
+    # data zeroed, noised or set to NaN behind an intact header: the checksum finds it
+    import struct
+
+    good = entry.read_bytes()
+    start = 8 + struct.unpack("<Q", good[:8])[0]
+    rng = np.random.default_rng(0)
+    for damage in (bytes(len(good) - start), rng.bytes(len(good) - start), b"\x00\x7e" * ((len(good) - start) // 2),
+                   good[start:start + 100] + bytes([good[start + 100] ^ 1]) + good[start + 101:]):
+        entry.write_bytes(good[:start] + damage)
+        damaged = CASamPredictor(backbone, disk_cache=tmp_path)
+        damaged.set_image(kvasir[0])
+        assert damaged.encoder_calls == 1 and damaged.disk.stale_found == 1
+        assert torch.equal(damaged.embedding(), z)
+        again = CASamPredictor(backbone, disk_cache=tmp_path)  # recomputed and written again
+        again.set_image(kvasir[0])
+        assert again.encoder_calls == 0 and torch.equal(again.embedding(), z)
+        good = entry.read_bytes()
 
 
 def test_disk_cache_is_bounded_and_keeps_what_was_used_last(tmp_path, monkeypatch):
@@ -135,7 +152,17 @@ def test_disk_cache_is_bounded_and_keeps_what_was_used_last(tmp_path, monkeypatc
     from casam_core.errors import OptionError
 
     probe = DiskEmbeddingCache(tmp_path / "probe", "fp", max_bytes=10**9)
+    # temporary files of a writer killed two hours ago go at the first save; a fresh one stays
+    (tmp_path / "probe" / "aa").mkdir(parents=True)
+    old_tmp = tmp_path / "probe" / "aa" / ".aa11.safetensors.x1y2.tmp.safetensors"
+    new_tmp = tmp_path / "probe" / "aa" / ".aa22.safetensors.z3w4.tmp.safetensors"
+    old_tmp.write_bytes(bytes(4 << 20))
+    new_tmp.write_bytes(bytes(10))
+    os.utime(old_tmp, (os.path.getmtime(old_tmp) - 7200,) * 2)
     probe.save("aa00", torch.zeros(4, 8, 8))
+    assert probe.swept == 1 and not old_tmp.exists() and new_tmp.exists()
+    assert [e[2].name for e in probe._entries()] == ["aa00.safetensors"]  # temporaries are not entries
+    new_tmp.unlink()
     entry = next((tmp_path / "probe").rglob("*.safetensors")).stat().st_size
     cache = DiskEmbeddingCache(tmp_path / "cache", "fp", max_bytes=int(3.5 * entry))
     for i, key in enumerate(("k1", "k2", "k3")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -118,7 +119,13 @@ def _saved(task, tmp_path):
 
 def test_library_round_trip(kvasir_task, tmp_path):
     task, _, _ = kvasir_task
-    library = _saved(task, tmp_path)
+    old_umask = os.umask(0o002)  # a library shared within a group: the task's folder and files follow the umask
+    try:
+        library = _saved(task, tmp_path)
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "lib" / "kvasir").stat().st_mode & 0o777 == 0o775
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "lib" / "kvasir").iterdir()} == {0o664}
     assert library.names() == ["kvasir"]
     assert sorted(p.name for p in (tmp_path / "lib" / "kvasir").iterdir()) == sorted([CARD, ALIGNMENT, ROUTER])
     loaded = library.load("kvasir", task.card["backbone_fingerprint"])
