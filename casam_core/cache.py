@@ -106,7 +106,7 @@ class DiskEmbeddingCache:
         self.fingerprint = fingerprint
         self.max_bytes = cache_limit_bytes(max_bytes)
         self.stale_found = 0
-        self.swept = 0
+        self.swept = sweep_temporaries(self.root, pattern="*/.*.tmp*")  # what killed writers left
         self._used: Optional[int] = None  # bytes in the folder, measured at the first save
 
     def _entries(self):
@@ -180,8 +180,7 @@ class DiskEmbeddingCache:
             save_file({"embedding": tensor}, str(tmp), metadata={
                 "format": DISK_FORMAT, "key": key, "fingerprint": self.fingerprint,
                 "blake2b": tensor_checksum(tensor)})
-        if self._used is None:  # the first save of this process: measure the folder, sweep leftovers
-            self.swept = sweep_temporaries(self.root, pattern="*/.*.tmp*")
+        if self._used is None:  # the first save of this process: measure the folder
             self._used = sum(size for _, size, _ in self._entries())
         else:
             self._used += path.stat().st_size

@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
 import threading
 import warnings
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
@@ -375,7 +377,12 @@ def honour_umask(path: PathLike, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
-TEMP_MARK = ".tmp"  # every temporary file or folder CA-SAM makes is ".<name>.<random>.tmp..."
+TEMP_MARK = ".tmp"  # every temporary file CA-SAM writes is ".<name>~<host>~<pid>~<random>.tmp<suffix>"
+
+
+def _temp_owner() -> str:
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
+    return f"{host}~{os.getpid()}"
 
 
 @contextmanager
@@ -383,14 +390,17 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     """The one way CA-SAM writes a file: ``with atomic_write(path) as tmp:`` write ``tmp`` (a new
     file beside ``path``, with the same suffix); on success it is renamed over ``path``, and on
     any error or cancel it is removed, so ``path`` is never left half-written. Errors name
-    ``path``, never the temporary file; the result honours the umask."""
+    ``path``, never the temporary file; the result honours the umask. The temporary name
+    holds the host and process id, so a file left by a killed writer is swept by the next
+    write of the same file (or by the cache's sweep)."""
     path = Path(path)
     if path.is_dir():
         raise ImageIOError(f"{path}: is a folder; give a file name to write")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{TEMP_MARK}{path_suffix(path)}",
-                                   dir=str(path.parent))
+        sweep_temporaries(path.parent, pattern=f".{glob_escape(path.name)}~*{TEMP_MARK}*")  # a killed writer's
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}~{_temp_owner()}~",
+                                   suffix=f"{TEMP_MARK}{path_suffix(path)}", dir=str(path.parent))
     except OSError as exc:
         raise ImageIOError(f"{path}: cannot write here ({exc.strerror or exc})") from exc
     os.close(fd)
@@ -408,15 +418,32 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _writer_is_gone(name: str) -> bool:
+    """True when a temporary file's name says it was written by a process of this host that no
+    longer runs (POSIX only; elsewhere only the age counts)."""
+    m = re.search(r"~([A-Za-z0-9-]*)~(\d+)~[^~]*\.tmp", name)
+    if m is None or os.name != "posix" or m.group(1) != _temp_owner().split("~")[0]:
+        return False
+    try:
+        os.kill(int(m.group(2)), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
+
+
 def sweep_temporaries(folder: PathLike, older_than_s: float = 3600.0, pattern: str = "**/.*.tmp*") -> int:
-    """Delete CA-SAM's temporary files left in ``folder`` by a killed process (older than
-    ``older_than_s``, so a write in progress elsewhere is left alone); returns how many."""
+    """Delete CA-SAM's temporary files left in ``folder`` by a killed process: those whose writer
+    no longer runs, and any older than ``older_than_s`` (a writer on another host sharing the
+    folder is given that long). Returns how many were deleted."""
     import time
 
     now, removed = time.time(), 0
     for tmp in Path(folder).glob(pattern):
         try:
-            if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime > older_than_s:
+            if tmp.is_file() and not tmp.is_symlink() and (
+                    _writer_is_gone(tmp.name) or now - tmp.stat().st_mtime > older_than_s):
                 tmp.unlink()
                 removed += 1
         except OSError:  # gone meanwhile, or not ours to delete

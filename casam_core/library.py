@@ -8,7 +8,9 @@
 The library folder is ``--library``, else ``$CASAM_LIBRARY``, else ``~/.casam/tasks``.
 
 Every change is atomic: a task is written into a hidden temporary folder and renamed into
-place, so a crash or a cancel never leaves a half-written task. Loading checks the backbone
+place, so a crash or a cancel never leaves a half-written task. Writers take the library's
+lock (``.lock``, an OS lock freed even by kill -9) one at a time, and clear what crashed
+writers left. Loading checks the backbone
 fingerprint, the files' SHA-256 and every tensor's name and shape. Nothing is unpickled.
 
 A task pack is one zip file holding ``manifest.json`` (format, task name, SHA-256 of each
@@ -30,6 +32,7 @@ import time
 import uuid
 import zipfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
@@ -57,6 +60,8 @@ MANIFEST_KEYS = {"format", "version", "task", "files", "casam_version"}
 MAX_MEMBER_BYTES = 256 * 1024**2
 MAX_CARD_BYTES = 4 * 1024**2  # task.json / manifest.json
 MAX_JSON_DEPTH = 32
+LOCK = ".lock"  # the writers' lock file in the library folder
+LOCK_TIMEOUT_S = 30.0
 LAYER_CHANNELS = 256  # the prompt decoder's width, the same for every registered backbone
 MAX_SAFETENSORS_HEADER = 1024**2
 POINT_PROMPTS = ("default", "direct", "click_box")  # how a task decodes clicks (predictor.click_decoding)
@@ -199,9 +204,45 @@ def task_from_files(card: dict, alignment: bytes, router: bytes, where: str,
     return Task(card["name"], layer.eval(), vae.eval(), tau, card)
 
 
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; False when another process holds it."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        return False
+    except OSError as exc:  # Windows reports a held lock as EACCES/EDEADLK
+        if os.name == "nt":
+            return False
+        raise exc
+    return True
+
+
+def _unlock(fd: int) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 class TaskLibrary:
+    """The task library folder. Reading needs no lock (every change is an atomic rename);
+    writers (save, remove, rename, import) take the library's lock one at a time."""
+
     def __init__(self, root: Optional[PathLike] = None) -> None:
         self.root = library_dir(root)
+        self._lock_depth = 0
 
     # -- reading ------------------------------------------------------------------
     def names(self) -> List[str]:
@@ -239,11 +280,45 @@ class TaskLibrary:
         task.name = name  # the folder name is the task's name
         return task
 
-    # -- writing (always atomic) --------------------------------------------------------
-    def _staging(self, name: str) -> Path:
+    # -- writing (always atomic, one writer at a time) -------------------------------------
+    @contextmanager
+    def _writing(self):
+        """Hold the library's write lock: an OS lock on ``<library>/.lock``, which the system
+        releases when the process ends, even by kill -9. Another writer waits up to
+        ``LOCK_TIMEOUT_S``, then gets "the task library is busy". Every staging or trash folder
+        found under the lock belongs to a writer that crashed, and is removed."""
+        if self._lock_depth:  # already held by this call chain (import -> save)
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._sweep()
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise TaskLibraryError(f"{self.root}: cannot write to the task library ({exc.strerror or exc})") \
+                from None
+        try:
+            deadline = time.monotonic() + LOCK_TIMEOUT_S
+            while not _try_lock(fd):
+                if time.monotonic() > deadline:
+                    raise TaskLibraryError(f"{self.root}: the task library is busy (another CA-SAM process has "
+                                           f"been writing to it for {LOCK_TIMEOUT_S:.0f} s); try again later")
+                time.sleep(0.05)
+            self._lock_depth = 1
+            try:
+                self._sweep()
+                yield
+            finally:
+                self._lock_depth = 0
+                _unlock(fd)
+        finally:
+            os.close(fd)
+
+    def _staging(self, name: str) -> Path:
+        try:
             staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=str(self.root)))
         except OSError as exc:
             raise TaskLibraryError(f"{self.root}: cannot write to the task library ({exc.strerror or exc})") \
@@ -251,16 +326,15 @@ class TaskLibrary:
         honour_umask(staging, folder=True)
         return staging
 
-    def _sweep(self, older_than_s: float = 24 * 3600) -> None:
-        """Remove leftovers of crashed writes (hidden temp/trash folders over a day old)."""
-        now = time.time()
+    def _sweep(self) -> int:
+        """Remove what crashed writers left (hidden staging and trash folders); only called with
+        the lock held, when no other writer can be using them. Returns how many."""
+        removed = 0
         for p in self.root.iterdir():
-            if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".trash-")):
-                try:
-                    if now - p.stat().st_mtime > older_than_s:
-                        shutil.rmtree(p, ignore_errors=True)
-                except OSError:
-                    pass
+            if p.is_dir() and not p.is_symlink() and (p.name.startswith(".tmp-") or p.name.startswith(".trash-")):
+                shutil.rmtree(p, ignore_errors=True)
+                removed += 1
+        return removed
 
     def _commit(self, staging: Path, name: str, replace: bool = False) -> Path:
         for f in staging.iterdir():  # safetensors writes 0600 whatever the umask
@@ -281,47 +355,47 @@ class TaskLibrary:
     def save(self, task: Task, replace: bool = False) -> Path:
         """Write a task (atomically). Refuses an existing name unless ``replace``."""
         name = check_task_name(task.name)
-        if name in self and not replace:
-            raise TaskLibraryError(f"a task named {name!r} already exists in {self.root}; choose another name "
-                                   f"or remove it first")
-        staging = self._staging(name)
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in task.layer.state_dict().items()},
-                      str(staging / ALIGNMENT))
-            save_file({k: v.detach().cpu().contiguous() for k, v in task.vae.state_dict().items()},
-                      str(staging / ROUTER))
-            card = dict(task.card, name=name)
-            card["files"] = {f: sha256_bytes((staging / f).read_bytes()) for f in (ALIGNMENT, ROUTER)}
-            (staging / CARD).write_text(json.dumps(card, indent=2) + "\n")
-            return self._commit(staging, name, replace)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with self._writing():
+            if name in self and not replace:
+                raise TaskLibraryError(f"a task named {name!r} already exists in {self.root}; choose another "
+                                       f"name or remove it first")
+            staging = self._staging(name)
+            try:
+                save_file({k: v.detach().cpu().contiguous() for k, v in task.layer.state_dict().items()},
+                          str(staging / ALIGNMENT))
+                save_file({k: v.detach().cpu().contiguous() for k, v in task.vae.state_dict().items()},
+                          str(staging / ROUTER))
+                card = dict(task.card, name=name)
+                card["files"] = {f: sha256_bytes((staging / f).read_bytes()) for f in (ALIGNMENT, ROUTER)}
+                (staging / CARD).write_text(json.dumps(card, indent=2) + "\n")
+                return self._commit(staging, name, replace)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
 
     def remove(self, name: str) -> None:
-        folder = self._folder(name)
-        trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
-        os.rename(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        with self._writing():
+            folder = self._folder(name)
+            trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(folder, trash)  # one step: the task is there or gone; the files go after
+            shutil.rmtree(trash, ignore_errors=True)
 
     def rename(self, old: str, new: str) -> Path:
-        folder = self._folder(old)
+        """One atomic rename of the task's folder (the folder's name is the task's name), then the
+        card's copy of the name is rewritten atomically; a crash between the two leaves the
+        task whole under its new name."""
         check_task_name(new)
-        if new in self:
-            raise TaskLibraryError(f"a task named {new!r} already exists in {self.root}")
-        staging = self._staging(new)
-        try:
-            for f in (ALIGNMENT, ROUTER):
-                shutil.copy2(folder / f, staging / f)
+        with self._writing():
+            folder = self._folder(old)
+            target = self.root / new
+            if new in self or target.exists():
+                raise TaskLibraryError(f"a task named {new!r} already exists in {self.root}")
             card = self.card(old)
+            os.rename(folder, target)
             card["name"] = new
-            (staging / CARD).write_text(json.dumps(card, indent=2) + "\n")
-            target = self._commit(staging, new)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self.remove(old)
-        return target
+            with atomic_write(target / CARD) as tmp:
+                tmp.write_text(json.dumps(card, indent=2) + "\n")
+            return target
 
     # -- packs ----------------------------------------------------------------------
     def export(self, name: str, out: PathLike) -> Path:
@@ -350,7 +424,11 @@ class TaskLibrary:
                                 f"import it under another name", new_name)
         task.name = new_name
         task.card = dict(task.card, name=new_name, imported_from=Path(pack).name)
-        self.save(task)
+        with self._writing():
+            if new_name in self:  # added by another process meanwhile
+                raise TaskNameClash(f"{pack}: a task named {new_name!r} already exists in {self.root}; "
+                                    f"import it under another name", new_name)
+            self.save(task)
         return self.load(new_name, fingerprint)
 
 

@@ -151,16 +151,24 @@ def test_disk_cache_is_bounded_and_keeps_what_was_used_last(tmp_path, monkeypatc
     from casam_core.cache import DiskEmbeddingCache
     from casam_core.errors import OptionError
 
-    probe = DiskEmbeddingCache(tmp_path / "probe", "fp", max_bytes=10**9)
-    # temporary files of a writer killed two hours ago go at the first save; a fresh one stays
+    # temporary files: one of a writer that no longer runs, one two hours old, go when the cache
+    # is opened; a fresh one of a running writer (this process) stays
+    import socket
+    import subprocess
+    import sys
+
     (tmp_path / "probe" / "aa").mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())[:40]
+    dead_tmp = tmp_path / "probe" / "aa" / f".aa33.safetensors~{host}~{int(gone.stdout)}~q9.tmp.safetensors"
     old_tmp = tmp_path / "probe" / "aa" / ".aa11.safetensors.x1y2.tmp.safetensors"
-    new_tmp = tmp_path / "probe" / "aa" / ".aa22.safetensors.z3w4.tmp.safetensors"
-    old_tmp.write_bytes(bytes(4 << 20))
-    new_tmp.write_bytes(bytes(10))
+    new_tmp = tmp_path / "probe" / "aa" / f".aa22.safetensors~{host}~{os.getpid()}~z3w4.tmp.safetensors"
+    for f in (dead_tmp, old_tmp, new_tmp):
+        f.write_bytes(bytes(4 << 10))
     os.utime(old_tmp, (os.path.getmtime(old_tmp) - 7200,) * 2)
+    probe = DiskEmbeddingCache(tmp_path / "probe", "fp", max_bytes=10**9)
+    assert probe.swept == 2 and not old_tmp.exists() and not dead_tmp.exists() and new_tmp.exists()
     probe.save("aa00", torch.zeros(4, 8, 8))
-    assert probe.swept == 1 and not old_tmp.exists() and new_tmp.exists()
     assert [e[2].name for e in probe._entries()] == ["aa00.safetensors"]  # temporaries are not entries
     new_tmp.unlink()
     entry = next((tmp_path / "probe").rglob("*.safetensors")).stat().st_size

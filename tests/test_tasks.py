@@ -146,15 +146,21 @@ def test_library_round_trip(kvasir_task, tmp_path):
     with pytest.raises(TaskLibraryError, match="SHA-256"):
         library.load("kvasir")
     library.remove("kvasir")
-    assert library.names() == [] and not any((tmp_path / "lib").iterdir())
+    assert library.names() == [] and [p.name for p in (tmp_path / "lib").iterdir()] == [".lock"]
 
 
 def test_rename_keeps_the_task(kvasir_task, tmp_path):
     task, _, _ = kvasir_task
     library = _saved(task, tmp_path)
+    before = {f: (library.root / "kvasir" / f).stat().st_ino for f in (ALIGNMENT, ROUTER)}
     library.rename("kvasir", "polyps")
     assert library.names() == ["polyps"]
     assert library.load("polyps").card["name"] == "polyps"
+    # one rename of the folder: the weight files are the same files, not copies
+    assert {f: (library.root / "polyps" / f).stat().st_ino for f in (ALIGNMENT, ROUTER)} == before
+    (library.root / "taken").mkdir()  # a folder that is not a task still blocks the name
+    with pytest.raises(TaskLibraryError, match="'taken' already exists"):
+        library.rename("polyps", "taken")
     with pytest.raises(ValueError, match="reserved"):
         library.rename("polyps", "auto")
 
@@ -419,7 +425,7 @@ def test_a_crash_while_saving_leaves_no_partial_task(kvasir_task, tmp_path, monk
     monkeypatch.setattr(lib, "save_file", crash_on_second)
     with pytest.raises(OSError, match="disk full"):
         library.save(task)
-    assert library.names() == [] and list(library.root.iterdir()) == []
+    assert library.names() == [] and [p.name for p in library.root.iterdir()] == [".lock"]
 
 
 def test_training_data_errors_name_the_file(tmp_path):

@@ -1,0 +1,280 @@
+"""Crash safety, proven by killing real processes (issue 13, part 3).
+
+``casam learn``, ``casam tasks import / rename / remove`` and ``casam segment --cache-dir`` are
+killed with SIGKILL at seeded random instants, 10 times each, and a worker that loops import ->
+rename -> export -> remove through the library is killed 10 times, so that kills land inside
+writes too. After every kill the library must list and load, hold no partial or duplicate
+task, and the cache must hold no damaged entry; leftovers of the killed writer are cleared by
+the next writer, and a rerun succeeds. These tests take minutes: marked ``faults``, run in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from casam_core.cache import DiskEmbeddingCache
+from casam_core.io import read_image
+from casam_core.library import ALIGNMENT, CARD, ROUTER, TaskLibrary, read_pack
+
+from conftest import SAMPLES
+
+pytestmark = pytest.mark.faults
+KILLS = 10
+CASAM = [sys.executable, "-m", "casam_core.cli"]
+HIPPO = SAMPLES / "hippocampus_mri" / "hippocampus_003.nii.gz"
+
+
+def _env(library: Path) -> dict:
+    return dict(os.environ, CASAM_LIBRARY=str(library), PYTHONUNBUFFERED="1")
+
+
+def _run(argv, env, check=True) -> float:
+    """Run to the end; returns its wall time."""
+    t0 = time.monotonic()
+    proc = subprocess.run(CASAM + [str(a) for a in argv], env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return time.monotonic() - t0
+
+
+def _kill_at(argv, env, delay: float, cwd=None) -> bool:
+    """Start a process, SIGKILL it after ``delay`` seconds; True if it was still running."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
+    try:
+        proc.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return True
+
+
+def _check_library(root: Path, fingerprint: str, allowed) -> list:
+    """The library lists and every task loads; every visible folder is a whole task; returns the names."""
+    library = TaskLibrary(root)
+    names = library.names()
+    assert set(names) <= set(allowed), names
+    for name in names:
+        task = library.load(name, fingerprint)
+        assert task.name == name
+    if root.is_dir():
+        visible = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        assert visible == names, f"a folder that is not a whole task: {visible} vs {names}"
+        for name in names:
+            assert sorted(p.name for p in (root / name).iterdir()) == sorted([ALIGNMENT, CARD, ROUTER])
+    return names
+
+
+def _leftovers(root: Path) -> list:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-")))
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    """Four small annotated 2D images (crops of the fetal-head sample) for a short ``casam learn``."""
+    root = tmp_path_factory.mktemp("small_set")
+    image = np.asarray(Image.open(SAMPLES / "hc18_fetal_head" / "006_HC.png"))
+    mask = np.asarray(Image.open(SAMPLES / "hc18_fetal_head" / "006_HC_mask.png"))
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for i, (y, x) in enumerate(((0, 0), (40, 60), (80, 120), (20, 180))):
+        Image.fromarray(image[y:y + 420, x:x + 560]).save(root / "images" / f"c{i}.png")
+        Image.fromarray(((mask[y:y + 420, x:x + 560] > 0) * 255).astype(np.uint8)).save(root / "masks" / f"c{i}.png")
+    return root
+
+
+def _learn_argv(small_set, name):
+    return ["learn", name, small_set / "images", "--masks", small_set / "masks", "--steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def reference(small_set, tmp_path_factory, backbone):
+    """One uninterrupted ``casam learn`` (its wall time, with the encoder converted and the images
+    embedded by a first run, sets the kill window) and its task pack."""
+    library = tmp_path_factory.mktemp("reference_library")
+    _run(_learn_argv(small_set, "warm"), _env(library))
+    seconds = _run(_learn_argv(small_set, "ref"), _env(library))
+    pack = library.parent / "ref.casam-task"
+    TaskLibrary(library).export("ref", pack)
+    return {"seconds": seconds, "pack": pack, "fingerprint": backbone.fingerprint}
+
+
+def test_kill_learn_at_random_instants(small_set, reference, tmp_path):
+    rng = np.random.default_rng(101)
+    library, env = tmp_path / "lib", _env(tmp_path / "lib")
+    names = [f"t{i}" for i in range(KILLS)]
+    killed = 0
+    for name in names:
+        delay = rng.uniform(0.3, reference["seconds"])
+        killed += _kill_at(CASAM + [str(a) for a in _learn_argv(small_set, name)], env, delay)
+        _check_library(library, reference["fingerprint"], names)
+    assert killed >= KILLS - 2  # the instants are inside the run, so (almost) every run was killed
+    _run(_learn_argv(small_set, "after"), env)  # a rerun succeeds and clears what the killed ones left
+    assert "after" in _check_library(library, reference["fingerprint"], names + ["after"])
+    assert _leftovers(library) == []
+
+
+def test_kill_tasks_import_rename_remove_at_random_instants(reference, tmp_path):
+    rng = np.random.default_rng(202)
+    root, env, fp = tmp_path / "lib", _env(tmp_path / "lib"), reference["fingerprint"]
+    library = TaskLibrary(root)
+    library.import_pack(reference["pack"], fp, name="a")
+    start = _run(["tasks", "list"], env)  # a command's start-up sets the window
+    window = start + 1.5
+    for _ in range(KILLS):  # import: the task is there whole, or not at all
+        _kill_at(CASAM + ["tasks", "import", str(reference["pack"]), "--name", "imp"], env, rng.uniform(0.2, window))
+        if "imp" in _check_library(root, fp, {"a", "imp"}):
+            library.remove("imp")
+    for _ in range(KILLS):  # rename: under exactly one of its names
+        _kill_at(CASAM + ["tasks", "rename", "a", "b"], env, rng.uniform(0.2, window))
+        names = _check_library(root, fp, {"a", "b"})
+        assert len(names) == 1, names
+        if names == ["b"]:
+            library.rename("b", "a")
+    for _ in range(KILLS):  # remove: there whole, or gone
+        _kill_at(CASAM + ["tasks", "remove", "a"], env, rng.uniform(0.2, window))
+        if not _check_library(root, fp, {"a"}):
+            library.import_pack(reference["pack"], fp, name="a")
+    # reruns succeed
+    _run(["tasks", "import", reference["pack"], "--name", "imp"], env)
+    _run(["tasks", "rename", "imp", "imp2"], env)
+    _run(["tasks", "remove", "imp2"], env)
+    assert _check_library(root, fp, {"a"}) == ["a"] and _leftovers(root) == []
+
+
+STRESS = """
+import sys, time
+from casam_core.library import TaskLibrary
+library, pack, out = TaskLibrary(sys.argv[1]), sys.argv[2], sys.argv[3]
+print("ready", flush=True)
+while True:
+    library.import_pack(pack, None, name="x")
+    library.rename("x", "y")
+    library.export("y", out)
+    library.remove("y")
+"""
+
+
+def test_kill_a_library_writer_in_the_middle_of_its_writes(reference, tmp_path):
+    """A process doing nothing but library writes, killed at random instants: the kills land
+    inside saves, renames, exports and removes."""
+    rng = np.random.default_rng(303)
+    root, fp = tmp_path / "lib", reference["fingerprint"]
+    out = tmp_path / "out.casam-task"
+    env = _env(root)
+    for _ in range(KILLS):
+        proc = subprocess.Popen([sys.executable, "-c", STRESS, str(root), str(reference["pack"]), str(out)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-2000:]
+        time.sleep(rng.uniform(0.05, 1.5))
+        assert proc.poll() is None, proc.stderr.read()[-2000:]  # still looping: killed mid-work
+        proc.kill()
+        proc.wait()
+        names = _check_library(root, fp, {"x", "y"})
+        assert len(names) <= 1, names  # never the same task twice
+        if out.exists():
+            assert read_pack(out, fp).card["name"] in ("x", "y", "z")  # an exported pack is whole
+        library = TaskLibrary(root)
+        for name in names:
+            library.remove(name)
+        library.import_pack(reference["pack"], fp, name="z")  # the next writer clears what the killed one left
+        assert _leftovers(root) == []
+        library.export("z", out)  # and the next export to the same file, a half-written pack
+        assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+        library.remove("z")
+
+
+def _small_volume(tmp_path) -> Path:
+    """Nine slices of the hippocampus sample around its largest annotation, as a NIfTI file."""
+    import SimpleITK as sitk
+
+    path = tmp_path / "hippocampus_9.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(read_image(HIPPO).array[13:22]), str(path))
+    return path
+
+
+def test_kill_segment_with_a_cache_at_random_instants(tmp_path, backbone):
+    rng = np.random.default_rng(404)
+    env = _env(tmp_path / "lib")
+    cache = tmp_path / "cache"
+    argv = ["segment", _small_volume(tmp_path), "--box", "10,10,30,40", "--slice", "4", "--task", "none",
+            "--device", "cpu"]
+    seconds = _run(argv + ["--out", tmp_path / "reference.nii.gz", "--cache-dir", tmp_path / "cache0"], env)
+    want = read_image(tmp_path / "reference.nii.gz").array
+    out = tmp_path / "mask.nii.gz"
+    shape = backbone.embedding_shape
+    for _ in range(KILLS):
+        _kill_at(CASAM + [str(a) for a in argv + ["--out", out, "--cache-dir", cache]], env,
+                 rng.uniform(0.3, seconds))
+        if out.exists():  # the mask is whole or absent
+            assert np.array_equal(read_image(out).array, want)
+        disk = DiskEmbeddingCache(cache, backbone.fingerprint)
+        for entry in cache.glob("*/*.safetensors"):
+            if not entry.name.startswith("."):
+                assert disk.load(entry.stem, shape) is not None, f"damaged cache entry {entry}"
+        assert disk.stale_found == 0
+    _run(argv + ["--out", out, "--cache-dir", cache], env)  # a rerun succeeds, with the same mask
+    assert np.array_equal(read_image(out).array, want)
+    assert not list(cache.glob("*/.*.tmp*"))  # temporaries of the killed runs are swept
+
+
+# ---------------------------------------------------------------------------------
+# Concurrent writers (issue 13, part 4)
+# ---------------------------------------------------------------------------------
+def _start(argv, env):
+    return subprocess.Popen(CASAM + [str(a) for a in argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc):
+    out, err = proc.communicate(timeout=900)
+    return proc.returncode, err
+
+
+def test_two_learns_and_a_remove_at_once_all_land(small_set, reference, tmp_path):
+    root, env, fp = tmp_path / "lib", _env(tmp_path / "lib"), reference["fingerprint"]
+    TaskLibrary(root).import_pack(reference["pack"], fp, name="old")
+    procs = [_start(_learn_argv(small_set, "one"), env), _start(_learn_argv(small_set, "two"), env)]
+    time.sleep(3)
+    remove = _start(["tasks", "remove", "old"], env)
+    for proc in procs + [remove]:
+        code, err = _finish(proc)
+        assert code == 0, err[-2000:]
+    assert _check_library(root, fp, {"one", "two"}) == ["one", "two"] and _leftovers(root) == []
+
+
+def test_two_learns_of_one_name_save_one_and_refuse_the_other_clearly(small_set, reference, tmp_path):
+    root, env, fp = tmp_path / "lib", _env(tmp_path / "lib"), reference["fingerprint"]
+    procs = [_start(_learn_argv(small_set, "same"), env), _start(_learn_argv(small_set, "same"), env)]
+    results = sorted(_finish(p) for p in procs)
+    assert [code for code, _ in results] == [0, 2], results
+    last = results[1][1].strip().splitlines()[-1]
+    assert "a task named 'same' already exists" in last and last.startswith("casam learn: error:"), last
+    assert _check_library(root, fp, {"same"}) == ["same"] and _leftovers(root) == []
+
+
+def test_two_processes_share_one_embedding_cache(tmp_path, backbone):
+    """The viewer and the CLI (here two CLIs) embedding the same volume into one cache at once."""
+    env, cache = _env(tmp_path / "lib"), tmp_path / "cache"
+    volume = _small_volume(tmp_path)
+    argv = ["segment", volume, "--box", "10,10,30,40", "--slice", "4", "--task", "none", "--device", "cpu",
+            "--cache-dir", cache]
+    _run(argv + ["--out", tmp_path / "reference.nii.gz", "--cache-dir", tmp_path / "alone"], env)
+    want = read_image(tmp_path / "reference.nii.gz").array
+    procs = [_start(argv + ["--out", tmp_path / f"m{i}.nii.gz"], env) for i in range(2)]
+    for i, proc in enumerate(procs):
+        code, err = _finish(proc)
+        assert code == 0, err[-2000:]
+        assert np.array_equal(read_image(tmp_path / f"m{i}.nii.gz").array, want)
+    disk = DiskEmbeddingCache(cache, backbone.fingerprint)
+    entries = [e for e in cache.glob("*/*.safetensors") if not e.name.startswith(".")]
+    assert entries and all(disk.load(e.stem, backbone.embedding_shape) is not None for e in entries)
+    assert not list(cache.glob("*/.*.tmp*"))
