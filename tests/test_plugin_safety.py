@@ -202,7 +202,7 @@ def test_commit_never_takes_a_stale_preview(widget, qtbot):
 def test_undo_is_the_labels_layer_history_and_keeps_manual_edits(widget, qtbot):
     """Item 8: the widget's Undo erased the user's painting, and napari's Ctrl+Z brought back the undone label."""
     from napari_casam._sample_data import sample_2d
-    from napari_casam._widget import BOXES, LABELS, PREVIEW
+    from napari_casam._widget import LABELS, PREVIEW
 
     viewer, w = widget
     (img, kw, _), (gt, _, _) = sample_2d()
