@@ -32,7 +32,7 @@ from .progress import Cancelled, TqdmProgress
 from .prompts import box_from_mask, parse_box, parse_point, propagate_box
 from .runtimes import RUNTIMES
 from .samples import SAMPLES
-from .tasks import AUTO, TaskChoice, describe_route, task_mode
+from .tasks import AUTO, TaskChoice, check_task_name, describe_route, task_mode
 from .training import PROFILES, LearnConfig, learn_config, learn_task, load_task_data
 
 
@@ -208,6 +208,7 @@ def cmd_eval(args) -> dict:
 
 def cmd_learn(args) -> dict:
     library = _library(args)
+    check_task_name(args.name)  # a bad name is refused now, not after the training
     if args.name in library and not args.replace:
         raise CLIError(f"a task named {args.name!r} already exists in {library.root} (use --replace, "
                        f"or another name)")

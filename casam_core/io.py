@@ -15,13 +15,16 @@ Intensities (``normalize_intensity``) become uint8 for the backbone:
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
 import socket
+import struct
 import tempfile
 import threading
 import warnings
+import zlib
 from contextlib import contextmanager
 from glob import escape as glob_escape
 from dataclasses import dataclass, field
@@ -166,6 +169,92 @@ def _header(sitk, path: str) -> Tuple[Tuple[int, ...], int, int]:
     return tuple(reader.GetSize()), int(reader.GetNumberOfComponents()), int(itemsize)
 
 
+_MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
+              "MET_ULONG_LONG": 8, "MET_LONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _nifti_need(head: bytes) -> Optional[int]:
+    """Bytes a NIfTI-1/2 file holds up to the end of its pixel data, from its header (None if
+    the header is not one)."""
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = max(int(struct.unpack(endian + "f", head[108:112])[0]), 348)
+        elif len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = max(struct.unpack(endian + "q", head[168:176])[0], 540)
+        else:
+            continue
+        n = int(dims[0])
+        if not 1 <= n <= 7 or bitpix <= 0:
+            return None
+        return offset + int(np.prod([max(int(d), 1) for d in dims[1:n + 1]], dtype=np.float64)) * bitpix // 8
+    return None
+
+
+def _meta_need(path: Path) -> Optional[int]:
+    """Bytes a MetaImage (.mha) file with LOCAL data holds, from its text header (None if not known)."""
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+    keys, end = {}, 0
+    for line in head.split(b"\n"):
+        end += len(line) + 1
+        key, _, value = line.decode("latin-1").partition("=")
+        keys[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    else:
+        return None
+    if keys.get("ElementDataFile") != "LOCAL":
+        return None
+    if keys.get("CompressedData", "False").lower() == "true":
+        size = keys.get("CompressedDataSize", "")
+        return end + int(size) if size.isdigit() else None
+    item = _MET_BYTES.get(keys.get("ElementType", ""))
+    try:
+        count = np.prod([int(v) for v in keys.get("DimSize", "").split()], dtype=np.float64)
+        channels = int(keys.get("ElementNumberOfChannels", "1"))
+    except ValueError:
+        return None
+    return None if item is None else end + int(count) * channels * item
+
+
+def check_complete(path: PathLike) -> None:
+    """Refuse a NIfTI or MetaImage file that ends before its pixel data does (a truncated copy or
+    download): SimpleITK reads a truncated NIfTI without a word, filling the rest with zeros.
+    A gzipped file is read through once, which also checks its CRC."""
+    path = Path(path)
+    suffix = path_suffix(path)
+    truncated = ImageIOError(f"{path}: the file is truncated or damaged (it ends before its pixel data does)")
+    if suffix == ".nii":
+        with open(path, "rb") as fh:
+            need = _nifti_need(fh.read(544))
+        if need is not None and path.stat().st_size < need:
+            raise truncated
+    elif suffix == ".nii.gz":
+        total, head = 0, b""
+        try:
+            with gzip.open(path, "rb") as fh:
+                while True:
+                    chunk = fh.read(1 << 22)
+                    if not chunk:
+                        break
+                    if len(head) < 544:
+                        head += chunk[:544 - len(head)]
+                    total += len(chunk)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise ImageIOError(f"{path}: the file is truncated or damaged ({exc})") from None
+        need = _nifti_need(head)
+        if need is not None and total < need:
+            raise truncated
+    elif suffix == ".mha":
+        need = _meta_need(path)
+        if need is not None and path.stat().st_size < need:
+            raise truncated
+
+
 def _check_finite(array: np.ndarray, what) -> None:
     """Refuse an image with no finite pixel value (all NaN or infinite)."""
     if np.issubdtype(array.dtype, np.floating) and array.size and not np.isfinite(array).any():
@@ -215,6 +304,7 @@ def read_image(path: PathLike) -> MedicalImage:
         try:
             size, components, itemsize = _header(sitk, str(p))
             check_image_size(p, tuple(reversed(size)), components, itemsize)
+            check_complete(p)
             img = sitk.ReadImage(str(p))
         except RuntimeError as exc:
             reason = _itk_note(str(exc).strip().splitlines()[-1]) if str(exc).strip() else "unreadable"

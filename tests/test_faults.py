@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from casam_core.cache import DiskEmbeddingCache
 from casam_core.io import read_image
 from casam_core.library import ALIGNMENT, CARD, ROUTER, TaskLibrary, read_pack
 
 from conftest import SAMPLES
+from fault_cases import small_annotated_set
 
 pytestmark = pytest.mark.faults
 KILLS = 10
@@ -79,16 +79,7 @@ def _leftovers(root: Path) -> list:
 
 @pytest.fixture(scope="module")
 def small_set(tmp_path_factory):
-    """Four small annotated 2D images (crops of the fetal-head sample) for a short ``casam learn``."""
-    root = tmp_path_factory.mktemp("small_set")
-    image = np.asarray(Image.open(SAMPLES / "hc18_fetal_head" / "006_HC.png"))
-    mask = np.asarray(Image.open(SAMPLES / "hc18_fetal_head" / "006_HC_mask.png"))
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    for i, (y, x) in enumerate(((0, 0), (40, 60), (80, 120), (20, 180))):
-        Image.fromarray(image[y:y + 420, x:x + 560]).save(root / "images" / f"c{i}.png")
-        Image.fromarray(((mask[y:y + 420, x:x + 560] > 0) * 255).astype(np.uint8)).save(root / "masks" / f"c{i}.png")
-    return root
+    return small_annotated_set(tmp_path_factory.mktemp("small_set"))
 
 
 def _learn_argv(small_set, name):
