@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clicks", type=int, default=1000)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "resources_cpu.md"))
+    ap.add_argument("--note", default="", help="a sentence for the table (e.g. what else ran meanwhile)")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
         f"Resident memory of the click session: after 100 clicks {first:.1f} MB, after {args.clicks // 2} "
         f"{rss[str(args.clicks // 2)]:.1f} MB, after {args.clicks} {last:.1f} MB: growth {last - first:+.1f} MB "
         f"over {args.clicks - 100} clicks.", "",
-    ]
+    ] + ([args.note, ""] if args.note else [])
     out = Path(args.out)
     out.write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
