@@ -58,6 +58,7 @@ PACK_VERSION = 1
 PACK_MEMBERS = {MANIFEST, CARD, ALIGNMENT, ROUTER}
 MANIFEST_KEYS = {"format", "version", "task", "files", "casam_version"}
 MAX_MEMBER_BYTES = 256 * 1024**2
+MAX_PACK_BYTES = 320 * 1024**2  # all members unpacked (a task is about 15 MB)
 MAX_CARD_BYTES = 4 * 1024**2  # task.json / manifest.json
 MAX_JSON_DEPTH = 32
 LOCK = ".lock"  # the writers' lock file in the library folder
@@ -448,9 +449,14 @@ def read_pack(pack: PathLike, fingerprint: Optional[str] = None) -> Task:
                 raise TaskLibraryError(f"{pack}: refused member {n!r} ({why})")
         if len(names) != len(set(names)) or set(names) != PACK_MEMBERS:
             raise TaskLibraryError(f"{pack}: a task pack holds exactly {sorted(PACK_MEMBERS)}; found {sorted(names)}")
-        for info in infos:
-            if info.file_size > MAX_MEMBER_BYTES:
-                raise TaskLibraryError(f"{pack}: {info.filename} is too large ({info.file_size} bytes)")
+        for info in infos:  # sizes as declared: a member is never read past its declared size
+            limit = MAX_CARD_BYTES if info.filename in (CARD, MANIFEST) else MAX_MEMBER_BYTES
+            if info.file_size > limit:
+                raise TaskLibraryError(f"{pack}: {info.filename} is too large ({info.file_size} bytes; at most "
+                                       f"{limit})")
+        total = sum(info.file_size for info in infos)
+        if total > MAX_PACK_BYTES:
+            raise TaskLibraryError(f"{pack}: the pack unpacks to {total} bytes; at most {MAX_PACK_BYTES}")
         try:
             data = {n: zf.read(n) for n in names}
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError) as exc:

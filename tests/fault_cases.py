@@ -403,17 +403,19 @@ def _truncated(ws):
     return path
 
 
-def _zip_bomb(ws):
-    """A member of 300 MB of zeros (it compresses to about 300 KB)."""
-    path = ws / "bomb.casam-task"
+def _zip_bomb(ws, name="bomb", sizes_mb=None):
+    """Members of zeros that compress to almost nothing: ``sizes_mb`` = {member: MB}
+    (default: the router, 300 MB)."""
+    sizes_mb = sizes_mb or {ROUTER: 300}
+    path = ws / f"{name}.casam-task"
     with zipfile.ZipFile(_good(ws)) as z:
         data = {n: z.read(n) for n in z.namelist()}
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
         for n, b in data.items():
-            if n == ROUTER:
+            if n in sizes_mb:
                 with z.open(n, "w", force_zip64=True) as fh:
                     block = bytes(1 << 20)
-                    for _ in range(300):
+                    for _ in range(sizes_mb[n]):
                         fh.write(block)
             else:
                 z.writestr(n, b)
@@ -482,7 +484,11 @@ PACKS: List[Case] = [
          "not valid JSON"),
     Case("pack", "card over 4 MB", _imp(_forged("huge", card_edit=lambda c: c.update(pad="x" * (5 << 20))))
          , "task.json"),
-    Case("pack", "a 300 MB member (zip bomb)", _imp(_zip_bomb), "is too large"),
+    Case("pack", "a 300 MB member (zip bomb)", _imp(_zip_bomb), "router.safetensors is too large"),
+    Case("pack", "two 200 MB members (400 MB in all)", _imp(lambda ws: _zip_bomb(
+        ws, "bomb2", {ROUTER: 200, ALIGNMENT: 200})), "the pack unpacks to"),
+    Case("pack", "a 20 MB task.json declared in the zip", _imp(lambda ws: _zip_bomb(ws, "bomb3", {CARD: 20})),
+         "task.json is too large"),
     Case("pack", "task name with a path", _imp(_forged("name", card_edit=lambda c: c.update(name="../../x"))),
          "task name '../../x'"),
     Case("pack", "reserved task name", _imp(_forged("auto", card_edit=lambda c: c.update(name="auto"))),
