@@ -71,7 +71,7 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path):
 def test_a_pickled_object_is_never_unpickled(tmp_path):
     evil = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "extra": _Payload()}, evil)
-    with pytest.raises(BackboneError, match="not a PyTorch weights file"):
+    with pytest.raises(BackboneError, match="pickled Python objects, which CA-SAM never loads"):
         build_backbone("sam_vit_b", checkpoint=evil)
     assert not _Payload.ran
 
