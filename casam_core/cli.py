@@ -59,10 +59,7 @@ def _add_library_args(p: argparse.ArgumentParser) -> None:
 
 
 def _library(args) -> TaskLibrary:
-    library = TaskLibrary(getattr(args, "library", None))
-    if library.root.exists() and not library.root.is_dir():
-        raise CLIError(f"{library.root}: the task library must be a folder; this is a file")
-    return library
+    return TaskLibrary(getattr(args, "library", None)).check_folder()
 
 
 def _predictor(args, with_tasks: bool = False) -> CASamPredictor:

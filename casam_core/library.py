@@ -245,6 +245,12 @@ class TaskLibrary:
         self.root = library_dir(root)
         self._lock_depth = 0
 
+    def check_folder(self) -> "TaskLibrary":
+        """Refuse a library path that exists and is not a folder (it would read as empty)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise TaskLibraryError(f"{self.root}: the task library must be a folder; this is a file")
+        return self
+
     # -- reading ------------------------------------------------------------------
     def names(self) -> List[str]:
         if not self.root.is_dir():

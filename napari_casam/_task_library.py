@@ -33,6 +33,12 @@ class TaskLibraryPanel:
     def refresh(self) -> None:
         """The task choice and the task list, from the library (the current choice kept if it still exists)."""
         w = self.w
+        try:
+            self.library.check_folder()
+        except CASamError as exc:  # said once, not on every refresh
+            if not getattr(self, "_said_bad_folder", False):
+                self._said_bad_folder = True
+                w.error(f"CA-SAM: {exc}")
         names = self.library.names()
         current = w.task_combo.currentText()
         w.task_combo.blockSignals(True)

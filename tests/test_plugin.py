@@ -208,6 +208,19 @@ def test_worker_results_after_the_widget_is_gone_are_dropped(make_napari_viewer,
     assert calls == [""]
 
 
+def test_a_library_that_is_a_file_is_said_not_shown_as_empty(make_napari_viewer, qtbot, tmp_path):
+    from napari_casam._widget import CASamWidget
+
+    afile = tmp_path / "tasks.txt"
+    afile.write_text("not a library")
+    viewer = make_napari_viewer()
+    w = CASamWidget(viewer, library=str(afile), cache_dir=str(tmp_path / "cache"))
+    assert "the task library must be a folder" in w.status_label.text() and str(afile) in w.status_label.text()
+    w.tasks.refresh()  # said once: a refresh does not pop the error up again
+    assert afile.read_text() == "not a library"
+    w.deleteLater()
+
+
 def test_a_bad_checkpoint_is_reported_and_not_overwritten(widget, qtbot, tmp_path):
     from napari_casam._sample_data import sample_2d
 
