@@ -30,12 +30,7 @@ DATA = Path(os.environ.get("CASAM_DATA", REPO.parent / "shared" / "data"))
 BRATS = REPO / "samples" / "brats_glioma"
 MARK = "RESOURCES-JSON "
 
-
-def _status(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from runtime import peak_rss_mb, status_mb  # noqa: E402  (one reader of /proc/self/status)
 
 
 def _child_cli(argv) -> None:
@@ -44,7 +39,7 @@ def _child_cli(argv) -> None:
     t0 = time.perf_counter()
     code = main(argv)
     print(MARK + json.dumps({"rc": code, "seconds": time.perf_counter() - t0,
-                             "peak_rss_mb": _status("VmHWM")}), file=sys.stderr)
+                             "peak_rss_mb": peak_rss_mb()}), file=sys.stderr)
 
 
 def _child_clicks(n: int) -> None:
@@ -70,9 +65,9 @@ def _child_clicks(n: int) -> None:
         box = boxes[current] + rng.normal(0, 4, 4)
         predictor.predict(box=box, multimask_output=i % 5 == 0)
         if i in (100, n // 2, n):
-            rss[i] = _status("VmRSS")
+            rss[i] = status_mb("VmRSS")
     print(MARK + json.dumps({"clicks": n, "rss_mb": rss, "seconds": time.perf_counter() - t0,
-                             "peak_rss_mb": _status("VmHWM")}), file=sys.stderr)
+                             "peak_rss_mb": peak_rss_mb()}), file=sys.stderr)
 
 
 def _measure(argv, env) -> dict:

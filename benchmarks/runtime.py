@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -102,17 +103,23 @@ def propagation(name, backbone):
     return time.perf_counter() - t, len(summary["slices"]), dice(mask > 0, gt)
 
 
+def status_mb(key: str) -> Optional[float]:
+    """A memory line of /proc/self/status in MB ("VmHWM": peak, "VmRSS": now); None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec; the
     rusage maximum is kept across exec, so a child started from this (large) benchmark
     process would report the parent's memory at the fork."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def session_rss(stored: str) -> dict:

@@ -23,6 +23,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -527,8 +528,6 @@ def sweep_temporaries(folder: PathLike, older_than_s: float = 3600.0, pattern: s
     """Delete CA-SAM's temporary files left in ``folder`` by a killed process: those whose writer
     no longer runs, and any older than ``older_than_s`` (a writer on another host sharing the
     folder is given that long). Returns how many were deleted."""
-    import time
-
     now, removed = time.time(), 0
     for tmp in Path(folder).glob(pattern):
         try:

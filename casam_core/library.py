@@ -395,7 +395,7 @@ class TaskLibrary:
         with self._writing():
             folder = self._folder(old)
             target = self.root / new
-            if new in self or target.exists():
+            if target.exists():  # a task, or any other folder or file of that name
                 raise TaskLibraryError(f"a task named {new!r} already exists in {self.root}")
             card = self.card(old)
             os.rename(folder, target)

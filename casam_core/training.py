@@ -386,7 +386,8 @@ def _validation_split(annotated: List[int], fraction: float,
             n_val = min(len(names) - 2, max(1, int(round(fraction * len(names)))))
             pick = sorted(set(np.linspace(0, len(names) - 1, n_val + 2)[1:-1].round().astype(int).tolist()))
             val = sorted(i for k in pick for i in groups[names[k]])
-            return [i for i in annotated if i not in set(val)], val
+            held = set(val)
+            return [i for i in annotated if i not in held], val
     n_val = min(n - 1, max(1, int(round(fraction * n))))
     pick = set(np.linspace(0, n - 1, n_val + 2)[1:-1].round().astype(int).tolist()) if n_val < n - 1 else None
     if pick is None or len(pick) < n_val:
