@@ -129,24 +129,27 @@ def run_case(predictor, gt, mode: str, clicks: int):
     return scores
 
 
-RULES = (("no local edits", (), 0.0), ("local edits 0.06-0.1, equal", (0.06, 0.1), 0.0),
-         ("local edits 0.06-0.16, equal", (0.06, 0.1, 0.16), 0.0),
-         ("local edits 0.06-0.16, preferred", (0.06, 0.1, 0.16), 2.0))
+RULES = (("no local edits", (), 0.0, 1.0), ("local edits 0.06-0.1, equal", (0.06, 0.1), 0.0, 1.0),
+         ("local edits 0.06-0.16, equal", (0.06, 0.1, 0.16), 0.0, 1.0),
+         ("local edits 0.06-0.16, preferred", (0.06, 0.1, 0.16), 2.0, 1.0),
+         ("local edits 0.06-0.16, preferred, closeness x3", (0.06, 0.1, 0.16), 2.0, 3.0),
+         ("local edits 0.06-0.16, preferred, closeness x9", (0.06, 0.1, 0.16), 2.0, 9.0),
+         ("local edits 0.03-0.16, preferred, closeness x3", (0.03, 0.06, 0.1, 0.16), 2.0, 3.0))
 
 
 def choose(predictor, clicks: int) -> list:
     """Mean Dice per click on the training cases under each rule in RULES -> table lines."""
     import casam_core.predictor as P
 
-    shipped = (P.LOCAL_EDIT_FRACTIONS, P.LOCAL_EDIT_BONUS)
+    shipped = (P.LOCAL_EDIT_FRACTIONS, P.LOCAL_EDIT_BONUS, P.CLOSENESS_WEIGHT)
     cases = list(train_cases(predictor))
     lines = ["", f"Rules tried on {len(cases)} training cases (kvasir_polyp 4, hc18_fetal_head 3, skin_lesion 2, "
              "middle slices of brats_glioma 2 and hippocampus_mri 2 training volumes), `--choose`:", "",
              "| rule | " + " | ".join(f"{i} click{'s' if i > 1 else ''}" for i in range(1, clicks + 1)) +
              " | drops of the mean | worst single step |", "|---|" + "---:|" * (clicks + 2)]
     try:
-        for name, fractions, bonus in RULES:
-            P.LOCAL_EDIT_FRACTIONS, P.LOCAL_EDIT_BONUS = fractions, bonus
+        for name, fractions, bonus, weight in RULES:
+            P.LOCAL_EDIT_FRACTIONS, P.LOCAL_EDIT_BONUS, P.CLOSENESS_WEIGHT = fractions, bonus, weight
             rows = []
             for _, setter, gt in cases:
                 setter()
@@ -154,11 +157,11 @@ def choose(predictor, clicks: int) -> list:
             mean = np.mean(rows, axis=0)
             drops = sum(mean[i + 1] < mean[i] for i in range(clicks - 1))
             worst = min(r[i + 1] - r[i] for r in rows for i in range(clicks - 1))
-            tag = " (shipped)" if (fractions, bonus) == shipped else ""
+            tag = " (shipped)" if (fractions, bonus, weight) == shipped else ""
             lines.append(f"| {name}{tag} | " + " | ".join(f"{v:.3f}" for v in mean) + f" | {drops} | {worst:+.3f} |")
             print(lines[-1], flush=True)
     finally:
-        P.LOCAL_EDIT_FRACTIONS, P.LOCAL_EDIT_BONUS = shipped
+        P.LOCAL_EDIT_FRACTIONS, P.LOCAL_EDIT_BONUS, P.CLOSENESS_WEIGHT = shipped
     return lines
 
 

@@ -51,6 +51,9 @@ POINT_SEARCH_FRACTIONS = (0.06, 0.1, 0.16, 0.25, 0.4, 0.6)
 # training images: benchmarks/corrective_clicks.py --choose.
 LOCAL_EDIT_FRACTIONS = (0.06, 0.1, 0.16)
 LOCAL_EDIT_BONUS = 2.0
+# Weight of closeness to the earlier mask (IoU, 0-1) among candidates that honour as many
+# clicks; the predicted IoU counts once.
+CLOSENESS_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -652,7 +655,7 @@ class CASamPredictor:
                 before = masks[b, 0] > 0
                 now = logits > 0
                 closeness = (now & before).flatten(1).sum(1) / (now | before).flatten(1).sum(1).clamp(min=1)
-                score = score + closeness
+                score = score + CLOSENESS_WEIGHT * closeness
                 ij_pos, ij_neg = ((pts * scale).long().clamp(0, low_size - 1) for pts in (pos, neg))
                 honoured_before = int(before[ij_pos[:, 1], ij_pos[:, 0]].sum() + (~before[ij_neg[:, 1], ij_neg[:, 0]]).sum())
                 if int(satisfied.max()) <= honoured_before:  # no candidate honours more clicks: keep the mask
