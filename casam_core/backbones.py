@@ -129,14 +129,15 @@ class Backbone(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
-        self._fast_encoder = None  # the encoder in another runtime (runtimes.py), for inputs on the CPU
+        # the encoder and the mask decoder in another runtime (runtimes.py), for inputs on the CPU
+        self._fast_encoder = self._fast_decoder = None
         self.runtime_note = "torch (eager)"
 
     def use_runtime(self, runtime: Optional[str] = None) -> str:
-        """Run the image encoder in ``runtime`` ("auto", "torch", "openvino"; see casam_core.runtimes)
-        where it agrees with eager PyTorch; returns a note on what runs it."""
-        self._fast_encoder, self.runtime_note = accelerate(self.image_encoder, self.img_size, self.fingerprint,
-                                                           self.device, runtime)
+        """Run the image encoder and, in inference, the mask decoder in ``runtime`` ("auto", "torch",
+        "openvino"; see casam_core.runtimes) where each agrees with eager PyTorch; returns a note on
+        what runs them."""
+        self._fast_encoder, self._fast_decoder, self.runtime_note = accelerate(self, runtime)
         return self.runtime_note
 
     # -- properties -----------------------------------------------------------------
@@ -194,10 +195,16 @@ class Backbone(nn.Module):
         ``points`` = (coords (B, N, 2), labels (B, N)), ``boxes`` (B, 4), ``masks``
         (B, 1, 256, 256) logits. Returns low-res logits (B, C, 256, 256) and the
         decoder's IoU predictions (B, C). Not wrapped in inference mode: training
-        back-propagates through it into an Alignment Layer. ``mask_decoder`` replaces the
-        frozen decoder (the decoder fine-tuning baseline of the continual benchmark).
+        back-propagates through it into an Alignment Layer (with gradients on, the decoder
+        always runs in eager PyTorch). ``mask_decoder`` replaces the frozen decoder (the
+        decoder fine-tuning baseline of the continual benchmark).
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        if (self._fast_decoder is not None and mask_decoder is None and not torch.is_grad_enabled()
+                and embeddings.device.type == "cpu" and sparse.shape[1] > 0):
+            logits, iou = self._fast_decoder(embeddings.float(), sparse, dense)
+            chosen = slice(1, None) if multimask_output else slice(0, 1)  # as segment-anything's MaskDecoder
+            return logits[:, chosen], iou[:, chosen]
         return (mask_decoder or self.mask_decoder)(
             image_embeddings=embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
@@ -408,7 +415,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] 
     ``checkpoint``: for SAM models the official file (or a folder holding it); for
     ``litemedsam`` leave it out to use the bundled, verified weights.
     ``random_weights=True`` builds the architecture without loading anything (tests).
-    ``runtime``: where the image encoder runs (casam_core.runtimes; default ``$CASAM_RUNTIME``
+    ``runtime``: where the image encoder and mask decoder run (casam_core.runtimes; default ``$CASAM_RUNTIME``
     or "auto": OpenVINO on a CPU; random weights default to eager PyTorch).
     """
     try:

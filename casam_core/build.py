@@ -24,7 +24,7 @@ def build_predictor(backbone: str = DEFAULT_BACKBONE, checkpoint: Optional[PathL
     ``cache_dir``: the on-disk embedding cache (None: ``config.cache_dir()``, shared by the
     CLI and the viewer; ``NO_CACHE``: none). ``library``: a ``TaskLibrary`` or its folder
     whose tasks for this backbone are registered (None: no tasks; True: the default library).
-    ``runtime``: where the image encoder runs (casam_core.runtimes; default ``$CASAM_RUNTIME``
+    ``runtime``: where the image encoder and mask decoder run (casam_core.runtimes; default ``$CASAM_RUNTIME``
     or "auto").
     """
     if cache_dir is None or cache_dir is True:

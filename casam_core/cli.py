@@ -46,7 +46,7 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint file for the SAM ViT backbones")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--runtime", default=None, choices=RUNTIMES,
-                   help="where the image encoder runs: auto (OpenVINO on a CPU), torch (eager, the reference) "
+                   help="where the image encoder and mask decoder run: auto (OpenVINO on a CPU), torch (eager, the reference) "
                         "or openvino (default $CASAM_RUNTIME or auto)")
     p.add_argument("--cache-dir", default=None,
                    help=f"on-disk embedding cache, shared with the viewer (default $CASAM_CACHE_DIR or "

@@ -131,30 +131,40 @@ def test_preprocessing_keeps_aspect_and_pads(backbone):
     assert np.allclose(boxes, [[0, 0, 256, 85]], atol=0.01)
 
 
-def test_the_openvino_encoder_matches_eager_pytorch_on_a_real_image(tmp_path, monkeypatch):
+def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tmp_path, monkeypatch):
     """The default runtime on a CPU (OpenVINO, converted once and kept beside the embedding cache)
-    gives the reference's embeddings and masks; $CASAM_RUNTIME=torch keeps eager PyTorch."""
+    gives the reference's embeddings and masks, for one box, several boxes and clicks; learning
+    still back-propagates through the eager decoder; $CASAM_RUNTIME=torch keeps eager PyTorch."""
     import shutil
 
     from casam_core.errors import OptionError
 
     monkeypatch.setenv("CASAM_CACHE_DIR", str(tmp_path / "cache"))
     fast = build_backbone("litemedsam", device="cpu", runtime="openvino")
-    assert fast.runtime_note.startswith("openvino"), fast.runtime_note
-    assert list((tmp_path / "cache" / "encoders").glob("*.xml"))  # converted once, kept
+    assert fast.runtime_note.startswith("openvino CPU float32, encoder and decoder"), fast.runtime_note
+    assert len(list((tmp_path / "cache" / "encoders").glob("*.xml"))) == 2  # converted once, kept
     monkeypatch.setenv("CASAM_RUNTIME", "torch")
     eager = build_backbone("litemedsam", device="cpu")
     assert eager.runtime_note == "torch (eager)"
     image, labels = dataset_case("kvasir_polyp", "test", 0)
     ys, xs = np.nonzero(labels == 1)
     box = [xs.min(), ys.min(), xs.max(), ys.max()]
+    boxes = np.array([box, [0, 0, image.shape[1] // 2, image.shape[0] // 2]], float)
+    click = np.array([[(xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2]])
     out = []
     for backbone in (eager, fast):
         predictor = CASamPredictor(backbone)
         predictor.set_image(image)
-        out.append((predictor.embedding(), predictor.predict_batch(box=box, return_logits=True)[0]))
+        out.append((predictor.embedding(), predictor.predict_batch(box=box, return_logits=True)[0],
+                    predictor.predict_batch(box=boxes, multimask_output=True, return_logits=True)[0],
+                    predictor.predict(point_coords=click, point_labels=np.array([1]), return_logits=True)[0]))
     assert float((out[0][0] - out[1][0]).abs().max()) < 1e-3
-    assert np.abs(out[0][1] - out[1][1]).max() < 1e-2 and np.array_equal(out[0][1] > 0, out[1][1] > 0)
+    for a, b in zip(out[0][1:], out[1][1:]):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-2 and np.array_equal(a > 0, b > 0)
+    z = predictor.embedding().float().clone().requires_grad_(True)  # learning: gradients reach the features
+    logits, _ = fast.decode(z, None, torch.tensor([[10.0, 10.0, 100.0, 100.0]]))
+    logits.sum().backward()
+    assert z.grad is not None and float(z.grad.abs().sum()) > 0
     # a damaged converted model: "auto" falls back to eager PyTorch and says why; nothing crashes
     monkeypatch.delenv("CASAM_RUNTIME")
     for xml in (tmp_path / "cache" / "encoders").glob("*.xml"):
@@ -163,7 +173,7 @@ def test_the_openvino_encoder_matches_eager_pytorch_on_a_real_image(tmp_path, mo
     shutil.rmtree(tmp_path / "cache" / "encoders" / "compiled", ignore_errors=True)
     fallback = build_backbone("litemedsam", device="cpu")
     assert fallback.runtime_note.startswith("torch (eager; OpenVINO failed"), fallback.runtime_note
-    with pytest.raises(OptionError, match="cannot run this encoder"):
+    with pytest.raises(OptionError, match="cannot run this backbone"):
         build_backbone("litemedsam", device="cpu", runtime="openvino")
     monkeypatch.setenv("CASAM_RUNTIME", "tensorrt")
     with pytest.raises(OptionError, match="unknown runtime 'tensorrt'"):
