@@ -34,6 +34,15 @@ def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
 
+def _run_time(state: dict) -> str:
+    """The run's time: the stages' own wall times (they survive a resume) and the last invocation's."""
+    stages = [r.get("seconds") for r in state.get("stages", [])]
+    last = f"the last invocation {state.get('seconds_total')} s"
+    if stages and all(v is not None for v in stages):
+        return f"stages {sum(stages):.0f} s in all ({', '.join(f'{v:.0f}' for v in stages)}); {last}"
+    return last
+
+
 def write_report(state: dict, out: Path) -> None:
     out = Path(out)
     names = state["stream"]
@@ -47,7 +56,7 @@ def write_report(state: dict, out: Path) -> None:
               f"(caps: {p['train_images']} 2D images, {p['train_volumes']} volumes x {p['slices_per_volume']} "
               f"annotated slices), test caps {p['test_images']} images / {p['test_volumes']} volumes; "
               f"{p['epochs']} epochs, lr {p['lr']}. Embedding {state.get('embedding_seconds')} s; "
-              f"whole run {state.get('seconds_total')} s.", ""]
+              f"{_run_time(state)}.", ""]
     lines += ["## Final results (Dice; after the last task)", "",
               "| method | Avg Dice | forgetting | BWT |", "|---|---:|---:|---:|"]
     for m in state["methods"]:
