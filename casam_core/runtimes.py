@@ -63,26 +63,29 @@ def accelerate(backbone, runtime: Optional[str] = None) -> Tuple[Optional[Callab
 
             raise OptionError("runtime 'openvino' asked for, but the openvino package is not installed")
         return None, None, "torch (eager; openvino is not installed)"
-    try:
-        encoder = _verified(_OpenVINOEncoder(backbone), *_encoder_probe(backbone))
-        decoder = _verified(_OpenVINODecoder(backbone), *_decoder_probe(backbone))
-    except Exception as exc:  # a read-only cache, a damaged converted model, a model OpenVINO cannot take
-        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if runtime == "openvino":
-            from .errors import OptionError
+    runs, why = {}, {}
+    for part, build, probe in (("encoder", _OpenVINOEncoder, _encoder_probe),
+                               ("decoder", _OpenVINODecoder, _decoder_probe)):
+        try:  # each part on its own: a decoder OpenVINO cannot take leaves the encoder's speed
+            run = _verified(build(backbone), *probe(backbone))
+        except Exception as exc:  # a read-only cache, a damaged converted model, a graph OpenVINO cannot take
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if runtime == "openvino":
+                from .errors import OptionError
 
-            raise OptionError(f"runtime 'openvino' cannot run this backbone ({why})") from exc
-        return None, None, f"torch (eager; OpenVINO failed: {why})"
-    runs = {"encoder": encoder, "decoder": decoder}
-    fast = [p for p, r in runs.items() if not isinstance(r, float)]
-    slow = [f"the {p} in torch (eager; OpenVINO differed by {r:.2g} on the probe)" for p, r in runs.items()
-            if isinstance(r, float)]
-    if not fast:
-        return None, None, "torch (eager; " + "; ".join(n.split("(eager; ")[1].rstrip(")") for n in slow) + ")"
-    note = (f"openvino CPU float32, {' and '.join(fast)} (max difference "
-            f"{max(runs[p].difference for p in fast):.1e} on the probe)")
-    encoder, decoder = (None if isinstance(r, float) else r for r in (encoder, decoder))
-    return encoder, decoder, "; ".join([note] + slow)
+                raise OptionError(f"runtime 'openvino' cannot run this backbone's {part} ({reason})") from exc
+            why[part] = f"OpenVINO failed: {reason}"
+            continue
+        if isinstance(run, float):
+            why[part] = f"OpenVINO differed by {run:.2g} on the probe"
+        else:
+            runs[part] = run
+    if not runs:
+        return None, None, "torch (eager; " + "; ".join(dict.fromkeys(why.values())) + ")"
+    note = (f"openvino CPU float32, {' and '.join(runs)} (max difference "
+            f"{max(r.difference for r in runs.values()):.1e} on the probe)")
+    return runs.get("encoder"), runs.get("decoder"), "; ".join(
+        [note] + [f"the {part} in torch (eager; {reason})" for part, reason in why.items()])
 
 
 def _encoder_probe(backbone):

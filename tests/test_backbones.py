@@ -165,15 +165,24 @@ def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tm
     logits, _ = fast.decode(z, None, torch.tensor([[10.0, 10.0, 100.0, 100.0]]))
     logits.sum().backward()
     assert z.grad is not None and float(z.grad.abs().sum()) > 0
-    # a damaged converted model: "auto" falls back to eager PyTorch and says why; nothing crashes
+    # a damaged converted model: "auto" falls back to eager PyTorch for that part and says why
     monkeypatch.delenv("CASAM_RUNTIME")
-    for xml in (tmp_path / "cache" / "encoders").glob("*.xml"):
-        xml.write_text("not a model")
-        xml.with_suffix(".verified.json").unlink()
-    shutil.rmtree(tmp_path / "cache" / "encoders" / "compiled", ignore_errors=True)
+
+    def damage(pattern):
+        for xml in (tmp_path / "cache" / "encoders").glob(pattern):
+            xml.write_text("not a model")
+            xml.with_suffix(".verified.json").unlink(missing_ok=True)
+        shutil.rmtree(tmp_path / "cache" / "encoders" / "compiled", ignore_errors=True)
+
+    damage("*-decoder.xml")
+    half = build_backbone("litemedsam", device="cpu")  # the encoder keeps its speed
+    assert half.runtime_note.startswith("openvino CPU float32, encoder (max"), half.runtime_note
+    assert "the decoder in torch (eager; OpenVINO failed" in half.runtime_note
+    assert half._fast_encoder is not None and half._fast_decoder is None
+    damage("*.xml")
     fallback = build_backbone("litemedsam", device="cpu")
     assert fallback.runtime_note.startswith("torch (eager; OpenVINO failed"), fallback.runtime_note
-    with pytest.raises(OptionError, match="cannot run this backbone"):
+    with pytest.raises(OptionError, match="cannot run this backbone.s encoder"):
         build_backbone("litemedsam", device="cpu", runtime="openvino")
     monkeypatch.setenv("CASAM_RUNTIME", "tensorrt")
     with pytest.raises(OptionError, match="unknown runtime 'tensorrt'"):
