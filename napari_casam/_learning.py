@@ -115,8 +115,9 @@ class LearnController:
                 final = msg
         if latest is not None:  # one progress bar update per poll, however many steps were reported
             self._show_progress(*latest[1:])
-        if final is None and not job.alive():
-            final = ("error", "the learning process ended unexpectedly", "")
+        if final is None and not job.alive():  # it ended since: its last words, or a generic error
+            final = next((m for m in job.messages() if m[0] != "progress"),
+                         ("error", "the learning process ended unexpectedly", ""))
         if final is None:
             return
         self._poll.stop()
