@@ -71,35 +71,91 @@ def propagate_box(predictor, start: int, box: Optional[Sequence[float]], task=No
                   min_score: float = 0.5, max_growth: float = DEFAULT_MAX_GROWTH,
                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
                   task_for_slice=None, start_mask: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Dict[str, object]]:
-    """Segment slice ``start`` of the predictor's volume with ``box``, then carry it up and down.
-    With ``start_mask`` (the slice's approved mask, in the slice's array order), that mask is
-    kept as it is on slice ``start`` and ``box`` is not needed.
-
-    Each next slice gets the box of the previous slice's mask, grown by 5 % of its size
-    (at least 3 px: a tight box makes the mask shrink slice after slice). A direction stops
-    when the mask vanishes, when the decoder's own IoU estimate falls under ``min_score``
-    (measured on BraTS: past the tumour's end the box keeps catching small bright
-    spots, at scores of 0.1-0.5), when the area changes by more than
-    ``max_area_ratio`` from one slice to the next (the object ended and the box caught
-    something else), or when it exceeds ``max_growth`` x the start slice's area: the user
-    starts where the structure is large, and a mask that keeps growing away from there has
-    left it (measured on hippocampus training volumes: the grown box drifts into the
-    surrounding tissue and the mask grows slice after slice, up to 10x, with the decoder
-    still confident). On six hippocampus training volumes (3 frozen, 3 with a learned task)
-    2x gave the best mean 3D Dice of 1.5, 2, 3 and no limit, but it ran 4 slices past the
-    structure on the hippocampus sample; ``DEFAULT_MAX_GROWTH`` = 1.5 never went past the
-    structure on any volume measured.
-    ``task_for_slice(index)``, when given, chooses the task per slice (e.g. the router);
-    otherwise ``task`` is used throughout. Returns the (Z, Y, X) mask in the volume's
-    array order and a summary (slices segmented, where and why each direction stopped).
+    """Segment slice ``start`` of the predictor's volume with ``box``, then carry it up and down
+    (``propagate_masks`` with that one slice). With ``start_mask`` (the slice's approved mask,
+    in the slice's array order), that mask is kept as it is on slice ``start`` and ``box`` is
+    not needed. The summary also has ``start``, ``stopped_up`` and ``stopped_down``.
     """
+    vol = _volume_of(predictor)
+    if not 0 <= start < vol.n_slices:
+        raise PromptError(f"start slice {start} is outside 0..{vol.n_slices - 1}")
+    if start_mask is None:
+        if box is None:
+            raise ValueError("propagate_box needs a box or a start_mask")
+        predictor.set_slice(start)
+        masks, _, _ = predictor.predict_batch(box=box, task=task_for_slice(start) if task_for_slice else task)
+        start_mask = masks[0, 0]
+    out, summary = propagate_masks(predictor, {start: start_mask}, task, max_area_ratio, min_score, max_growth,
+                                   progress, cancel, task_for_slice)
+    stops = {s["direction"]: s["reason"] for s in summary["stops"]}
+    summary.update(start=start, stopped_up=stops.get("up", "empty start mask"),
+                   stopped_down=stops.get("down", "empty start mask"))
+    return out, summary
+
+
+def _volume_of(predictor):
     vol = predictor.volume
     if vol is None:
-        raise RuntimeError("propagate_box needs a volume: call predictor.set_volume() first")
+        raise RuntimeError("propagation needs a volume: call predictor.set_volume() first")
+    return vol
+
+
+def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_area_ratio: float = 3.0,
+                    min_score: float = 0.5, max_growth: float = DEFAULT_MAX_GROWTH,
+                    progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
+                    task_for_slice=None) -> Tuple[np.ndarray, Dict[str, object]]:
+    """Fill a volume from the masks of some annotated slices (``{slice: mask}``, each in the
+    slice's array order along the predictor's volume axis), as a user annotates: one slice,
+    then corrections on others. Annotated slices are kept exactly as they are; an empty one
+    says "the structure is not here" and nothing is carried across it.
+
+    - Between two annotated slices with a mask, each end is carried towards the other and they
+      meet half-way: every slice is decided by its nearer annotation, and the growth limit is
+      relative to that end's area.
+    - Below the lowest and above the highest annotated slice, the mask is carried outwards.
+
+    Carrying: each next slice gets the box of the previous slice's mask, grown by 5 % of its
+    size (at least 3 px: a tight box makes the mask shrink slice after slice). A direction
+    stops when the mask vanishes, when the decoder's own IoU estimate falls under
+    ``min_score`` (measured on BraTS: past the tumour's end the box keeps catching small
+    bright spots, at scores of 0.1-0.5), when the area changes by more than
+    ``max_area_ratio`` from one slice to the next (the object ended and the box caught
+    something else), or when it exceeds ``max_growth`` x the area of the slice it started
+    from: the user annotates where the structure is large, and a mask that keeps growing
+    away from there has left it (measured on hippocampus training volumes: the grown box
+    drifts into the surrounding tissue and the mask grows slice after slice, up to 10x, with
+    the decoder still confident). On six hippocampus training volumes (3 frozen, 3 with a
+    learned task) 2x gave the best mean 3D Dice of 1.5, 2, 3 and no limit, but it ran 4
+    slices past the structure on the hippocampus sample; ``DEFAULT_MAX_GROWTH`` = 1.5 never
+    went past the structure on any volume measured.
+
+    Progress counts the slices still expected: when a direction stops early, the slices it
+    would have covered leave the total, so the bar ends full. ``task_for_slice(index)``, when
+    given, chooses the task per slice (e.g. the router); otherwise ``task`` is used
+    throughout. Returns the (Z, Y, X) mask in the volume's array order and a summary:
+    ``annotated``, ``slices`` (every slice that holds the mask), ``stops`` (per carried run:
+    from, direction, reason).
+    """
+    vol = _volume_of(predictor)
     n = vol.n_slices
-    if not 0 <= start < n:
-        raise PromptError(f"start slice {start} is outside 0..{n - 1}")
+    expected_shape = tuple(np.delete(vol.volume.shape[:3], vol.axis))
+    anchors: Dict[int, np.ndarray] = {}
+    for k, m in annotated.items():
+        k = int(k)
+        if not 0 <= k < n:
+            raise PromptError(f"annotated slice {k} is outside 0..{n - 1}")
+        m = np.asarray(m, dtype=bool)
+        if m.shape != expected_shape:
+            raise ValueError(f"the mask of slice {k} has shape {m.shape}; the volume's slices have {expected_shape}")
+        anchors[k] = m
+    if not anchors:
+        raise ValueError("propagation needs at least one annotated slice")
     out = np.zeros(vol.volume.shape, dtype=bool)
+
+    def put(index: int, m: np.ndarray) -> None:
+        sl = [slice(None)] * 3
+        sl[vol.axis] = index
+        out[tuple(sl)] = m
 
     def segment(index: int, b):
         predictor.set_slice(index)
@@ -107,55 +163,56 @@ def propagate_box(predictor, start: int, box: Optional[Sequence[float]], task=No
         masks, scores, _ = predictor.predict_batch(box=b, task=t)
         return masks[0, 0], float(scores[0, 0])
 
-    def put(index: int, m: np.ndarray) -> None:
-        sl = [slice(None)] * 3
-        sl[vol.axis] = index
-        out[tuple(sl)] = m
-
-    if start_mask is not None:
-        first = np.asarray(start_mask, dtype=bool)
-        expected = tuple(np.delete(vol.volume.shape[:3], vol.axis))
-        if first.shape != expected:
-            raise ValueError(f"start_mask has shape {first.shape}; slice {start} has {expected}")
-    elif box is None:
-        raise ValueError("propagate_box needs a box or a start_mask")
-    else:
-        first, _ = segment(start, box)
-    put(start, first)
-    summary: Dict[str, object] = {"start": start, "slices": [start]}
-    if not first.any():
-        summary.update(stopped_up="empty start mask", stopped_down="empty start mask")
-        return out, summary
-    budget = n - 1
+    # the runs to carry: (from slice, direction, last slice it may fill, why it ends there)
+    keys = sorted(anchors)
+    runs = []
+    if anchors[keys[0]].any():
+        runs.append((keys[0], -1, 0, "volume edge"))
+    for a, b in zip(keys, keys[1:]):
+        if anchors[a].any() and anchors[b].any():
+            middle = (a + b) // 2
+            runs += [(a, 1, middle, "met the other annotation's half"), (b, -1, middle + 1, "met the other annotation's half")]
+        elif anchors[a].any():
+            runs.append((a, 1, b - 1, f"annotated as empty at slice {b}"))
+        elif anchors[b].any():
+            runs.append((b, -1, a + 1, f"annotated as empty at slice {a}"))
+    if anchors[keys[-1]].any():
+        runs.append((keys[-1], 1, n - 1, "volume edge"))
+    for k in keys:
+        put(k, anchors[k])
+    summary: Dict[str, object] = {"annotated": keys, "slices": [k for k in keys if anchors[k].any()], "stops": []}
+    total = sum((last - a) * direction for a, direction, last, _ in runs)  # slices still expected
     done = 0
-    start_area = int(first.sum())
-    for direction, name in ((1, "up"), (-1, "down")):
+    for a, direction, last, reason in runs:
+        first = anchors[a]
+        start_area = int(first.sum())
         prev = first
-        index = start + direction
-        reason = "volume edge"
-        while 0 <= index < n:
+        index = a + direction
+        while (index - last) * direction <= 0:
             check_cancel(cancel)
             mask, score = segment(index, expand_box(box_from_mask(prev), prev.shape))
             done += 1
-            report(progress, done, budget, f"propagating: slice {index}")
+            report(progress, done, total, f"propagating: slice {index}")
             area, prev_area = int(mask.sum()), int(prev.sum())
+            why = None
             if area == 0:
-                reason = f"mask vanished at slice {index}"
-                break
-            if score < min_score:
-                reason = f"predicted IoU {score:.2f} < {min_score} at slice {index}"
-                break
-            if area > max_area_ratio * prev_area or area * max_area_ratio < prev_area:
-                reason = f"area jumped from {prev_area} to {area} px at slice {index}"
-                break
-            if area > max_growth * start_area:
-                reason = f"area {area} px > {max_growth} x the start slice's {start_area} px at slice {index}"
+                why = f"mask vanished at slice {index}"
+            elif score < min_score:
+                why = f"predicted IoU {score:.2f} < {min_score} at slice {index}"
+            elif area > max_area_ratio * prev_area or area * max_area_ratio < prev_area:
+                why = f"area jumped from {prev_area} to {area} px at slice {index}"
+            elif area > max_growth * start_area:
+                why = f"area {area} px > {max_growth} x the start slice's {start_area} px at slice {index}"
+            if why is not None:
+                reason = why
+                total -= (last - index) * direction  # the slices this run will not reach
+                report(progress, done, total, f"propagating: stopped at slice {index}")
                 break
             put(index, mask)
             summary["slices"].append(index)
             prev = mask
             index += direction
-        summary[f"stopped_{name}"] = reason
+        summary["stops"].append({"from": a, "direction": "up" if direction > 0 else "down", "reason": reason})
     summary["slices"] = sorted(summary["slices"])
     return out, summary
 

@@ -7,7 +7,7 @@ from casam_core import CASamPredictor
 from casam_core.io import read_image, read_labels
 from casam_core.metrics import dice
 from casam_core.progress import Cancelled
-from casam_core.prompts import box_from_mask, propagate_box
+from casam_core.prompts import box_from_mask, propagate_box, propagate_masks
 
 from conftest import SAMPLES
 
@@ -90,3 +90,37 @@ def test_hippocampus_propagation_stops_at_the_structure(backbone, hippocampus):
     assert max(summary["slices"]) + lo <= present.max() + 2, summary
     assert "x the start slice's" in summary["stopped_up"], summary
     assert dice(mask, gt[lo:]) > 0.2
+
+
+def test_corrected_slices_constrain_the_propagation_between_them(backbone, hippocampus):
+    """The way people annotate a volume: one slice, then corrections on others. Every annotated slice
+    is kept as drawn, each slice between two of them is carried from the nearer one, an empty
+    annotation stops the mask there, progress ends full, and a cancel stops it."""
+    image, labels = hippocampus
+    gt = labels > 0
+    present = np.nonzero(gt.any(axis=(1, 2)))[0]
+    lo, hi = present.min() - 2, present.max() + 3
+    g = gt[lo:hi]
+    predictor = CASamPredictor(backbone)
+    predictor.set_volume(image.array[lo:hi])
+    k = int(np.median(present)) - lo
+    one, _ = propagate_masks(predictor, {k: g[k]})
+    low, high = (int(v) - lo for v in np.percentile(present, [20, 80]))
+    calls = []
+    three, summary = propagate_masks(predictor, {k: g[k], low: g[low], high: g[high]},
+                                     progress=lambda d, t, m: calls.append((d, t)))
+    assert summary["annotated"] == [low, k, high]
+    assert all(np.array_equal(three[i], g[i]) for i in (low, k, high))
+    # measured: 0.35 from the middle slice alone, 0.58 with the two corrections
+    assert dice(three, g) > dice(one, g) + 0.15, (dice(three, g), dice(one, g))
+    assert calls[-1][0] == calls[-1][1] and all(d <= t for d, t in calls), calls[-3:]  # the bar ends full
+    stops = {(s["from"], s["direction"]) for s in summary["stops"]}
+    assert {(low, "down"), (low, "up"), (k, "down"), (k, "up"), (high, "down"), (high, "up")} == stops
+
+    # "not here": an empty annotation above the middle ends the mask below it
+    stopped, summary = propagate_masks(predictor, {k: g[k], k + 3: np.zeros_like(g[k])})
+    assert not stopped[k + 3:].any() and stopped[k].any()
+    with pytest.raises(Cancelled):
+        propagate_masks(predictor, {k: g[k]}, cancel=lambda: True)
+    with pytest.raises(ValueError, match="shape"):
+        propagate_masks(predictor, {k: g[k][:-1]})
