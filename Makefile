@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo napari test bench install sysdeps clean
+.PHONY: demo napari test bench screenshots install sysdeps clean
 
 demo: $(STAMP)
 	$(BIN)/casam demo --out demo_out
@@ -23,6 +23,10 @@ bench: $(STAMP) sysdeps
 	$(BIN)/python benchmarks/learn.py --configs "fast,paper:epochs=1"
 	if [ -z "$$DISPLAY" ]; then xvfb-run -a $(BIN)/python benchmarks/gui_latency.py; \
 	else $(BIN)/python benchmarks/gui_latency.py; fi
+
+# the workflow GUI tests, saving what they show into docs/screenshots/
+screenshots: $(STAMP) sysdeps
+	CASAM_SCREENSHOTS=docs/screenshots xvfb-run -a $(BIN)/python -m pytest -q tests/test_plugin_workflow.py
 
 install: $(STAMP)
 

@@ -12,7 +12,8 @@ clears the layers for the image being segmented.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -20,6 +21,8 @@ POINTS, BOXES, PREVIEW, LABELS = "CA-SAM points", "CA-SAM boxes", "CA-SAM previe
 POSITIVE, NEGATIVE = "positive", "negative"
 COLOURS = {POSITIVE: "lime", NEGATIVE: "red"}
 PREVIEW_COLOUR = "cyan"  # unlike any colour of napari's label cycle, and visible on endoscopy and greyscale
+PREVIEW_OBJECT_COLOURS = (PREVIEW_COLOUR, "magenta", "yellow", "white")
+MAX_PREVIEW_OBJECTS = 64
 POINT_PIXELS = (10, 40)  # clicks are drawn 10-40 screen pixels wide
 
 
@@ -78,9 +81,12 @@ def rgba(colour: str) -> np.ndarray:
 
 
 def preview_colours():
+    """Object 1 of the preview in cyan, further objects (several boxes) in other colours that napari's
+    label cycle does not use for the committed masks."""
     from napari.utils.colormaps import DirectLabelColormap
 
-    return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: PREVIEW_COLOUR})
+    cycle = {k: PREVIEW_OBJECT_COLOURS[(k - 1) % len(PREVIEW_OBJECT_COLOURS)] for k in range(1, MAX_PREVIEW_OBJECTS + 1)}
+    return DirectLabelColormap(color_dict={None: PREVIEW_COLOUR, 0: "transparent", **cycle})
 
 
 class PromptLayers:
@@ -208,26 +214,136 @@ class PromptLayers:
         if preview is not None:
             preview.data = np.zeros_like(preview.data)
 
-    def show_preview(self, mask: np.ndarray, k: Optional[int]) -> None:
-        """The preview shows ``mask`` (on slice ``k`` of a volume, nothing elsewhere)."""
+    def show_preview(self, masks: np.ndarray, k: Optional[int]) -> None:
+        """The preview shows ``masks`` (B, H, W), object i as value i + 1 (later objects on top), on
+        slice ``k`` of a volume (nothing elsewhere) or on the 2D image (``k`` None)."""
         preview = self.viewer.layers[PREVIEW]
         data = np.zeros_like(preview.data)
-        if k is None:
-            data[:] = mask
-        else:
-            data[k] = mask
+        plane = data if k is None else data[k]
+        for i, m in enumerate(np.asarray(masks, bool).reshape((-1,) + plane.shape)):
+            plane[m] = i + 1
         preview.data = data
 
-    def write_label(self, mask: np.ndarray, labels=None) -> Tuple[int, int]:
-        """Give the mask's pixels the next free label id, as one step of the Labels layer's own undo history
-        (the dock's Undo and napari's Ctrl+Z are the same history); the preview is cleared.
-        Returns (label id, voxels)."""
+    def write_label(self, preview: np.ndarray, labels=None, label_id: Optional[int] = None) -> Tuple[List[int], int]:
+        """Write the preview's objects (its values 1, 2, ...) into the labels: each gets ``label_id``
+        (a class) or, with None, its own next free id; one step of the Labels layer's own undo
+        history (the dock's Undo and napari's Ctrl+Z are the same history). The preview is cleared.
+        Returns (label ids, voxels)."""
         labels = labels if labels is not None else self.viewer.layers[LABELS]
-        label_id = int(np.asarray(labels.data).max()) + 1
-        index = np.nonzero(mask)
-        labels.data_setitem(index, label_id)
+        preview = np.asarray(preview)
+        objects = [int(v) for v in np.unique(preview) if v > 0]
+        index = np.nonzero(preview)
+        table = np.zeros(int(preview.max(initial=0)) + 1, np.int32)  # preview value -> label id
+        if label_id is None:
+            first = int(np.asarray(labels.data).max()) + 1
+            ids = [first + i for i in range(len(objects))]
+        else:
+            ids = [int(label_id)] * len(objects)
+        table[objects] = ids
+        values = table[preview[index]]
+        ids = sorted(set(ids))
+        labels.data_setitem(index, values)
         self.clear_preview()
-        return label_id, len(index[0])
+        return ids, len(index[0])
+
+
+def propagation_edit(data: np.ndarray, label: int, result: np.ndarray,
+                     fixed: Dict[int, np.ndarray]) -> Tuple[Tuple[np.ndarray, ...], np.ndarray]:
+    """The change that writes a propagation of ``label`` into a labels volume ``data``, as
+    (indices, new values) for one ``data_setitem`` (one undo step).
+
+    Slices in ``fixed`` ({slice: mask}: the slice the user just approved) get exactly that mask
+    as ``label`` (over anything there, as a commit does). On every other slice ``label`` becomes
+    ``result``: where the result is off, the label's old pixels go (a re-propagation replaces
+    the last one); where it is on, it paints only background and the label itself, never
+    another structure. The user's own annotations are in ``result`` already (propagation keeps
+    annotated slices as they are)."""
+    data = np.asarray(data)
+    new = data.copy()
+    mine = data == label
+    new[mine & ~result] = 0
+    new[result & ((data == 0) | mine)] = label
+    for k, m in fixed.items():
+        row = new[k]
+        row[row == label] = 0
+        row[m] = label
+    indices = np.nonzero(new != data)
+    return indices, new[indices]
+
+
+class Annotations:
+    """Which slices of a volume the user annotated, per label: the anchors a propagation starts
+    from and is constrained by.
+
+    A commit, a propagation's approved start slice, and every brush, fill or eraser edit of the
+    watched Labels layer (napari's ``paint`` event) mark a slice: ``"drawn"`` for the label
+    painted, ``"edited"`` for a label painted over or erased. A drawn slice whose label has since
+    gone (undone) is no anchor; an edited one still is, empty or not: an erased slice says "not
+    here". Writes of propagated slices are made ``quiet()`` and mark nothing."""
+
+    def __init__(self) -> None:
+        self.slices: Dict[int, Dict[int, str]] = {}
+        self.layer = None
+        self._quiet = 0
+
+    def watch(self, layer) -> None:
+        """Record the edits of ``layer`` from now on (a new layer, or a new image: a fresh record)."""
+        if self.layer is not None:
+            try:
+                self.layer.events.paint.disconnect(self.on_paint)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        self.layer = layer
+        self.slices = {}
+        if layer is not None:
+            layer.events.paint.connect(self.on_paint)
+
+    @contextmanager
+    def quiet(self):
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
+
+    def mark(self, label: int, slices, kind: str = "drawn") -> None:
+        record = self.slices.setdefault(int(label), {})
+        for k in slices:
+            if record.get(int(k)) != "drawn":  # drawn wins: the label is there on purpose
+                record[int(k)] = kind
+
+    def on_paint(self, event) -> None:
+        if self._quiet or self.layer is None or self.layer.ndim != 3:
+            return
+        for atom in getattr(event, "value", None) or []:
+            if hasattr(atom, "slice_key"):  # napari's masked paint atom: a bounding box and its old values
+                key = atom.slice_key[0]
+                z = range(key.start or 0, key.stop if key.stop is not None else self.layer.data.shape[0])
+                painted = [(int(atom.new_value), z)]
+                replaced = [(int(v), z) for v in np.unique(np.asarray(atom.old_values))]
+            else:  # (indices, old values, new value or values)
+                indices, old_values, new_values = atom
+                z = np.asarray(indices[0])
+                old_values = np.broadcast_to(np.asarray(old_values), z.shape)
+                new_values = np.broadcast_to(np.asarray(new_values), z.shape)
+                painted = [(int(v), np.unique(z[new_values == v])) for v in np.unique(new_values)]
+                replaced = [(int(v), np.unique(z[(old_values == v) & (new_values != v)])) for v in np.unique(old_values)]
+            for value, where in painted:
+                if value:
+                    self.mark(value, where, "drawn")
+            for value, where in replaced:
+                if value:
+                    self.mark(value, where, "edited")
+
+    def anchors(self, label: int, data: np.ndarray) -> Dict[int, np.ndarray]:
+        """{slice: the label's mask there} for the label's annotated slices."""
+        out = {}
+        for k, kind in sorted(self.slices.get(int(label), {}).items()):
+            if 0 <= k < data.shape[0]:
+                m = np.asarray(data[k]) == label
+                if m.any() or kind == "edited":
+                    out[k] = m
+        return out
 
 
 def _place(layer, kw) -> None:

@@ -90,11 +90,26 @@ def _segment_panel(w) -> QGroupBox:
     w.auto_check.setChecked(True)
     v.addWidget(w.positive_check)
     v.addWidget(w.auto_check)
+    row = QHBoxLayout()
+    row.addWidget(QLabel("label"))
+    w.class_combo = QComboBox()
+    w.class_combo.setToolTip("what a commit or a propagation writes: a new label per object, or a class "
+                             "(the task's structures, or type a name and press Enter)")
+    row.addWidget(w.class_combo, 1)
+    v.addLayout(row)
     v.addLayout(_buttons((("Segment (S)", w.segment), ("Commit (C)", w.commit), ("Undo", w.undo),
                           ("Clear", w.clear))))
     w.propagate_button = QPushButton("Propagate through the volume")
+    w.propagate_button.setToolTip("fills the label from every slice you annotated for it (commits, brush "
+                                  "corrections, this slice's preview); correct a slice and propagate again")
     w.propagate_button.clicked.connect(w.propagate)
-    v.addWidget(w.propagate_button)
+    w.stop_button = QPushButton("Stop")
+    w.stop_button.setEnabled(False)
+    w.stop_button.clicked.connect(w.stop_propagation)
+    row = QHBoxLayout()
+    row.addWidget(w.propagate_button, 1)
+    row.addWidget(w.stop_button)
+    v.addLayout(row)
     w.status_label = steady(QLabel(""))
     v.addWidget(w.status_label)
     return box

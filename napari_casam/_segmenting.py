@@ -10,7 +10,8 @@ dropped) and the prompt version (a preview older than the prompts is never commi
 
 from __future__ import annotations
 
-from typing import Optional
+import threading
+from typing import List, Optional
 
 import numpy as np
 
@@ -62,10 +63,11 @@ class SegmentingMixin:
         def done(result):
             if not session.is_current(generation) or PREVIEW not in self.viewer.layers:
                 return  # another image since, or the preview layer was removed: dropped
-            mask, choice, low = result
+            masks, choice, low = result
+            mask = masks.any(0)
             if version == self._prompt_version:
                 self._last_logits = (key, low) if low is not None else None
-            self.layers.show_preview(mask, k if self.is_volume else None)
+            self.layers.show_preview(masks, k if self.is_volume else None)
             self._preview_version = version
             self._show_route(choice)
             if version == self._prompt_version:
@@ -96,6 +98,9 @@ class SegmentingMixin:
 
     def _show_route(self, choice: TaskChoice) -> None:
         self.last_route = choice
+        card = self.predictor.cards.get(choice.decision) if choice.decision and self.predictor else None
+        if card and card.get("labels"):  # the task's structures join the class picker
+            self.classes.set_task_labels(card["labels"])
         self.route_label.setText(f"route: {describe_route(choice)}")
 
     def show_scores(self) -> None:
@@ -106,8 +111,9 @@ class SegmentingMixin:
         """The preview shows the current prompts (no prompt changed since it was computed)."""
         return self._preview_version == self._prompt_version and not self._debounce.isActive()
 
-    def commit(self) -> Optional[int]:
-        """Write the preview into the labels layer with the next free label id (napari's undo history).
+    def commit(self) -> Optional[List[int]]:
+        """Write the preview's objects into the labels layer (napari's undo history): the class chosen in
+        the picker, or in instance mode the next free id for each object; returns the ids written.
         A preview older than the prompts is never committed: when a segmentation is on its way the
         commit waits for it, otherwise the user is asked to segment first."""
         why = self._not_ready_reason()
@@ -121,18 +127,16 @@ class SegmentingMixin:
             else:
                 self.error("CA-SAM: the preview is older than the prompts: press Segment (S) before committing")
             return None
-        mask = np.asarray(self.viewer.layers[PREVIEW].data) > 0
-        if not mask.any():
+        preview = np.asarray(self.viewer.layers[PREVIEW].data)
+        if not preview.any():
             self.notify("CA-SAM: nothing to commit: the preview is empty")
             return None
-        label_id = self._write_label(mask)
+        ids, voxels = self.layers.write_label(preview, label_id=self.target_label())
+        for label_id in ids:
+            self.classes.add(label_id)  # listed, so that it can be chosen for corrections
+        self.status(f"committed label{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} ({voxels} voxels)")
         self.clear_prompts()
-        return label_id
-
-    def _write_label(self, mask: np.ndarray, labels=None) -> int:
-        label_id, voxels = self.layers.write_label(mask, labels)
-        self.status(f"committed label {label_id} ({voxels} voxels)")
-        return label_id
+        return ids
 
     def undo(self) -> None:
         """Undo the last change of the CA-SAM labels layer (napari's history: a commit or a manual edit)."""
@@ -155,15 +159,39 @@ class SegmentingMixin:
             self._preview_version = self._prompt_version
 
     # ------------------------------------------------------------------ propagation
+    def propagation_label(self, k: int, start: Optional[np.ndarray]) -> Optional[int]:
+        """The label a propagation writes: the class chosen in the picker; in instance mode, the
+        object the approved mask ``start`` overlaps most on slice ``k`` (a correction of it), else a
+        new id; with no mask on this slice, the label the user painted here (napari's selected label)."""
+        data = self.viewer.layers[LABELS].data
+        chosen = self.target_label()
+        if chosen is not None:
+            return chosen
+        if start is not None:
+            under = np.asarray(data[k])[start]
+            under = under[under > 0]
+            return int(np.bincount(under).argmax()) if under.size else int(np.asarray(data).max()) + 1
+        selected = int(self.viewer.layers[LABELS].selected_label)
+        return selected if selected and (np.asarray(data[k]) == selected).any() else None
+
     def propagate(self) -> None:
-        """Carry the current slice's mask (or box) up and down the volume; one undoable commit.
-        The approved preview is kept as it is on its slice; the result goes to the volume it came
-        from, or is dropped with a message when that volume is gone or was replaced meanwhile."""
+        """Fill the volume for one label from the slices the user annotated: the current slice's
+        approved preview (or box, or what was painted there) and every slice committed, propagated
+        from or corrected with the brush for that label. Slices between two annotations are carried
+        from the nearer one; an erased slice stops the label there. The result replaces the label's
+        earlier propagation in one undoable change, on the volume it came from (or is dropped with a
+        message when that volume is gone or was replaced meanwhile). Stop (or closing) cancels it
+        and leaves the labels as they were."""
         from napari.utils import progress
+
+        from ._layers import propagation_edit
+        from ._workers import reporting
 
         why = self._not_ready_reason()
         if why is None and not self.is_volume:
             why = "CA-SAM: propagation needs a volume (a 3D image)"
+        if why is None and self._propagation is not None:
+            why = "CA-SAM: a propagation is already running (Stop cancels it)"
         if why is not None:
             self.error(why)
             return
@@ -177,36 +205,80 @@ class SegmentingMixin:
             start = None
             _, _, boxes = self.current_prompts()
             box = boxes[0] if boxes is not None else None
-            if box is None:
-                self.error("CA-SAM: segment the current slice (or draw a box) before propagating")
-                return
+        label = self.propagation_label(k, start)
+        if label is None and box is not None:
+            label = int(np.asarray(self.viewer.layers[LABELS].data).max()) + 1
+        if label is None:
+            self.error("CA-SAM: segment the current slice (or draw a box, or paint it) before propagating")
+            return
+        labels = self.viewer.layers[LABELS]
+        anchors = self.annotations.anchors(label, labels.data)
+        if start is None and box is None and k not in anchors:
+            anchors[k] = np.asarray(labels.data[k]) == label  # painted here, not yet marked
         task, session, stop = self.task_choice(), self.session, self.workers.stop
-        generation, source, labels = session.generation, self.image_layer.name, self.viewer.layers[LABELS]
-        bar = progress(total=0, desc="CA-SAM: propagating")  # a busy bar: propagate_box reports from the worker
+        generation, source = session.generation, self.image_layer.name
+        cancel = self._propagation = threading.Event()
+        self.stop_button.setEnabled(True)
+        bar = progress(total=0, desc=f"CA-SAM: propagating label {label}")
         finished_status = task_status(self.viewer, f"propagating through {source}", self.workers.shutdown)
+        self.status(f"propagating label {label} from slices {sorted(set(anchors) | {k})}...")
 
         def work():
-            return session.propagate(k, box, start, task,
-                                     cancel=lambda: stop.is_set() or not session.is_current(generation))
+            return (yield from reporting(session.propagate, slice_index=k, box=box, start=start, anchors=anchors,
+                                         task=task, cancel=lambda: (cancel.is_set() or stop.is_set()
+                                                                    or not session.is_current(generation))))
+
+        def on_progress(value):
+            done, total, _ = value
+            if bar.total != total:
+                bar.total = total
+            bar.n = done
+            bar.refresh()
 
         def done(result):
-            mask, summary = result
+            mask, summary, first = result
             if not session.is_current(generation) or labels not in self.viewer.layers:
                 self.error(f"CA-SAM: the propagation through {source} was dropped: the image changed meanwhile")
                 return
-            if mask.any():
-                self._write_label(mask > 0, labels)
+            fixed = {k: np.asarray(first, bool)} if first is not None else {}
+            index, values = propagation_edit(labels.data, label, mask, fixed)
+            with self.annotations.quiet():
+                if len(index[0]):
+                    labels.data_setitem(index, values)
+            self.classes.add(label)
+            if fixed:
+                self.annotations.mark(label, [k], "drawn")
+                self.layers.clear_preview()
                 self.clear_prompts()
-            self.notify(f"CA-SAM: propagated over {len(summary['slices'])} slices")
+            self.notify(f"CA-SAM: label {label} propagated over {len(summary['slices'])} slices "
+                        f"from {len(summary['annotated'])} annotated")
 
         def failed(exc):
             if isinstance(getattr(exc, "__cause__", None), Cancelled) or isinstance(exc, Cancelled):
-                self.status(f"the propagation through {source} was stopped")
+                self.status(f"the propagation through {source} was stopped; the labels are as they were")
                 return
             self.error(f"CA-SAM: {exc}")
 
         def end():
             bar.close()
             finished_status()
+            if self._propagation is cancel:
+                self._propagation = None
+                self.stop_button.setEnabled(False)
 
-        self._run(work, returned=done, errored=failed, finished=end)
+        self._run(work, yielded=on_progress, returned=done, errored=failed, finished=end)
+
+    def stop_propagation(self) -> None:
+        """Cancel the running propagation: the labels stay as they were."""
+        if self._propagation is not None:
+            self._propagation.set()
+            self.status("stopping the propagation...")
+
+    @property
+    def is_propagating(self) -> bool:
+        return self._propagation is not None
+
+    # ------------------------------------------------------------------ classes
+    def target_label(self) -> Optional[int]:
+        """The label id the class picker names (None: instance mode, a new id per object)."""
+        return self.classes.current()

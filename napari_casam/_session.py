@@ -16,7 +16,7 @@ import numpy as np
 from casam_core.build import build_predictor
 from casam_core.library import TaskLibrary
 from casam_core.predictor import CASamPredictor
-from casam_core.prompts import propagate_box
+from casam_core.prompts import propagate_masks
 from casam_core.tasks import TaskChoice
 
 BackboneKey = Tuple[str, Optional[str], str]  # (backbone, checkpoint, device)
@@ -82,8 +82,9 @@ class ModelSession:
 
     def segment(self, slice_index: int, coords, labels, boxes, task: Optional[str],
                 prior: Optional[np.ndarray]) -> Tuple[np.ndarray, TaskChoice, Optional[np.ndarray]]:
-        """(mask of the union of the objects, the task choice, low-res logits of a single object
-        for the next corrective click, else None). ``prior``: the last logits on this slice."""
+        """(masks (B, H, W), one per object: each box with the clicks, or the clicks alone; the task
+        choice; low-res logits of a single object for the next corrective click, else None).
+        ``prior``: the last logits on this slice."""
         with self.lock:
             p = self.predictor
             if self.is_volume:
@@ -91,11 +92,22 @@ class ModelSession:
             choice = self._choose(task)
             masks, _, low = p.predict_batch(point_coords=coords, point_labels=labels, box=boxes, task=choice.layer,
                                             mask_input=prior)
-        return masks[:, 0].any(0), choice, (low[0] if len(low) == 1 else None)
+        return masks[:, 0], choice, (low[0] if len(low) == 1 else None)
 
-    def propagate(self, slice_index: int, box, start: Optional[np.ndarray], task: Optional[str],
-                  cancel: Callable[[], bool]):
-        """Carry the slice's mask (or box) up and down the volume: (mask volume, summary)."""
+    def propagate(self, slice_index: int, box, start: Optional[np.ndarray], anchors: Dict[int, np.ndarray],
+                  task: Optional[str], cancel: Callable[[], bool], progress=None):
+        """Fill the volume from the user's annotated slices (``anchors``: {slice: mask}) and the
+        current slice: its approved mask ``start``, or the mask of ``box`` on it, or (both None)
+        its anchor. Returns (mask volume, summary, the current slice's mask)."""
         with self.lock:
+            p = self.predictor
             choice = self._choose(task)
-            return propagate_box(self.predictor, slice_index, box, task=choice.layer, start_mask=start, cancel=cancel)
+            if start is None and box is not None:
+                p.set_slice(slice_index)
+                masks, _, _ = p.predict_batch(box=box, task=choice.layer)
+                start = masks[0, 0]
+            annotated = dict(anchors)
+            if start is not None:
+                annotated[slice_index] = np.asarray(start, bool)
+            out, summary = propagate_masks(p, annotated, task=choice.layer, cancel=cancel, progress=progress)
+            return out, summary, start

@@ -5,6 +5,7 @@ This file wires the parts; each concern lives in its own module:
 * ``_panels``        the layout (five panels, no logic)
 * ``_layers``        the CA-SAM layers and pure layer-to-prompt converters
 * ``_segmenting``    segment, route, commit, undo and propagate (a mixin of the widget)
+* ``_classes``       the class picker: which label a commit or a propagation writes
 * ``_session``       the model session without Qt: predictor, lock, image generation, task choice
 * ``_workers``       worker discipline: no model call on the UI thread, stop and join on close
 * ``_learning``      "Learn new task" in a separate process
@@ -30,7 +31,8 @@ from casam_core.config import cache_dir as default_cache_dir  # noqa: E402
 from casam_core.library import TaskLibrary  # noqa: E402
 from casam_core.tasks import TaskChoice  # noqa: E402
 
-from ._layers import BOXES, LABELS, POINTS, PREVIEW, PromptLayers, slice_index  # noqa: E402
+from ._classes import ClassPicker  # noqa: E402
+from ._layers import BOXES, LABELS, POINTS, PREVIEW, Annotations, PromptLayers, slice_index  # noqa: E402
 from ._learning import LearnController  # noqa: E402
 from ._panels import build_panels  # noqa: E402
 from ._segmenting import SegmentingMixin  # noqa: E402
@@ -72,6 +74,9 @@ class CASamWidget(SegmentingMixin, QWidget):
         self.tasks = TaskLibraryPanel(self)
         start_prewarm()
         build_panels(self)
+        self.classes = ClassPicker(self.class_combo, lambda: self.layers.get(LABELS))
+        self.annotations = Annotations()  # the slices the user annotated, per label: propagation's anchors
+        self._propagation = None  # the running propagation's cancel event
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
         self._debounce.timeout.connect(lambda: self.segment(quiet=True))
@@ -236,7 +241,10 @@ class CASamWidget(SegmentingMixin, QWidget):
         session, stop = self.session, self.workers.stop
         generation = session.new_image(is_volume)
         self._ready = False
-        self.layers.ensure(data.shape[:3] if is_volume else data.shape[:2], layer)
+        new_image = self.layers.ensure(data.shape[:3] if is_volume else data.shape[:2], layer)
+        if new_image or self.annotations.layer is not self.viewer.layers[LABELS]:
+            self.annotations.watch(self.viewer.layers[LABELS])
+        self.classes.sync()
         self._refresh_layers()  # a kept labels layer was renamed: the Labels choice must list it
         current = self.current_slice()
         order = [current] + [i for i in range(data.shape[0]) if i != current] if is_volume else [0]

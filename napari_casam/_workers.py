@@ -147,3 +147,33 @@ def prewarm_imports() -> None:
 
 def start_prewarm() -> None:
     threading.Thread(target=prewarm_imports, name="casam-prewarm", daemon=True).start()
+
+
+def reporting(fn: Callable, **kwargs):
+    """The body of a generator worker for a blocking ``fn(progress=..., **kwargs)``: ``fn`` runs in a
+    helper thread, each (done, total, message) it reports is yielded (to the UI thread, through the
+    worker's ``yielded`` signal), and its result is returned or its error raised."""
+    import queue
+
+    reports: "queue.Queue" = queue.Queue()
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn(progress=lambda d, t, m: reports.put((d, t, m)), **kwargs)
+        except BaseException as exc:  # re-raised in the worker below
+            outcome["error"] = exc
+        finally:
+            reports.put(None)
+
+    thread = threading.Thread(target=run, name="casam-reporting", daemon=True)
+    thread.start()
+    while True:
+        item = reports.get()
+        if item is None:
+            break
+        yield item
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -210,7 +210,7 @@ def test_undo_is_the_labels_layer_history_and_keeps_manual_edits(widget, qtbot):
     _embed(viewer, w, qtbot, kw["name"])
     _draw_box(viewer, gt > 0)
     qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data.any() and w.preview_is_current(), timeout=30000)
-    assert w.commit() == 1
+    assert w.commit() == [1]
     labels = viewer.layers[LABELS]
     committed = labels.data.copy()
     ys, xs = np.nonzero(committed)

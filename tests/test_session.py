@@ -42,8 +42,9 @@ def test_the_model_session_segments_and_drops_stale_routes(tmp_path, embedding_c
     session = ModelSession(TaskLibrary(tmp_path / "library"), embedding_cache)
     generation = session.new_image(is_volume=False)
     assert session.open(("litemedsam", None, "cpu"), image, is_volume=False) == {}
-    mask, choice, low = session.segment(0, None, None, box, "auto", None)
-    assert choice.mode == "auto" and choice.layer is None and dice(mask, gt) > 0.8
+    masks, choice, low = session.segment(0, None, None, box, "auto", None)
+    assert masks.shape == (1,) + gt.shape
+    assert choice.mode == "auto" and choice.layer is None and dice(masks[0], gt) > 0.8
     assert low.shape == (1, 256, 256)  # one object: its logits go along with the next click
     assert session.route(None, generation).mode == "frozen"
     session.new_image()
