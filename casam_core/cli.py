@@ -21,9 +21,10 @@ from .backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
 from .build import build_predictor
 from .config import cache_dir as default_cache_dir, library_dir
 from .errors import CASamError
+from .dicom_seg import save_mask
 from .evaluate import PROMPTS, evaluate_dataset
-from .io import (WINDOWS, MedicalImage, check_mask_path, read_dataset, read_image, read_labels,
-                 write_mask)
+from .io import (IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, WINDOWS, MedicalImage, check_mask_path, is_dicom_folder,
+                 path_suffix, read_dataset, read_image, read_labels)
 from .library import TaskLibrary, TaskLibraryError
 from .metrics import dice
 from .overlay import overlay, save_png, volume_montage
@@ -100,7 +101,7 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
     if not boxes and not points:
         raise CLIError("give a prompt: --box x0,y0,x1,y1 and/or --point x,y[,label]")
     image = read_image(input_path) if image is None else image
-    check_mask_path(out, volume=image.is_volume)
+    check_mask_path(out, volume=image.is_volume, reference=image)
     if not image.is_volume and slice_index is not None:
         raise CLIError(f"{input_path} is a 2D image: --slice is for volumes")
     coords = np.array([p[0] for p in points]) if points else None
@@ -133,7 +134,7 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
         result = result.astype(np.uint8)
     info["route"] = choice.to_json()
     info["route_text"] = describe_route(choice)
-    write_mask(result, out, reference=image)
+    save_mask(result, out, reference=image)
     if overlay_path:  # built only when asked for: a full-size picture can be large
         first_box = boxes[0] if boxes else None
         # a volume's montage reuses the predictor's once-windowed uint8 volume
@@ -171,7 +172,68 @@ def cmd_segment(args) -> dict:
 # ---------------------------------------------------------------------------------
 # route, eval, learn, tasks
 # ---------------------------------------------------------------------------------
+def route_inputs(folder: Path) -> List[Path]:
+    """The images, volumes and DICOM series folders directly inside ``folder``, sorted."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if (p.is_file() and path_suffix(p) in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES) or is_dicom_folder(p):
+            found.append(p)
+    return found
+
+
+def coverage(choice: TaskChoice) -> Optional[float]:
+    """How far an image is from every learned task: the smallest score / tau over the tasks
+    (at most 1: a task recognises it). None when the library has no task."""
+    ratios = [choice.scores[t] / choice.tau[t] for t in choice.scores if choice.tau.get(t)]
+    return min(ratios) if ratios else None
+
+
+def cmd_route_rank(args) -> dict:
+    """``casam route FOLDER --rank``: every image of a folder routed, least covered first (the
+    to-do list of what to annotate next)."""
+    folder = Path(args.input)
+    if not folder.is_dir() or is_dicom_folder(folder):
+        raise CLIError(f"{args.input}: --rank takes a folder of images, volumes or DICOM series folders")
+    inputs = route_inputs(folder)
+    if not inputs:
+        raise CLIError(f"{args.input}: no image, volume or DICOM series folder in it to rank")
+    images = [(p, read_image(p)) for p in inputs]  # a bad file is refused before any model is built
+    predictor = _predictor(args, with_tasks=True)
+    rows = []
+    bar = None if args.json else TqdmProgress()
+    for k, (path, image) in enumerate(images, start=1):
+        if image.is_volume:
+            predictor.set_volume(image.array, axis=args.axis, window=args.window)
+        else:
+            predictor.set_image(image.array, window=args.window)
+        choice = _route(predictor, AUTO)
+        ratio = coverage(choice)
+        best = min(choice.scores, key=lambda t: choice.scores[t] / choice.tau[t]) if ratio is not None else None
+        rows.append({"input": str(path), "decision": choice.decision, "nearest_task": best,
+                     "score_over_tau": None if ratio is None else round(float(ratio), 4),
+                     "covered": choice.decision is not None})
+        if bar is not None:
+            bar(k, len(images), f"routing: {path.name}")
+    rows.sort(key=lambda r: -np.inf if r["score_over_tau"] is None else -r["score_over_tau"])
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank
+    result = {"folder": str(folder), "tasks": sorted(predictor.layers), "ranked": rows,
+              "uncovered": sum(not r["covered"] for r in rows)}
+    if not args.json:
+        print(f"{folder}: {result['uncovered']} of {len(rows)} not covered by a learned task "
+              f"(least covered first: annotate these next)")
+        for r in rows:
+            ratio = "-" if r["score_over_tau"] is None else f"{r['score_over_tau']:.3g}"
+            print(f"  {r['rank']:3d}. {Path(r['input']).name:40s} score/tau {ratio:>8s}   "
+                  f"{'task ' + r['decision'] if r['covered'] else 'frozen model'}")
+    return result
+
+
 def cmd_route(args) -> dict:
+    if args.rank:
+        return cmd_route_rank(args)
     image = read_image(args.input)  # a bad file is refused before any model is built
     predictor = _predictor(args, with_tasks=True)
     if image.is_volume:
@@ -369,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("route", help="which learned task an image or volume belongs to (scores, tau, decision)")
-    p.add_argument("input", help="2D image, volume or DICOM folder")
+    p.add_argument("input", help="2D image, volume or DICOM folder (with --rank: a folder of them)")
+    p.add_argument("--rank", action="store_true",
+                   help="route every image of the folder INPUT, least covered by a learned task first")
     p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="volumes: slicing axis of the array")
     p.add_argument("--window", default=None, choices=sorted(WINDOWS), help="CT window preset")
     p.add_argument("--json", action="store_true")

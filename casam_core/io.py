@@ -546,26 +546,36 @@ def is_dicom_folder(path: PathLike) -> bool:
     return p.is_dir() and any(f.suffix.lower() == ".dcm" for f in p.iterdir())
 
 
-def check_mask_path(path: PathLike, volume: bool) -> None:
+def check_mask_path(path: PathLike, volume: bool, reference: Optional[MedicalImage] = None) -> None:
     """Refuse a mask file name that cannot be written (a folder, a format that does not fit):
-    called before the work, so nobody waits for a result that cannot be saved."""
+    called before the work, so nobody waits for a result that cannot be saved. A ``.dcm`` mask
+    is a DICOM SEG: it needs a DICOM series as the source (``reference``)."""
     path = Path(path)
     suffix = path_suffix(path)
     if path.is_dir():
         raise ImageIOError(f"{path}: is a folder; give a file name to write")
+    if suffix == ".dcm":
+        if reference is None or not reference.metadata.get("dicom_series"):
+            raise ImageIOError(f"{path}: a .dcm mask is a DICOM SEG, written only for a DICOM series as the "
+                               f"source image; write this one as .nii.gz, .mha or .nrrd")
+        return
     if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES or suffix in (".jpg", ".jpeg"):
-        raise ImageIOError(f"{path}: unsupported mask format {suffix!r}; use .png, .nii.gz, .mha or .nrrd")
+        raise ImageIOError(f"{path}: unsupported mask format {suffix!r}; use .png, .nii.gz, .mha, .nrrd "
+                           f"(or .dcm, a DICOM SEG, for a DICOM series)")
     if volume and suffix not in VOLUME_SUFFIXES:
         raise ImageIOError(f"{path}: a {suffix} file holds a 2D mask; write a volume as .nii.gz, .nii, .mha "
                            f"or .nrrd")
 
 
 def write_mask(mask: np.ndarray, path: PathLike, reference: Optional[MedicalImage] = None) -> Path:
-    """Write a label map: PNG/TIFF for 2D, NIfTI/MHA/NRRD (with ``reference``'s geometry) for 2D or 3D."""
+    """Write a label map: PNG/TIFF for 2D, NIfTI/MHA/NRRD (with ``reference``'s geometry) for 2D or
+    3D. (A DICOM SEG, ``.dcm``: ``dicom_seg.save_mask``, the front door for every format.)"""
     sitk = _sitk()
     path = Path(path)
     suffix = path_suffix(path)
     mask = np.asarray(mask)
+    if suffix == ".dcm":
+        raise ImageIOError(f"{path}: a DICOM SEG is written by casam_core.dicom_seg.save_mask")
     if mask.dtype == np.bool_:
         mask = mask.astype(np.uint8)
     if mask.max(initial=0) <= 255:

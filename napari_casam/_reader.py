@@ -49,9 +49,10 @@ def layer_kwargs(image: MedicalImage, name: str) -> dict:
     ndim = 3 if image.is_volume else 2
     spacing = tuple(float(s) for s in image.spacing[:ndim])[::-1]
     origin = tuple(float(o) for o in image.origin[:ndim])[::-1]
-    return {"name": name, "scale": spacing, "translate": origin,
-            "metadata": {"casam_geometry": dict(image.geometry(), shape=list(image.spatial_shape)),
-                         "casam_source": image.path}}
+    metadata = {"casam_geometry": dict(image.geometry(), shape=list(image.spatial_shape)), "casam_source": image.path}
+    if image.metadata.get("dicom_series"):  # labels drawn on it can be saved as a DICOM SEG referencing it
+        metadata["casam_dicom_series"] = {"folder": image.path, "series": image.metadata["dicom_series"]}
+    return {"name": name, "scale": spacing, "translate": origin, "metadata": metadata}
 
 
 def read_layers(path) -> List[tuple]:

@@ -17,7 +17,7 @@ PACKAGES = ("casam_core", "napari_casam", "training")
 # (README, "Architecture"). The package __init__ is a lazy facade and sits above all.
 CORE_LAYERS = (
     ("errors", "config", "progress", "metrics", "samples"),
-    ("io", "cache", "overlay", "prompts", "alignment", "router", "runtimes", "backbones"),
+    ("io", "dicom_seg", "cache", "overlay", "prompts", "alignment", "router", "runtimes", "backbones"),
     ("tasks",),
     ("predictor",),
     ("library", "evaluate", "training"),

@@ -36,7 +36,8 @@ def test_volume_formats_keep_geometry_and_masks_write_back(tmp_path, suffix):
     assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temp file
 
 
-def test_dicom_series_folder(tmp_path):
+def _dicom_series(tmp_path):
+    """A 4-slice CT series written by SimpleITK, with its geometry."""
     arr = (np.random.default_rng(1).random((4, 16, 16)) * 2000 - 1000).astype(np.int16)
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((0.7, 0.8, 2.5))
@@ -48,12 +49,19 @@ def test_dicom_series_folder(tmp_path):
     for k in range(arr.shape[0]):
         sl = img[:, :, k]
         sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")  # series instance UID
+        sl.SetMetaData("0020|000d", "1.2.826.0.1.3680043.2.1125.2")  # study instance UID
+        sl.SetMetaData("0020|0052", "1.2.826.0.1.3680043.2.1125.3")  # frame of reference UID
         sl.SetMetaData("0020|0013", str(k + 1))  # instance number
         sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))))
         sl.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
         sl.SetMetaData("0008|0060", "CT")
         writer.SetFileName(str(folder / f"{k:03d}.dcm"))
         writer.Execute(sl)
+    return folder, arr
+
+
+def test_dicom_series_folder(tmp_path):
+    folder, arr = _dicom_series(tmp_path)
     vol = read_image(folder)
     assert vol.is_volume and np.array_equal(vol.array, arr)
     assert np.allclose(vol.spacing, (0.7, 0.8, 2.5)) and np.allclose(vol.origin, (-10, 20, 5.5))
@@ -139,3 +147,34 @@ def test_dataset_json():
     ds = read_dataset(DATA / "kvasir_polyp")
     assert ds.objects == "class" and ds.labels[1] == "polyp" and len(ds.cases("test")) == 40
     assert all(c.image.is_file() and c.mask.is_file() for c in ds.cases("test")[:3])
+
+
+def test_dicom_seg_round_trip_keeps_voxels_names_and_references_the_series(tmp_path):
+    """Labels of a DICOM series saved as a DICOM SEG (highdicom), read back with the library: the same
+    voxels, one named and coloured segment per label, referencing every source instance."""
+    import highdicom as hd
+    import pydicom
+
+    from casam_core.dicom_seg import read_dicom_seg, write_dicom_seg
+
+    folder, arr = _dicom_series(tmp_path)
+    vol = read_image(folder)
+    labels = np.zeros(vol.array.shape, np.int32)
+    labels[1, 3:9, 4:10] = 1
+    labels[2, 5:12, 2:6] = 4
+    labels[2, 0:2, 0:2] = 1
+    out = write_dicom_seg(labels, folder, tmp_path / "result.dcm", names={1: "anterior", 4: "posterior"},
+                          colours={1: (1.0, 0.0, 0.0)})
+    seg = hd.seg.segread(str(out))
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    sources = {str(pydicom.dcmread(str(f)).SOPInstanceUID) for f in sorted(folder.glob("*.dcm"))}
+    assert {str(u[2]) for u in seg.get_source_image_uids()} == sources
+    assert [seg.get_segment_description(n).segment_label for n in seg.get_segment_numbers()] == ["anterior", "posterior"]
+    back, names = read_dicom_seg(out, folder)
+    assert np.array_equal(back, labels) and names == {1: "anterior", 4: "posterior"}
+    assert not list(tmp_path.glob(".*tmp*"))
+    with pytest.raises(ImageIOError, match="do not match the 4 slices"):
+        write_dicom_seg(labels[:3], folder, tmp_path / "bad.dcm")
+    with pytest.raises(ImageIOError, match="empty"):
+        write_dicom_seg(np.zeros_like(labels), folder, tmp_path / "empty.dcm")
+    assert not (tmp_path / "bad.dcm").exists() and not (tmp_path / "empty.dcm").exists()

@@ -361,3 +361,35 @@ def test_slices_from_several_volumes_are_validated_on_a_whole_held_out_volume():
     for srcs in (one, [f"img{k}.png" for k in range(40)]):
         train, val = _validation_split(list(range(40)), 0.2, srcs)
         assert len(val) == 8 and len(train) == 32 and val == sorted(val) and val[0] > 0
+
+
+def test_route_rank_lists_a_folder_least_covered_first(kvasir_task, tmp_path, capsys):
+    """`casam route FOLDER --rank --json`: the to-do list of what to annotate next."""
+    import shutil
+    from pathlib import Path
+
+    from casam_core.cli import main
+
+    task, _, cache = kvasir_task
+    library = _saved(task, tmp_path)
+    folder = tmp_path / "clinic"
+    folder.mkdir()
+    for name in ("kvasir_polyp", "cxr_lungs", "hc18_fetal_head"):
+        root = dataset_root(name)
+        case = json.loads((root / "dataset.json").read_text())["test"][0]
+        src = root / case["image"]
+        shutil.copy(src, folder / f"{name}{src.suffix}")
+    (folder / "notes.txt").write_text("not an image")  # skipped
+    code = main(["route", str(folder), "--rank", "--json", "--library", str(library.root), "--cache-dir", str(cache),
+                 "--device", "cpu"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads(out.out)
+    rows = result["ranked"]
+    assert [r["rank"] for r in rows] == [1, 2, 3] and result["tasks"] == ["kvasir"]
+    ratios = [r["score_over_tau"] for r in rows]
+    assert ratios == sorted(ratios, reverse=True)  # least covered first
+    assert Path(rows[-1]["input"]).name.startswith("kvasir_polyp") and rows[-1]["covered"]
+    assert all(not r["covered"] and r["score_over_tau"] > 1 for r in rows[:2]) and result["uncovered"] == 2
+    code = main(["route", str(tmp_path / "nothing-here"), "--rank", "--library", str(library.root)])
+    assert code == 2 and "--rank takes a folder" in capsys.readouterr().err
