@@ -22,7 +22,7 @@ from .build import build_predictor
 from .config import cache_dir as default_cache_dir, library_dir
 from .errors import CASamError
 from .dicom_seg import save_mask
-from .evaluate import PROMPTS, evaluate_dataset
+from .evaluate import PROMPTS, evaluate_dataset, rank_by_coverage
 from .io import (IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, WINDOWS, MedicalImage, check_mask_path, is_dicom_folder,
                  path_suffix, read_dataset, read_image, read_labels)
 from .library import TaskLibrary, TaskLibraryError
@@ -183,13 +183,6 @@ def route_inputs(folder: Path) -> List[Path]:
     return found
 
 
-def coverage(choice: TaskChoice) -> Optional[float]:
-    """How far an image is from every learned task: the smallest score / tau over the tasks
-    (at most 1: a task recognises it). None when the library has no task."""
-    ratios = [choice.scores[t] / choice.tau[t] for t in choice.scores if choice.tau.get(t)]
-    return min(ratios) if ratios else None
-
-
 def cmd_route_rank(args) -> dict:
     """``casam route FOLDER --rank``: every image of a folder routed, least covered first (the
     to-do list of what to annotate next)."""
@@ -201,24 +194,10 @@ def cmd_route_rank(args) -> dict:
         raise CLIError(f"{args.input}: no image, volume or DICOM series folder in it to rank")
     images = [(p, read_image(p)) for p in inputs]  # a bad file is refused before any model is built
     predictor = _predictor(args, with_tasks=True)
-    rows = []
-    bar = None if args.json else TqdmProgress()
-    for k, (path, image) in enumerate(images, start=1):
-        if image.is_volume:
-            predictor.set_volume(image.array, axis=args.axis, window=args.window)
-        else:
-            predictor.set_image(image.array, window=args.window)
-        choice = _route(predictor, AUTO)
-        ratio = coverage(choice)
-        best = min(choice.scores, key=lambda t: choice.scores[t] / choice.tau[t]) if ratio is not None else None
-        rows.append({"input": str(path), "decision": choice.decision, "nearest_task": best,
-                     "score_over_tau": None if ratio is None else round(float(ratio), 4),
-                     "covered": choice.decision is not None})
-        if bar is not None:
-            bar(k, len(images), f"routing: {path.name}")
-    rows.sort(key=lambda r: -np.inf if r["score_over_tau"] is None else -r["score_over_tau"])
-    for rank, row in enumerate(rows, start=1):
-        row["rank"] = rank
+    rows = rank_by_coverage(predictor, [(str(p), im.array, im.is_volume) for p, im in images], axis=args.axis,
+                            window=args.window, progress=None if args.json else TqdmProgress())
+    for row in rows:
+        row["input"] = row.pop("name")
     result = {"folder": str(folder), "tasks": sorted(predictor.layers), "ranked": rows,
               "uncovered": sum(not r["covered"] for r in rows)}
     if not args.json:

@@ -26,7 +26,7 @@ from .errors import look_up_option
 from .predictor import CASamPredictor
 from .progress import CancelFn, ProgressFn, check_cancel, report
 from .prompts import box_from_mask, click_from_mask, object_masks
-from .tasks import TaskChoice
+from .tasks import AUTO, TaskChoice, coverage
 
 BOX_CHUNK = 64  # boxes decoded per call (instance sets have hundreds of nuclei per image)
 FROZEN = "frozen"
@@ -123,3 +123,31 @@ def evaluate_dataset(predictor: CASamPredictor, dataset: Union[str, Path, Datase
 def _row(name: str, chosen: TaskChoice, m: Dict[str, List[float]]) -> dict:
     return {"image": name, "route": _route_label(chosen), "objects": len(m["dice"]),
             "iou": float(np.mean(m["iou"])), "dice": float(np.mean(m["dice"])), "biou": float(np.mean(m["biou"]))}
+
+
+def rank_by_coverage(predictor: CASamPredictor, items, axis: int = 0, window=None,
+                     progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> List[dict]:
+    """Which images the learned tasks do not cover, least covered first: the to-do list of what
+    to annotate next. ``items``: (name, array, is_volume). Each is routed as ``--task auto``
+    routes it (a volume once, from all its slices); the predictor's current image changes.
+    Rows: name, decision (None: frozen model), nearest_task, score_over_tau (None without
+    tasks), covered, rank."""
+    rows = []
+    items = list(items)
+    for k, (name, array, is_volume) in enumerate(items, start=1):
+        check_cancel(cancel)
+        if is_volume:
+            predictor.set_volume(array, axis=axis, window=window)
+        else:
+            predictor.set_image(array, window=window)
+        choice = predictor.choose_task(AUTO, cancel=cancel)
+        ratio = coverage(choice)
+        nearest = min(choice.scores, key=lambda t: choice.scores[t] / choice.tau[t]) if ratio is not None else None
+        rows.append({"name": name, "decision": choice.decision, "nearest_task": nearest,
+                     "score_over_tau": None if ratio is None else round(float(ratio), 4),
+                     "covered": choice.decision is not None})
+        report(progress, k, len(items), f"routing: {name}")
+    rows.sort(key=lambda r: -np.inf if r["score_over_tau"] is None else -r["score_over_tau"])
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank
+    return rows

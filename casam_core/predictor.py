@@ -25,6 +25,8 @@ cancellation, ``set_slice`` selects the slice that ``predict`` works on.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -216,10 +218,13 @@ class CASamPredictor:
         if mode == "frozen":
             return TaskChoice("frozen")
         complete = True
+        slice_scores = {}
         if mode == "auto":
             if self._volume is not None:
                 decision = self.route_volume(progress=progress, cancel=cancel, embed_missing=not provisional)
                 complete = self._volume.route is not None or not len(self.router)
+                if complete and decision.slice_scores:  # every slice, in order
+                    slice_scores = {t: list(v) for t, v in decision.slice_scores.items()}
             else:
                 decision = self.route(record)
             name, scores, tau = decision.decision, decision.scores, decision.tau
@@ -228,7 +233,7 @@ class CASamPredictor:
         if name is not None and name not in self.layers:
             raise UnknownTask(f"unknown task {name!r}; registered: {', '.join(self.layers) or 'none'}")
         layer = name if name is not None and self.layers[name] is not None else None
-        return TaskChoice(mode, name, layer, dict(scores), dict(tau), complete)
+        return TaskChoice(mode, name, layer, dict(scores), dict(tau), complete, slice_scores)
 
     # -- images ---------------------------------------------------------------------
     def prepare(self, image: np.ndarray, window=None) -> np.ndarray:
@@ -257,6 +262,16 @@ class CASamPredictor:
         self._current_rgb = self.prepare(image, window)
         self._current = self.embed_rgb(self._current_rgb)
         return self._current
+
+    @contextmanager
+    def keeping_current(self):
+        """Work on other images inside the block; the current image or volume comes back after it,
+        as it was (its embedded slices, its route)."""
+        saved = (self._volume, self._current, self._current_rgb, self._current_index)
+        try:
+            yield self
+        finally:
+            self._volume, self._current, self._current_rgb, self._current_index = saved
 
     def reset_image(self) -> None:
         """Forget the current image or volume (the caches keep their embeddings)."""

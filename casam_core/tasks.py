@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
 
 from .errors import TaskNameError
 
@@ -79,6 +79,7 @@ class TaskChoice:
     scores: Dict[str, float] = field(default_factory=dict)
     tau: Dict[str, float] = field(default_factory=dict)
     complete: bool = True
+    slice_scores: Dict[str, List[float]] = field(default_factory=dict)  # auto, a whole volume: per task, per slice
 
     @property
     def best(self) -> Optional[str]:
@@ -106,6 +107,23 @@ def describe_route(choice: TaskChoice) -> str:
         return f"frozen model, out of distribution (closest {best}: {s:.4g} > tau {t:.4g}){provisional}"
     note = "" if choice.layer is not None else " (its layer lost to frozen: frozen model used)"
     return f"task {choice.decision} (score {s:.4g} <= tau {t:.4g}){note}{provisional}"
+
+
+def coverage(choice: TaskChoice) -> Optional[float]:
+    """How far an image is from every learned task: the smallest score / tau over the tasks
+    (at most 1: a task recognises it). None without scores (no learned task)."""
+    ratios = [choice.scores[t] / choice.tau[t] for t in choice.scores if choice.tau.get(t)]
+    return min(ratios) if ratios else None
+
+
+def slice_route(choice: TaskChoice, k: int) -> Tuple[Optional[str], Optional[float]]:
+    """Slice ``k`` of a routed volume on its own: (the task that recognises it, or None for the
+    frozen model; its smallest score / tau over the tasks), or (None, None) without slice scores."""
+    ratios = {t: v[k] / choice.tau[t] for t, v in choice.slice_scores.items() if choice.tau.get(t) and k < len(v)}
+    if not ratios:
+        return None, None
+    best = min(ratios, key=ratios.get)
+    return (best if ratios[best] <= 1.0 else None), float(ratios[best])
 
 
 def describe_scores(choice: TaskChoice) -> str:

@@ -26,11 +26,24 @@ MAX_PREVIEW_OBJECTS = 64
 POINT_PIXELS = (10, 40)  # clicks are drawn 10-40 screen pixels wide
 
 
-def slice_index(layer, world_point) -> int:
-    """The index along a 3D layer's first axis of the slice napari shows at ``world_point``."""
+def slice_index(layer, world_point, axis: int = 0) -> int:
+    """The index along a 3D layer's data ``axis`` of the slice napari shows at ``world_point``."""
     point = np.asarray(world_point, float)[-layer.ndim:]
-    index = float(np.asarray(layer.world_to_data(point))[0])
-    return int(np.clip(np.round(index), 0, layer.data.shape[0] - 1))
+    index = float(np.asarray(layer.world_to_data(point))[axis])
+    return int(np.clip(np.round(index), 0, layer.data.shape[axis] - 1))
+
+
+def slicing_axis(layer, dims) -> int:
+    """The data axis of a 3D ``layer`` that the viewer slices (the one not displayed): 0 unless the
+    user has rolled or transposed the view."""
+    hidden = [d - (dims.ndim - layer.ndim) for d in dims.not_displayed]
+    hidden = [d for d in hidden if 0 <= d < layer.ndim]
+    return hidden[-1] if len(hidden) == 1 else 0
+
+
+def plane(volume: np.ndarray, axis: int, k: int) -> np.ndarray:
+    """Slice ``k`` along ``axis`` of a 3D array, as a view (rows and columns: the other two axes in order)."""
+    return np.moveaxis(volume, axis, 0)[k]
 
 
 def to_image(image_layer, layer, coords) -> np.ndarray:
@@ -45,31 +58,43 @@ def to_image(image_layer, layer, coords) -> np.ndarray:
     return np.array([image_layer.world_to_data(layer.data_to_world(c)) for c in coords])
 
 
-def prompts_from_layers(points, boxes, image_layer, k: int = 0) -> Tuple:
-    """The prompts on slice ``k`` (2D: the image): (coords (N, 2) as x, y, labels (N,) 1/0, boxes
-    (B, 4) as x0, y0, x1, y1), each None when absent. ``points``: a Points layer whose ``kind``
-    feature is POSITIVE/NEGATIVE; ``boxes``: a Shapes layer (its rectangles are the boxes);
+def prompts_from_layers(points, boxes, image_layer, k: int = 0, axis: int = 0) -> Tuple:
+    """The prompts on slice ``k`` along ``axis`` of a volume (2D: the image): (coords (N, 2) as x, y,
+    labels (N,) 1/0, boxes (B, 4) as x0, y0, x1, y1), each None when absent; x and y are the
+    slice's column and row (its other two axes, in order). ``points``: a Points layer whose
+    ``kind`` feature is POSITIVE/NEGATIVE; ``boxes``: a Shapes layer (its rectangles are the boxes);
     either may be None. Coordinates are the image's pixels; clicks are clipped to the image."""
     coords = labels = out = None
+    in_plane = None  # the (row, column) axes of a 3D prompt
     if points is not None:
         data = to_image(image_layer, points, points.data)
         if len(data):
             kinds = np.asarray(points.features["kind"]) if "kind" in points.features else np.full(len(data), POSITIVE)
-            keep = np.ones(len(data), bool) if data.shape[1] == 2 else np.round(data[:, 0]) == k
+            if data.shape[1] == 2:
+                keep, rc = np.ones(len(data), bool), data
+            else:
+                in_plane = [d for d in range(3) if d != axis]
+                keep, rc = np.round(data[:, axis]) == k, data[:, in_plane]
             if keep.any():
-                coords = data[keep][:, -2:][:, ::-1]
+                coords = rc[keep][:, ::-1]
                 labels = (kinds[keep] != NEGATIVE).astype(int)
     if boxes is not None:
         rows = []
         for shape, verts in zip(boxes.shape_type, boxes.data):
             verts = to_image(image_layer, boxes, verts)
-            if shape != "rectangle" or (verts.shape[1] == 3 and np.round(verts[0, 0]) != k):
+            if verts.shape[1] == 3:
+                if np.ptp(np.round(verts[:, axis])) > 0 or np.round(verts[0, axis]) != k:
+                    continue  # drawn on another slice, or in another view
+                verts = verts[:, [d for d in range(3) if d != axis]]
+            if shape != "rectangle":
                 continue
             ys, xs = verts[:, -2], verts[:, -1]
             rows.append([xs.min(), ys.min(), xs.max(), ys.max()])
         out = np.array(rows) if rows else None
     if coords is not None and image_layer is not None:
-        h, w = image_layer.data.shape[:2] if image_layer.rgb else image_layer.data.shape[-2:]
+        shape = image_layer.data.shape
+        h, w = shape[:2] if image_layer.rgb else (
+            [shape[d] for d in range(3) if d != axis] if len(shape) == 3 else shape[-2:])
         coords = np.clip(coords, 0, [w - 1, h - 1])
     return coords, labels, out
 
@@ -99,6 +124,7 @@ class PromptLayers:
         self.bind_keys = bind_keys
         self.say = say
         self.source: Optional[str] = None  # the image the layers belong to
+        self.axis = 0  # a volume's slicing axis (data axis of the image)
 
     def get(self, name: str):
         return self.viewer.layers[name] if name in self.viewer.layers else None
@@ -108,7 +134,7 @@ class PromptLayers:
         return PREVIEW in self.viewer.layers and LABELS in self.viewer.layers
 
     def prompts(self, image_layer, k: int):
-        return prompts_from_layers(self.get(POINTS), self.get(BOXES), image_layer, k)
+        return prompts_from_layers(self.get(POINTS), self.get(BOXES), image_layer, k, self.axis)
 
     def ensure(self, shape, image_layer) -> bool:
         """The prompt, preview and labels layers for this image; True for another image than before.
@@ -216,12 +242,12 @@ class PromptLayers:
 
     def show_preview(self, masks: np.ndarray, k: Optional[int]) -> None:
         """The preview shows ``masks`` (B, H, W), object i as value i + 1 (later objects on top), on
-        slice ``k`` of a volume (nothing elsewhere) or on the 2D image (``k`` None)."""
+        slice ``k`` (along ``self.axis``) of a volume (nothing elsewhere) or on the 2D image (``k`` None)."""
         preview = self.viewer.layers[PREVIEW]
         data = np.zeros_like(preview.data)
-        plane = data if k is None else data[k]
-        for i, m in enumerate(np.asarray(masks, bool).reshape((-1,) + plane.shape)):
-            plane[m] = i + 1
+        view = data if k is None else plane(data, self.axis, k)
+        for i, m in enumerate(np.asarray(masks, bool).reshape((-1,) + view.shape)):
+            view[m] = i + 1
         preview.data = data
 
     def write_label(self, preview: np.ndarray, labels=None, label_id: Optional[int] = None) -> Tuple[List[int], int]:
@@ -247,8 +273,8 @@ class PromptLayers:
         return ids, len(index[0])
 
 
-def propagation_edit(data: np.ndarray, label: int, result: np.ndarray,
-                     fixed: Dict[int, np.ndarray]) -> Tuple[Tuple[np.ndarray, ...], np.ndarray]:
+def propagation_edit(data: np.ndarray, label: int, result: np.ndarray, fixed: Dict[int, np.ndarray],
+                     axis: int = 0) -> Tuple[Tuple[np.ndarray, ...], np.ndarray]:
     """The change that writes a propagation of ``label`` into a labels volume ``data``, as
     (indices, new values) for one ``data_setitem`` (one undo step).
 
@@ -263,8 +289,8 @@ def propagation_edit(data: np.ndarray, label: int, result: np.ndarray,
     mine = data == label
     new[mine & ~result] = 0
     new[result & ((data == 0) | mine)] = label
-    for k, m in fixed.items():
-        row = new[k]
+    for k, m in fixed.items():  # slices along ``axis``
+        row = plane(new, axis, k)
         row[row == label] = 0
         row[m] = label
     indices = np.nonzero(new != data)
@@ -284,10 +310,13 @@ class Annotations:
     def __init__(self) -> None:
         self.slices: Dict[int, Dict[int, str]] = {}
         self.layer = None
+        self.axis = 0  # slices are counted along this data axis
         self._quiet = 0
 
-    def watch(self, layer) -> None:
-        """Record the edits of ``layer`` from now on (a new layer, or a new image: a fresh record)."""
+    def watch(self, layer, axis: int = 0) -> None:
+        """Record the edits of ``layer``'s slices along ``axis`` from now on (a new layer, a new image or
+        another slicing axis: a fresh record)."""
+        self.axis = axis
         if self.layer is not None:
             try:
                 self.layer.events.paint.disconnect(self.on_paint)
@@ -317,13 +346,13 @@ class Annotations:
             return
         for atom in getattr(event, "value", None) or []:
             if hasattr(atom, "slice_key"):  # napari's masked paint atom: a bounding box and its old values
-                key = atom.slice_key[0]
-                z = range(key.start or 0, key.stop if key.stop is not None else self.layer.data.shape[0])
+                key = atom.slice_key[self.axis]
+                z = range(key.start or 0, key.stop if key.stop is not None else self.layer.data.shape[self.axis])
                 painted = [(int(atom.new_value), z)]
                 replaced = [(int(v), z) for v in np.unique(np.asarray(atom.old_values))]
             else:  # (indices, old values, new value or values)
                 indices, old_values, new_values = atom
-                z = np.asarray(indices[0])
+                z = np.asarray(indices[self.axis])
                 old_values = np.broadcast_to(np.asarray(old_values), z.shape)
                 new_values = np.broadcast_to(np.asarray(new_values), z.shape)
                 painted = [(int(v), np.unique(z[new_values == v])) for v in np.unique(new_values)]
@@ -339,8 +368,8 @@ class Annotations:
         """{slice: the label's mask there} for the label's annotated slices."""
         out = {}
         for k, kind in sorted(self.slices.get(int(label), {}).items()):
-            if 0 <= k < data.shape[0]:
-                m = np.asarray(data[k]) == label
+            if 0 <= k < data.shape[self.axis]:
+                m = np.asarray(plane(data, self.axis, k)) == label
                 if m.any() or kind == "edited":
                     out[k] = m
         return out

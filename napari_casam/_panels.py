@@ -9,6 +9,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QFrame, QGroupBox
 from casam_core.backbones import BACKBONES, DEFAULT_BACKBONE
 from casam_core.training import PROFILES, LearnConfig
 
+from ._route_strip import RouteStrip
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -72,11 +74,20 @@ def _task_panel(w) -> QGroupBox:
     w.task_combo = QComboBox()
     w.task_combo.currentTextChanged.connect(w.on_task_change)
     w.route_label = steady(QLabel("route: -"))
+    w.route_strip = RouteStrip()
+    w.route_strip.setToolTip("per slice: the learned task that recognises it (colour) or the frozen model (grey)")
     w.scores_button = QPushButton("All scores")
     w.scores_button.clicked.connect(w.show_scores)
+    w.uncovered_button = QPushButton("Uncovered images")
+    w.uncovered_button.setToolTip("routes every open image: those no learned task covers first (annotate them next)")
+    w.uncovered_button.clicked.connect(w.rank_open_images)
     form.addRow("task", w.task_combo)
     form.addRow(w.route_label)
-    form.addRow(w.scores_button)
+    form.addRow(w.route_strip)
+    row = QHBoxLayout()
+    row.addWidget(w.scores_button)
+    row.addWidget(w.uncovered_button)
+    form.addRow(row)
     return box
 
 
@@ -105,7 +116,8 @@ def _segment_panel(w) -> QGroupBox:
     w.propagate_button.clicked.connect(w.propagate)
     w.stop_button = QPushButton("Stop")
     w.stop_button.setEnabled(False)
-    w.stop_button.clicked.connect(w.stop_propagation)
+    w.stop_button.setToolTip("cancels a propagation (the labels stay as they were) or a ranking")
+    w.stop_button.clicked.connect(w.stop_work)
     row = QHBoxLayout()
     row.addWidget(w.propagate_button, 1)
     row.addWidget(w.stop_button)

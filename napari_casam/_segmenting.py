@@ -18,7 +18,7 @@ import numpy as np
 from casam_core.progress import Cancelled
 from casam_core.tasks import TaskChoice, describe_route, describe_scores
 
-from ._layers import LABELS, PREVIEW
+from ._layers import LABELS, PREVIEW, plane
 from ._workers import task_status
 
 
@@ -98,6 +98,8 @@ class SegmentingMixin:
 
     def _show_route(self, choice: TaskChoice) -> None:
         self.last_route = choice
+        self.route_strip.show_choice(choice if self.is_volume else None, self.session.n_slices())
+        self.route_strip.set_current(self.current_slice())
         card = self.predictor.cards.get(choice.decision) if choice.decision and self.predictor else None
         if card and card.get("labels"):  # the task's structures join the class picker
             self.classes.set_task_labels(card["labels"])
@@ -163,16 +165,17 @@ class SegmentingMixin:
         """The label a propagation writes: the class chosen in the picker; in instance mode, the
         object the approved mask ``start`` overlaps most on slice ``k`` (a correction of it), else a
         new id; with no mask on this slice, the label the user painted here (napari's selected label)."""
-        data = self.viewer.layers[LABELS].data
+        here = plane(self.viewer.layers[LABELS].data, self.layers.axis, k)
         chosen = self.target_label()
         if chosen is not None:
             return chosen
         if start is not None:
-            under = np.asarray(data[k])[start]
+            under = np.asarray(here)[start]
             under = under[under > 0]
-            return int(np.bincount(under).argmax()) if under.size else int(np.asarray(data).max()) + 1
+            return int(np.bincount(under).argmax()) if under.size else \
+                int(np.asarray(self.viewer.layers[LABELS].data).max()) + 1
         selected = int(self.viewer.layers[LABELS].selected_label)
-        return selected if selected and (np.asarray(data[k]) == selected).any() else None
+        return selected if selected and (np.asarray(here) == selected).any() else None
 
     def propagate(self) -> None:
         """Fill the volume for one label from the slices the user annotated: the current slice's
@@ -196,7 +199,8 @@ class SegmentingMixin:
             self.error(why)
             return
         k = self.current_slice()
-        start = np.asarray(self.viewer.layers[PREVIEW].data)[k] > 0
+        axis = self.layers.axis
+        start = np.asarray(plane(self.viewer.layers[PREVIEW].data, axis, k)) > 0
         if start.any() and not self.preview_is_current():
             self.error("CA-SAM: the preview is older than the prompts: wait for it, or press Segment (S)")
             return
@@ -214,7 +218,7 @@ class SegmentingMixin:
         labels = self.viewer.layers[LABELS]
         anchors = self.annotations.anchors(label, labels.data)
         if start is None and box is None and k not in anchors:
-            anchors[k] = np.asarray(labels.data[k]) == label  # painted here, not yet marked
+            anchors[k] = np.asarray(plane(labels.data, axis, k)) == label  # painted here, not yet marked
         task, session, stop = self.task_choice(), self.session, self.workers.stop
         generation, source = session.generation, self.image_layer.name
         cancel = self._propagation = threading.Event()
@@ -241,7 +245,7 @@ class SegmentingMixin:
                 self.error(f"CA-SAM: the propagation through {source} was dropped: the image changed meanwhile")
                 return
             fixed = {k: np.asarray(first, bool)} if first is not None else {}
-            index, values = propagation_edit(labels.data, label, mask, fixed)
+            index, values = propagation_edit(labels.data, label, mask, fixed, axis)
             with self.annotations.quiet():
                 if len(index[0]):
                     labels.data_setitem(index, values)
@@ -250,8 +254,10 @@ class SegmentingMixin:
                 self.annotations.mark(label, [k], "drawn")
                 self.layers.clear_preview()
                 self.clear_prompts()
+            stops = [f"{s['direction']}: {s['reason']}" for s in summary["stops"]
+                     if not s["reason"].startswith(("volume edge", "met the other", "annotated as empty"))]
             self.notify(f"CA-SAM: label {label} propagated over {len(summary['slices'])} slices "
-                        f"from {len(summary['annotated'])} annotated")
+                        f"from {len(summary['annotated'])} annotated" + (f"; stopped {'; '.join(stops)}" if stops else ""))
 
         def failed(exc):
             if isinstance(getattr(exc, "__cause__", None), Cancelled) or isinstance(exc, Cancelled):
@@ -264,15 +270,73 @@ class SegmentingMixin:
             finished_status()
             if self._propagation is cancel:
                 self._propagation = None
-                self.stop_button.setEnabled(False)
+                self.stop_button.setEnabled(self._ranking is not None)
 
         self._run(work, yielded=on_progress, returned=done, errored=failed, finished=end)
 
-    def stop_propagation(self) -> None:
-        """Cancel the running propagation: the labels stay as they were."""
-        if self._propagation is not None:
-            self._propagation.set()
-            self.status("stopping the propagation...")
+    def stop_work(self) -> None:
+        """Stop: cancel the running propagation (the labels stay as they were) or ranking."""
+        for event, what in ((self._propagation, "propagation"), (self._ranking, "ranking")):
+            if event is not None:
+                event.set()
+                self.status(f"stopping the {what}...")
+
+    # ------------------------------------------------------------------ coverage of the open images
+    def rank_open_images(self) -> None:
+        """List the open images least covered by the learned tasks first (a worker; the model waits
+        meanwhile, and Stop cancels): the to-do list of what to annotate next."""
+        from napari.layers import Image
+        from napari.utils import progress
+
+        from ._workers import reporting
+
+        if self.predictor is None or self.image_layer is None:
+            self.error("CA-SAM: choose an image and press Embed first")
+            return
+        if self._ranking is not None:
+            self.error("CA-SAM: the open images are already being ranked (Stop cancels it)")
+            return
+        if not self.predictor.layers:
+            self.error("CA-SAM: no learned task for this backbone: every image is uncovered")
+            return
+        items = []
+        for layer in self.viewer.layers:
+            spatial = layer.ndim - (1 if getattr(layer, "rgb", False) else 0)
+            if isinstance(layer, Image) and not layer.multiscale and spatial in (2, 3) and not (layer.rgb and spatial == 3):
+                items.append((layer.name, np.asarray(layer.data), spatial == 3))
+        session, stop = self.session, self.workers.stop
+        cancel = self._ranking = threading.Event()
+        self.stop_button.setEnabled(True)
+        bar = progress(total=len(items), desc="CA-SAM: routing the open images")
+        self.status(f"ranking {len(items)} open images (segmenting waits until it is done)...")
+
+        def on_progress(value):
+            bar.n = value[0]
+            bar.refresh()
+
+        def done(rows):
+            self.last_ranking = rows
+            lines = [f"{r['rank']}. {r['name']}: " + (f"task {r['decision']}" if r["covered"] else "not covered")
+                     + (f" (score/tau {r['score_over_tau']:.2g})" if r["score_over_tau"] is not None else "")
+                     for r in rows]
+            self.notify("CA-SAM: open images, least covered first (annotate these next):\n" + "\n".join(lines))
+
+        def failed(exc):
+            if isinstance(getattr(exc, "__cause__", None), Cancelled) or isinstance(exc, Cancelled):
+                self.status("the ranking was stopped")
+                return
+            self.error(f"CA-SAM: {exc}")
+
+        def end():
+            bar.close()
+            if self._ranking is cancel:
+                self._ranking = None
+                self.stop_button.setEnabled(self._propagation is not None)
+            self.update_route()
+
+        self._run(lambda: (yield from reporting(session.rank, items=items,
+                                                cancel=lambda: cancel.is_set() or stop.is_set())),
+                  yielded=on_progress, returned=done, errored=failed, finished=end)
 
     @property
     def is_propagating(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 
 from casam_core.build import build_predictor
+from casam_core.evaluate import rank_by_coverage
 from casam_core.library import TaskLibrary
 from casam_core.predictor import CASamPredictor
 from casam_core.prompts import propagate_masks
@@ -31,6 +32,7 @@ class ModelSession:
         self.lock = threading.Lock()  # one model call at a time
         self.generation = 0  # bumps when the image changes: results for an older one are dropped
         self.is_volume = False
+        self.axis = 0  # a volume's slicing axis
 
     # -- the image ---------------------------------------------------------------------
     def new_image(self, is_volume: bool = False) -> int:
@@ -42,7 +44,12 @@ class ModelSession:
     def is_current(self, generation: int) -> bool:
         return generation == self.generation
 
-    def open(self, key: BackboneKey, array: np.ndarray, is_volume: bool) -> Dict[str, str]:
+    def n_slices(self) -> int:
+        """The volume's slices (0 for a 2D image or none)."""
+        p = self.predictor
+        return p.volume.n_slices if self.is_volume and p is not None and p.volume is not None else 0
+
+    def open(self, key: BackboneKey, array: np.ndarray, is_volume: bool, axis: int = 0) -> Dict[str, str]:
         """Build (or reuse) the predictor for ``key`` and give it the image or volume (nothing
         embedded yet for a volume). Returns {task not loaded: why}; a bad checkpoint raises here."""
         with self.lock:
@@ -50,8 +57,9 @@ class ModelSession:
             if self.predictor is None or key != self._key:
                 self.predictor, skipped = build_predictor(*key, cache_dir=self.cache_dir, library=self.library)
                 self._key = key
+            self.axis = axis
             if is_volume:
-                self.predictor.set_volume(array, axis=0)
+                self.predictor.set_volume(array, axis=axis)
             else:
                 self.predictor.set_image(array)
             return skipped
@@ -93,6 +101,12 @@ class ModelSession:
             masks, _, low = p.predict_batch(point_coords=coords, point_labels=labels, box=boxes, task=choice.layer,
                                             mask_input=prior)
         return masks[:, 0], choice, (low[0] if len(low) == 1 else None)
+
+    def rank(self, items, cancel: Callable[[], bool], progress=None):
+        """The open images ``items`` ((name, array, is_volume)) least covered by the learned tasks
+        first (``evaluate.rank_by_coverage``); the image being segmented stays current."""
+        with self.lock, self.predictor.keeping_current() as p:
+            return rank_by_coverage(p, items, progress=progress, cancel=cancel)
 
     def propagate(self, slice_index: int, box, start: Optional[np.ndarray], anchors: Dict[int, np.ndarray],
                   task: Optional[str], cancel: Callable[[], bool], progress=None):

@@ -32,7 +32,8 @@ from casam_core.library import TaskLibrary  # noqa: E402
 from casam_core.tasks import TaskChoice  # noqa: E402
 
 from ._classes import ClassPicker  # noqa: E402
-from ._layers import BOXES, LABELS, POINTS, PREVIEW, Annotations, PromptLayers, slice_index  # noqa: E402
+from ._layers import (BOXES, LABELS, POINTS, PREVIEW, Annotations, PromptLayers, slice_index,  # noqa: E402
+                      slicing_axis)
 from ._learning import LearnController  # noqa: E402
 from ._panels import build_panels  # noqa: E402
 from ._segmenting import SegmentingMixin  # noqa: E402
@@ -77,6 +78,8 @@ class CASamWidget(SegmentingMixin, QWidget):
         self.classes = ClassPicker(self.class_combo, lambda: self.layers.get(LABELS))
         self.annotations = Annotations()  # the slices the user annotated, per label: propagation's anchors
         self._propagation = None  # the running propagation's cancel event
+        self._ranking = None  # the running ranking's cancel event
+        self.last_ranking = None  # the last ranking of the open images (rows of evaluate.rank_by_coverage)
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
         self._debounce.timeout.connect(lambda: self.segment(quiet=True))
@@ -87,6 +90,7 @@ class CASamWidget(SegmentingMixin, QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.dims.events.current_step.connect(self.on_slice_change)
+        self.viewer.dims.events.order.connect(self.on_view_change)
         self._bind_keys()
         self._refresh_layers()
         self.tasks.refresh()
@@ -215,6 +219,7 @@ class CASamWidget(SegmentingMixin, QWidget):
             self._commit_pending = False
             self.status("the image was removed: choose an image and press Embed")
             self.route_label.setText("route: -")
+            self.route_strip.show_choice(None, 0)
         self._refresh_layers()
 
     # ------------------------------------------------------------------ embedding
@@ -238,22 +243,26 @@ class CASamWidget(SegmentingMixin, QWidget):
             return
         self.image_layer = layer
         is_volume = spatial == 3
+        axis = slicing_axis(layer, self.viewer.dims) if is_volume else 0  # the slices the user sees
         session, stop = self.session, self.workers.stop
         generation = session.new_image(is_volume)
         self._ready = False
         new_image = self.layers.ensure(data.shape[:3] if is_volume else data.shape[:2], layer)
-        if new_image or self.annotations.layer is not self.viewer.layers[LABELS]:
-            self.annotations.watch(self.viewer.layers[LABELS])
+        new_axis, self.layers.axis = axis != self.layers.axis, axis
+        if new_axis:  # clicks and boxes lie on the slices of the other view
+            self.clear_prompts()
+        if new_image or new_axis or self.annotations.layer is not self.viewer.layers[LABELS]:
+            self.annotations.watch(self.viewer.layers[LABELS], axis)
         self.classes.sync()
         self._refresh_layers()  # a kept labels layer was renamed: the Labels choice must list it
         current = self.current_slice()
-        order = [current] + [i for i in range(data.shape[0]) if i != current] if is_volume else [0]
+        order = [current] + [i for i in range(data.shape[axis]) if i != current] if is_volume else [0]
         # said now, with the click, rather than when the slice is ready: each text change costs a redraw
         self.status("embedding the current slice first: prompts work as soon as it is ready"
                     + ("; the other slices follow in the background" if is_volume else ""))
 
         def work():  # every model call off the UI thread; the lock is released between slices
-            skipped = session.open(key, np.asarray(data), is_volume)  # a bad checkpoint path fails here
+            skipped = session.open(key, np.asarray(data), is_volume, axis)  # a bad checkpoint path fails here
             yield 0, skipped
             for done, index in enumerate(order, start=1):
                 if not session.is_current(generation) or stop.is_set():
@@ -301,7 +310,7 @@ class CASamWidget(SegmentingMixin, QWidget):
         """The image's slice index shown in the viewer (0 for a 2D image)."""
         if not self.is_volume or self.image_layer is None:
             return 0
-        return slice_index(self.image_layer, self.viewer.dims.point)
+        return slice_index(self.image_layer, self.viewer.dims.point, self.layers.axis)
 
     def current_prompts(self):
         """Points (x, y) with labels and boxes (x0, y0, x1, y1) on the current slice/image."""
@@ -334,9 +343,21 @@ class CASamWidget(SegmentingMixin, QWidget):
             if self._prompts_present():
                 self.segment()  # aligned features come from the cached embedding: no re-embedding
 
+    def on_view_change(self, event=None) -> None:
+        """The user rolled or transposed the view: an embedded volume is embedded again along the axis
+        now sliced, so that clicks, boxes and propagation follow the slices shown."""
+        if not self.is_volume or self.image_layer is None or self.image_layer not in self.viewer.layers:
+            return
+        axis = slicing_axis(self.image_layer, self.viewer.dims)
+        if axis != self.layers.axis and self.viewer.dims.ndisplay == 2:
+            self.status(f"the view now shows slices along axis {axis}: embedding them")
+            self.image_combo.setCurrentText(self.image_layer.name)
+            self.embed()
+
     def on_slice_change(self, event=None) -> None:
         if not self.is_volume or self.image_layer is None:
             return
+        self.route_strip.set_current(self.current_slice())
         self._prompt_version += 1  # the preview shows another slice's prompts
         if self.predictor is not None and self._prompts_present() and self.auto_check.isChecked():
             self._debounce.start(DEBOUNCE_MS)

@@ -9,6 +9,7 @@ from casam_core.io import read_image, read_labels
 from casam_core.metrics import dice
 
 from conftest import SAMPLES
+from test_plugin_workflow import _screenshot
 
 napari = pytest.importorskip("napari", reason="napari is an optional extra ([napari])")
 
@@ -157,6 +158,26 @@ def test_learn_new_task_then_auto_routes_to_it(widget, qtbot):
     qtbot.waitUntil(lambda: "hippo_test" in w.predictor.router, timeout=30000)
     assert w.task_choice() == "auto"
     qtbot.waitUntil(lambda: w.route_label.text().startswith("route: task hippo_test"), timeout=30000)
+    # the route strip: one column per slice, the slice shown described under it
+    qtbot.waitUntil(lambda: w.route_strip.slices == vol.shape[0], timeout=30000)
+    assert w.route_strip.isVisible() or not w.isVisible()
+    viewer.dims.set_current_step(0, 2)
+    assert w.route_strip.text.text().startswith("slice 2: ") and "score/tau" in w.route_strip.text.text()
+    _screenshot(viewer, qtbot, "route_strip", w)
+    # "Uncovered images": a 2D ultrasound image open beside the volume is not covered by the hippocampus
+    # task, the volume it was learned on is: the ultrasound image comes first
+    from napari_casam._sample_data import sample_2d
+
+    (img, kw, _), _ = sample_2d()
+    viewer.add_image(img, **dict(kw, name="other image"))
+    w.rank_open_images()
+    qtbot.waitUntil(lambda: w.last_ranking is not None, timeout=120000)
+    ranked = {r["name"]: r for r in w.last_ranking}
+    assert [r["name"] for r in w.last_ranking] == ["other image", "hippo"], w.last_ranking
+    assert not ranked["other image"]["covered"] and ranked["hippo"]["covered"]
+    assert "least covered first" in w.status_label.text()
+    _screenshot(viewer, qtbot, "uncovered_images", w)
+    qtbot.waitUntil(lambda: w.route_label.text().startswith("route: task hippo_test"), timeout=30000)  # restored
 
 
 def test_cancel_leaves_the_library_unchanged(widget, qtbot):

@@ -155,7 +155,7 @@ def test_a_propagation_can_be_stopped_and_leaves_the_labels_as_they_were(widget,
     before = viewer.layers[LABELS].data.copy()
     w.propagate()
     assert w.is_propagating and w.stop_button.isEnabled()
-    w.stop_propagation()
+    w.stop_work()
     qtbot.waitUntil(lambda: not w.is_propagating, timeout=120000)
     assert "stopped" in w.status_label.text() and not w.stop_button.isEnabled()
     assert np.array_equal(viewer.layers[LABELS].data, before)
@@ -176,3 +176,38 @@ def test_several_boxes_on_one_slice_preview_one_object_each_and_commit_one_id_ea
     assert dice(painted == 1, gt[k] == 1) > 0.5 and dice(painted == 2, gt[k] == 2) > 0.5
     viewer.layers[LABELS].undo()  # both objects were one commit
     assert not viewer.layers[LABELS].data.any()
+
+
+def test_segmenting_and_propagation_follow_a_transposed_view(widget, qtbot):
+    """Slices along another axis (the view rolled to coronal): the box is read on the slice shown,
+    the preview lands on it, and propagation runs along that axis; turning the view back re-embeds."""
+    from napari_casam._widget import BOXES, LABELS, PREVIEW
+
+    viewer, w = widget
+    vol, gt = _volume()
+    gt = gt > 0
+    viewer.add_image(vol, name="hippo")
+    viewer.dims.order = (1, 0, 2)  # data axis 1 is sliced; axes 0 and 2 are displayed
+    k = int(gt.sum(axis=(0, 2)).argmax())  # the largest coronal section
+    viewer.dims.set_current_step(1, k)
+    _embed(viewer, w, qtbot, "hippo", all_slices=False)
+    assert w.layers.axis == 1 and w.current_slice() == k and w.predictor.volume.axis == 1
+    target = gt[:, k, :]
+    ys, xs = np.nonzero(target)
+    y0, y1, x0, x1 = ys.min() - 1, ys.max() + 1, xs.min() - 1, xs.max() + 1
+    viewer.layers[BOXES].add_rectangles(np.array([[y0, k, x0], [y0, k, x1], [y1, k, x1], [y1, k, x0]], float))
+    qtbot.waitUntil(lambda: viewer.layers[PREVIEW].data[:, k, :].any() and w.preview_is_current(), timeout=60000)
+    preview = viewer.layers[PREVIEW].data
+    assert not np.delete(preview, k, axis=1).any()  # only on the slice shown
+    assert dice(preview[:, k, :] > 0, target) > 0.6
+    _screenshot(viewer, qtbot, "coronal_view", w)
+    w.propagate()
+    qtbot.waitUntil(lambda: not w.is_propagating, timeout=240000)
+    labels = viewer.layers[LABELS].data > 0
+    filled = np.nonzero(labels.any(axis=(0, 2)))[0]
+    text = w.status_label.text()
+    assert k in filled and (len(filled) > 1 or (f"slice {k - 1}" in text and f"slice {k + 1}" in text)), text
+    assert set(filled) <= set(np.nonzero(gt.any(axis=(0, 2)))[0]), (filled, text)  # carried along axis 1
+    viewer.dims.order = (0, 1, 2)  # back to axial: embedded again along axis 0
+    qtbot.waitUntil(lambda: w.layers.axis == 0 and w.is_ready, timeout=120000)
+    assert w.predictor.volume.axis == 0

@@ -125,3 +125,16 @@ def test_forgetting_and_bwt_on_a_hand_made_matrix():
     assert forgetting(a[:1, :1]) == 0.0
     no_forgetting = np.array([[0.8, np.nan], [0.8, 0.9]])
     assert forgetting(no_forgetting) == 0.0 and backward_transfer(no_forgetting) == 0.0
+
+
+def test_each_slice_of_a_routed_volume_has_its_own_route():
+    """The plugin's route strip: per slice, the task whose score is under its tau (the nearest by
+    score / tau), else the frozen model."""
+    from casam_core.tasks import TaskChoice, slice_route
+
+    choice = TaskChoice("auto", "a", "a", {"a": 1.0, "b": 5.0}, {"a": 2.0, "b": 4.0},
+                        slice_scores={"a": [1.0, 3.0, 9.0], "b": [8.0, 2.0, 8.0]})
+    assert slice_route(choice, 0) == ("a", 0.5)
+    assert slice_route(choice, 1) == ("b", 0.5)  # 2/4 beats 3/2
+    assert slice_route(choice, 2) == (None, 2.0)  # no task recognises it: 8/4 is the nearest
+    assert slice_route(TaskChoice("auto"), 0) == (None, None)
