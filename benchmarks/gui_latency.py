@@ -241,7 +241,9 @@ def main() -> None:
     print(f"clicks {med:.0f}/{p95:.0f} ms; embedding {embed_s:.0f} s stall {embed_stall:.0f} ms ({embed_cause}); "
           f"learning {learn_s:.0f} s stall {learn_stall:.0f} ms ({learn_cause}; {result[0]})", flush=True)
 
-    # screenshot: a volume segmented by one box on the middle slice, propagated
+    # screenshot: a volume segmented by one box on the middle slice, propagated (by the frozen model:
+    # the task learned above had 6 steps, and its decoder's IoU estimates stop propagation at once)
+    w.task_combo.setCurrentText("Frozen model")
     k = 17
     viewer.dims.set_current_step(0, k)
     box = box_from_mask(lab[k] > 0)
@@ -260,6 +262,7 @@ def main() -> None:
     print("propagation: stalls over 100 ms (s after the start, ms):",
           [(round(t, 1), round(g * 1000)) for t, g in propagate_stalls], flush=True)
     propagated = int(w.status_label.text().split(" over ")[1].split()[0]) if " over " in w.status_label.text() else 0
+    print(w.status_label.text(), flush=True)
     w.clear()
     viewer.layers[LABELS].opacity = 0.6
     for _ in range(20):

@@ -23,8 +23,8 @@ from .config import cache_dir as default_cache_dir, library_dir
 from .errors import CASamError
 from .dicom_seg import save_mask
 from .evaluate import PROMPTS, evaluate_dataset, rank_by_coverage
-from .io import (IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, WINDOWS, MedicalImage, check_mask_path, is_dicom_folder,
-                 path_suffix, read_dataset, read_image, read_labels)
+from .io import (WINDOWS, MedicalImage, check_mask_path, image_inputs, is_dicom_folder, read_dataset, read_image,
+                 read_labels)
 from .library import TaskLibrary, TaskLibraryError
 from .metrics import dice
 from .overlay import overlay, save_png, volume_montage
@@ -172,24 +172,13 @@ def cmd_segment(args) -> dict:
 # ---------------------------------------------------------------------------------
 # route, eval, learn, tasks
 # ---------------------------------------------------------------------------------
-def route_inputs(folder: Path) -> List[Path]:
-    """The images, volumes and DICOM series folders directly inside ``folder``, sorted."""
-    found = []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):
-            continue
-        if (p.is_file() and path_suffix(p) in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES) or is_dicom_folder(p):
-            found.append(p)
-    return found
-
-
 def cmd_route_rank(args) -> dict:
     """``casam route FOLDER --rank``: every image of a folder routed, least covered first (the
     to-do list of what to annotate next)."""
     folder = Path(args.input)
     if not folder.is_dir() or is_dicom_folder(folder):
         raise CLIError(f"{args.input}: --rank takes a folder of images, volumes or DICOM series folders")
-    inputs = route_inputs(folder)
+    inputs = image_inputs(folder)
     if not inputs:
         raise CLIError(f"{args.input}: no image, volume or DICOM series folder in it to rank")
     images = [(p, read_image(p)) for p in inputs]  # a bad file is refused before any model is built

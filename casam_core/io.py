@@ -540,6 +540,17 @@ def sweep_temporaries(folder: PathLike, older_than_s: float = 3600.0, pattern: s
     return removed
 
 
+def image_inputs(folder: PathLike) -> List[Path]:
+    """The images, volumes and DICOM series folders directly inside ``folder``, sorted."""
+    found = []
+    for p in sorted(Path(folder).iterdir()):
+        if p.name.startswith("."):
+            continue
+        if (p.is_file() and path_suffix(p) in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES) or is_dicom_folder(p):
+            found.append(p)
+    return found
+
+
 def is_dicom_folder(path: PathLike) -> bool:
     """A folder that holds .dcm files (a DICOM series is read from a folder)."""
     p = Path(path)

@@ -84,9 +84,13 @@ def _task_panel(w) -> QGroupBox:
     form.addRow("task", w.task_combo)
     form.addRow(w.route_label)
     form.addRow(w.route_strip)
-    row = QHBoxLayout()
-    row.addWidget(w.scores_button)
+    w.rank_folder_button = QPushButton("Rank a folder...")
+    w.rank_folder_button.setToolTip("the open images and a folder's images, least covered by a learned task first")
+    w.rank_folder_button.clicked.connect(w.rank_folder)
+    form.addRow(w.scores_button)
+    row = QHBoxLayout()  # two buttons a row: the dock fits a 1366x768 screen
     row.addWidget(w.uncovered_button)
+    row.addWidget(w.rank_folder_button)
     form.addRow(row)
     return box
 

@@ -11,11 +11,12 @@ dropped) and the prompt version (a preview older than the prompts is never commi
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 
-from casam_core.progress import Cancelled
+from casam_core.progress import Cancelled, check_cancel
 from casam_core.tasks import TaskChoice, describe_route, describe_scores
 
 from ._layers import LABELS, PREVIEW, plane
@@ -282,9 +283,18 @@ class SegmentingMixin:
                 self.status(f"stopping the {what}...")
 
     # ------------------------------------------------------------------ coverage of the open images
-    def rank_open_images(self) -> None:
-        """List the open images least covered by the learned tasks first (a worker; the model waits
-        meanwhile, and Stop cancels): the to-do list of what to annotate next."""
+    def rank_folder(self) -> None:
+        """Ask for a folder, then rank its images with the open ones (``rank_open_images``)."""
+        from qtpy.QtWidgets import QFileDialog
+
+        folder = QFileDialog.getExistingDirectory(self, "CA-SAM: a folder of images, volumes or DICOM series")
+        if folder:
+            self.rank_open_images(folder)
+
+    def rank_open_images(self, folder: Optional[str] = None) -> None:
+        """List the open images, and those of ``folder`` (images, volumes, DICOM series folders),
+        least covered by the learned tasks first (a worker; the model waits meanwhile, and Stop
+        cancels): the to-do list of what to annotate next."""
         from napari.layers import Image
         from napari.utils import progress
 
@@ -306,11 +316,26 @@ class SegmentingMixin:
                 items.append((layer.name, np.asarray(layer.data), spatial == 3))
         session, stop = self.session, self.workers.stop
         cancel = self._ranking = threading.Event()
+
+        def rank(progress):
+            found = list(items)
+            if folder:  # read in the worker: a folder of volumes takes a while
+                from casam_core.io import image_inputs, read_image
+
+                for path in image_inputs(folder):
+                    check_cancel(lambda: cancel.is_set() or stop.is_set())
+                    image = read_image(path)
+                    found.append((f"{Path(folder).name}/{path.name}", image.array, image.is_volume))
+            return session.rank(found, cancel=lambda: cancel.is_set() or stop.is_set(), progress=progress)
+
         self.stop_button.setEnabled(True)
         bar = progress(total=len(items), desc="CA-SAM: routing the open images")
-        self.status(f"ranking {len(items)} open images (segmenting waits until it is done)...")
+        self.status(f"ranking {len(items)} open images{' and ' + folder if folder else ''} "
+                    f"(segmenting waits until it is done)...")
 
         def on_progress(value):
+            if bar.total != value[1]:
+                bar.total = value[1]
             bar.n = value[0]
             bar.refresh()
 
@@ -334,8 +359,7 @@ class SegmentingMixin:
                 self.stop_button.setEnabled(self._propagation is not None)
             self.update_route()
 
-        self._run(lambda: (yield from reporting(session.rank, items=items,
-                                                cancel=lambda: cancel.is_set() or stop.is_set())),
+        self._run(lambda: (yield from reporting(rank)),
                   yielded=on_progress, returned=done, errored=failed, finished=end)
 
     @property

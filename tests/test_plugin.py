@@ -139,7 +139,7 @@ def _wait_for_learning(w, qtbot, timeout=240000):
     return w.last_learn_result
 
 
-def test_learn_new_task_then_auto_routes_to_it(widget, qtbot):
+def test_learn_new_task_then_auto_routes_to_it(widget, qtbot, tmp_path):
     viewer, w = widget
     vol, lab = _hippocampus_stack()
     viewer.add_image(vol, name="hippo")
@@ -177,6 +177,17 @@ def test_learn_new_task_then_auto_routes_to_it(widget, qtbot):
     assert not ranked["other image"]["covered"] and ranked["hippo"]["covered"]
     assert "least covered first" in w.status_label.text()
     _screenshot(viewer, qtbot, "uncovered_images", w)
+    # with a folder: its images join the ranking (here the same six slices, saved as a NIfTI file)
+    import SimpleITK as sitk
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(folder / "case.nii.gz"))
+    (folder / "notes.txt").write_text("not an image")
+    w.last_ranking = None
+    w.rank_open_images(str(folder))
+    qtbot.waitUntil(lambda: w.last_ranking is not None, timeout=180000)
+    assert {r["name"] for r in w.last_ranking} == {"other image", "hippo", "archive/case.nii.gz"}
     qtbot.waitUntil(lambda: w.route_label.text().startswith("route: task hippo_test"), timeout=30000)  # restored
 
 
