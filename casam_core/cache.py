@@ -106,6 +106,7 @@ class DiskEmbeddingCache:
         self.fingerprint = fingerprint
         self.max_bytes = cache_limit_bytes(max_bytes)
         self.stale_found = 0
+        self.pruned = 0  # entries this process deleted to keep the bound
         self.swept = sweep_temporaries(self.root, pattern="*/.*.tmp*")  # what killed writers left
         self._used: Optional[int] = None  # bytes in the folder, measured at the first save
 
@@ -136,10 +137,15 @@ class DiskEmbeddingCache:
             used -= size
             deleted += 1
         self._used = used
+        self.pruned += deleted
         return deleted
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        """An entry is stored under ``key`` (not read: ``load`` checks it when it is used)."""
+        return self._path(key).is_file()
 
     def load(self, key: str, shape: Tuple[int, ...]) -> Optional[torch.Tensor]:
         from safetensors import safe_open

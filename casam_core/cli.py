@@ -17,13 +17,16 @@ import numpy as np
 
 from . import __version__
 from .alignment import FORMS
+from .batch import (SPLITS, batch_summary, check_prompt_sources, embed_inputs, label_prompts, list_inputs,
+                    merge_embed_reports, segment_inputs)
 from .backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
 from .build import build_predictor
 from .config import cache_dir as default_cache_dir, library_dir
 from .errors import CASamError
 from .dicom_seg import save_mask
+from .distributed import DIST_FAILURES, Dist, device_for_rank, init_distributed
 from .evaluate import PROMPTS, evaluate_dataset, rank_by_coverage
-from .io import (WINDOWS, MedicalImage, check_mask_path, image_inputs, is_dicom_folder, read_dataset, read_image,
+from .io import (WINDOWS, MedicalImage, atomic_write, check_mask_path, image_inputs, is_dicom_folder, read_dataset, read_image,
                  read_labels)
 from .library import TaskLibrary, TaskLibraryError
 from .metrics import dice
@@ -63,10 +66,16 @@ def _library(args) -> TaskLibrary:
     return TaskLibrary(getattr(args, "library", None)).check_folder()
 
 
+def _dist(args) -> Dist:
+    return getattr(args, "dist", None) or Dist()
+
+
 def _predictor(args, with_tasks: bool = False) -> CASamPredictor:
-    predictor, skipped = build_predictor(args.backbone, args.checkpoint, args.device, cache_dir=args.cache_dir,
+    dist = _dist(args)
+    device = device_for_rank(args.device, dist.local_rank) if dist.active else args.device
+    predictor, skipped = build_predictor(args.backbone, args.checkpoint, device, cache_dir=args.cache_dir,
                                          library=_library(args) if with_tasks else None, runtime=args.runtime)
-    for name, why in skipped.items():
+    for name, why in skipped.items() if dist.is_main else ():
         print(f"casam: task {name!r} not loaded: {why}", file=sys.stderr)
     return predictor
 
@@ -112,7 +121,7 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
     if not image.is_volume:
         predictor.set_image(image.array, window=window)
         choice = _route(predictor, task)
-        result, info["scores"] = _labelled(predictor, coords, labels, box, choice.layer)
+        result, info["scores"] = label_prompts(predictor, coords, labels, box, choice.layer)
     else:
         n = image.array.shape[axis]
         if slice_index is None:
@@ -130,7 +139,7 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
             result = np.zeros(image.array.shape, np.uint8)
             index = [slice(None)] * 3
             index[axis] = slice_index
-            result[tuple(index)], info["scores"] = _labelled(predictor, coords, labels, box, chosen)
+            result[tuple(index)], info["scores"] = label_prompts(predictor, coords, labels, box, chosen)
         result = result.astype(np.uint8)
     info["route"] = choice.to_json()
     info["route_text"] = describe_route(choice)
@@ -145,15 +154,6 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
     info["mask_voxels"] = int((result > 0).sum())
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return info
-
-
-def _labelled(predictor: CASamPredictor, coords, labels, box, task: Optional[str] = None):
-    """Predict on the current image; several boxes -> one label each (1, 2, ...), later on top."""
-    masks, scores, _ = predictor.predict_batch(point_coords=coords, point_labels=labels, box=box, task=task)
-    result = np.zeros(masks.shape[2:], np.uint8)
-    for i in range(masks.shape[0]):
-        result[masks[i, 0]] = i + 1
-    return result, [float(v) for v in scores[:, 0]]
 
 
 def cmd_segment(args) -> dict:
@@ -239,14 +239,26 @@ def cmd_learn(args) -> dict:
     if args.name in library and not args.replace:
         raise CLIError(f"a task named {args.name!r} already exists in {library.root} (use --replace, "
                        f"or another name)")
+    dist = _dist(args)
     config = learn_config(args.profile, steps=args.steps, epochs=args.epochs, time_budget_s=args.time_budget,
                           form=args.form, lr=args.lr, n_blocks=args.blocks, val_fraction=args.val_fraction,
-                          augment_copies=args.augment_copies, seed=args.seed)  # checked before any data is read
-    progress = None if args.json else TqdmProgress()
+                          augment_copies=args.augment_copies, seed=args.seed,
+                          batch_images=args.batch_images, val_every=args.val_every)  # checked before any data is read
+    if dist.active and config.batch_images < dist.world:
+        if args.batch_images is not None:
+            raise CLIError(f"--batch-images {config.batch_images} cannot be split over {dist.world} processes: "
+                           f"give at least {dist.world} (the global batch; each process takes a share)")
+        config.batch_images = dist.world  # the profile's batch is smaller than the job: one image per process
+    progress = None if args.json or not dist.is_main else TqdmProgress()
     data = load_task_data(args.data, args.masks, axis=args.axis, window=args.window, limit=args.limit,
                           background_slices=args.background_slices, progress=progress)
     predictor = _predictor(args)
-    task = learn_task(predictor, args.name, data, config, progress=progress)
+    if dist.active and dist.is_main and not args.json:
+        print(f"casam learn: {dist.world} processes ({dist.backend}); global batch {config.batch_images} images "
+              f"x {config.masks_per_image} masks, split over them", file=sys.stderr)
+    task = learn_task(predictor, args.name, data, config, progress=progress, dist=dist)
+    if not dist.is_main:  # one writer: rank 0
+        return None
     path = library.save(task, replace=args.replace)
     card = library.card(args.name)
     if not args.json:
@@ -258,6 +270,71 @@ def cmd_learn(args) -> dict:
             print(f"    WARNING: {card['warning']}")
         print(f"    router threshold tau {card['router']['tau']:.4g}; {card['seconds']['total']:.0f} s")
     return card
+
+
+def cmd_embed(args) -> Optional[dict]:
+    """``casam embed DATA...``: every slice's frozen embedding into the shared cache; under
+    torchrun each process takes a share of the files."""
+    dist = _dist(args)
+    items = list_inputs(args.data, args.split)
+    predictor = _predictor(args)
+    if predictor.disk is None:
+        raise CLIError("casam embed writes into the on-disk cache: give --cache-dir DIR")
+    progress = None if args.json or not dist.is_main else TqdmProgress()
+    row = embed_inputs(predictor, items, dist, axis=args.axis, window=args.window, progress=progress)
+    rows = dist.gather_json(row)
+    if not dist.is_main:
+        return None
+    result = merge_embed_reports(rows, predictor.disk.root, predictor.disk.max_bytes)
+    if not args.json:
+        print(f"{result['files']} files, {result['slices']} slices: {result['computed']} embedded, "
+              f"{result['already_cached']} already cached, by {result['processes']} process(es) in "
+              f"{result['seconds']:.1f} s -> {result['cache']}")
+    if result["pruned"]:
+        print(f"casam embed: warning: the cache's size bound ({result['cache_limit_bytes'] / 1e9:.1f} GB) is smaller "
+              f"than this archive: {result['pruned']} entries were deleted to keep it (raise $CASAM_CACHE_MAX_GB)",
+              file=sys.stderr)
+    if result["failed"]:
+        first = result["failed"][0]
+        raise CLIError(f"{len(result['failed'])} of {len(items)} inputs could not be embedded (the others are "
+                       f"cached); first: {first['error']}")
+    return result
+
+
+def cmd_segment_batch(args) -> Optional[dict]:
+    """``casam segment-batch INPUT... --out DIR``: every input segmented from its prompt file or
+    coarse mask; under torchrun each process takes a share; one summary JSON."""
+    dist = _dist(args)
+    items = list_inputs(args.inputs, args.split)
+    check_prompt_sources(args.prompts, args.coarse, args.reference)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file: give a folder for the masks")
+    summary_path = Path(args.summary) if args.summary else out / "summary.json"
+    predictor = _predictor(args, with_tasks=task_mode(args.task) != "frozen")
+    if task_mode(args.task) == "named" and args.task not in predictor.layers:
+        raise CLIError(f"unknown task {args.task!r}; the library has: {', '.join(predictor.layers) or 'no tasks'}")
+    progress = None if args.json or not dist.is_main else TqdmProgress()
+    t0 = time.perf_counter()
+    rows = segment_inputs(predictor, items, out, args.task, args.prompts and Path(args.prompts),
+                          args.coarse and Path(args.coarse), args.reference and Path(args.reference), dist,
+                          axis=args.axis, window=args.window, progress=progress)
+    rows = [r for part in dist.gather_json(rows) for r in part]
+    if not dist.is_main:
+        return None
+    summary = batch_summary(rows, items, out, args.task, dist.world, time.perf_counter() - t0)
+    with atomic_write(summary_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    summary["summary"] = str(summary_path)
+    if not args.json:
+        mean = "" if summary["mean_dice"] is None else f", mean Dice {summary['mean_dice']:.4f}"
+        print(f"{summary['done']} segmented, {summary['exists']} already done, {summary['errors']} failed "
+              f"({dist.world} process(es), {summary['seconds']:.1f} s){mean} -> {out}; summary {summary_path}")
+    if summary["errors"]:
+        first = next(r for r in summary["images"] if r["status"] == "error")
+        raise CLIError(f"{summary['errors']} of {summary['inputs']} inputs failed (see {summary_path}); "
+                       f"first: {first['error']}")
+    return summary
 
 
 def cmd_tasks(args) -> dict:
@@ -450,12 +527,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="volumes: at most N slices without annotation feed the router (default all)")
     p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="volumes: slicing axis of the array")
     p.add_argument("--window", default=None, choices=sorted(WINDOWS), help="CT window preset")
+    p.add_argument("--val-every", type=int, default=None,
+                   help=f"score the held-out images every N steps and keep the best layer (default "
+                        f"{LearnConfig.val_every}; 0: keep the last)")
+    p.add_argument("--batch-images", type=int, default=None,
+                   help=f"images per step, over all processes under torchrun (default {LearnConfig.batch_images}, "
+                        "or one per process)")
     p.add_argument("--seed", type=int, default=None, help=f"random seed (default {LearnConfig.seed})")
     p.add_argument("--replace", action="store_true", help="replace a task of the same name")
     p.add_argument("--json", action="store_true")
     _add_backbone_args(p)
     _add_library_args(p)
-    p.set_defaults(func=cmd_learn)
+    p.set_defaults(func=cmd_learn, distributed=True)
+
+    p = sub.add_parser("embed", help="precompute the frozen embeddings of datasets, images or volumes into the "
+                                     "on-disk cache (shared by torchrun processes)")
+    p.add_argument("data", nargs="+", help="dataset folders (dataset.json), folders of images/volumes, images, "
+                                           "volumes or DICOM series folders")
+    p.add_argument("--split", default="all", choices=SPLITS, help="dataset folders: which cases (default all)")
+    p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="volumes: slicing axis of the array")
+    p.add_argument("--window", default=None, choices=sorted(WINDOWS), help="CT window preset")
+    p.add_argument("--json", action="store_true")
+    _add_backbone_args(p)
+    p.set_defaults(func=cmd_embed, distributed=True)
+
+    p = sub.add_parser("segment-batch", help="segment many images or volumes from prompt files or coarse masks "
+                                             "(sharded under torchrun); one summary JSON")
+    p.add_argument("inputs", nargs="+", help="dataset folders, folders of images/volumes, images, volumes or "
+                                             "DICOM series folders")
+    p.add_argument("--out", required=True, help="folder for the masks (<name>_mask.png, .nii.gz, ... or .dcm)")
+    p.add_argument("--prompts", default=None,
+                   help="folder of prompt files <name>.json: {\"boxes\": [[x0,y0,x1,y1]], \"points\": [[x,y,1]]}; "
+                        "volumes: {\"slices\": {\"12\": {...}}, \"propagate\": true}")
+    p.add_argument("--coarse", default=None,
+                   help="folder of coarse masks <name>.*: each label's box on each slice is the prompt")
+    p.add_argument("--reference", default=None, help="folder of reference masks <name>.*: Dice in the summary "
+                                                     "(dataset folders bring their own)")
+    p.add_argument("--summary", default=None, help="summary JSON (default OUT/summary.json)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="dataset folders: which cases (default test)")
+    p.add_argument("--task", default=AUTO, help="auto (the router decides), none (frozen model) or a task name")
+    p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="volumes: slicing axis of the array")
+    p.add_argument("--window", default=None, choices=sorted(WINDOWS), help="CT window preset")
+    p.add_argument("--json", action="store_true")
+    _add_backbone_args(p)
+    _add_library_args(p)
+    p.set_defaults(func=cmd_segment_batch, distributed=True)
 
     p = sub.add_parser("tasks", help="the task library: list, show, remove, rename, export, import")
     p.add_argument("action", choices=("list", "show", "remove", "rename", "export", "import"))
@@ -483,16 +599,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.dist = Dist()
+    where = ""
     try:
+        if getattr(args, "distributed", False):  # under torchrun: this process's place in the job
+            args.dist = init_distributed(args.device)
+            where = f" [{args.dist.describe()}]" if args.dist.active else ""
         result = args.func(args)
+    except DIST_FAILURES as exc:  # a peer process died or hung up mid-job (torchrun stops the others)
+        why = str(exc).splitlines()[0][:200] if isinstance(exc, CASamError) else \
+            f"a peer process stopped or hung up ({str(exc).splitlines()[0][:160]})"
+        kept = ("nothing was written to the task library" if args.command == "learn"
+                else "finished outputs are kept and a rerun skips them")
+        print(f"casam {args.command}{where}: error: {why}; {kept}", file=sys.stderr)
+        return 1
     except (CASamError, OSError) as exc:  # the user's input or files; anything else is a bug: traceback
-        print(f"casam {args.command}: error: {exc}", file=sys.stderr)
+        print(f"casam {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
     except (Cancelled, KeyboardInterrupt):
-        print(f"casam {args.command}: cancelled (nothing was written to the task library)"
-              if args.command == "learn" else f"casam {args.command}: cancelled", file=sys.stderr)
+        print(f"casam {args.command}{where}: cancelled (nothing was written to the task library)"
+              if args.command == "learn" else f"casam {args.command}{where}: cancelled", file=sys.stderr)
         return 130
-    if args.json:
+    finally:
+        args.dist.close()
+    if args.json and result is not None:  # under torchrun, rank 0 reports
         print(json.dumps(result, indent=2))
     return 0
 

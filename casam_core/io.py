@@ -85,6 +85,14 @@ def path_suffix(path: PathLike) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
+def file_stem(path: PathLike) -> str:
+    """A file's name without its suffix (``.nii.gz`` counts as one): how masks, prompt files
+    and outputs are matched to their images."""
+    name = Path(path).name
+    suffix = path_suffix(name)
+    return name[: len(name) - len(suffix)] if suffix else name
+
+
 # ---------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------

@@ -314,6 +314,11 @@ class CASamPredictor:
             raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
         return self.embedding()[None]
 
+    def record_of(self, rgb: np.ndarray) -> ImageRecord:
+        """The record of a prepared uint8 RGB image, without embedding it (its cache key and sizes)."""
+        return ImageRecord(data_signature(rgb, self.backbone.fingerprint), (int(rgb.shape[0]), int(rgb.shape[1])),
+                           tuple(preprocess_shape(rgb.shape[0], rgb.shape[1], self.backbone.img_size)))
+
     def embed_rgb(self, rgb: np.ndarray) -> ImageRecord:
         """Ensure the frozen embedding of a prepared uint8 RGB image is cached; return its record."""
         key = data_signature(rgb, self.backbone.fingerprint)

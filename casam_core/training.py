@@ -33,9 +33,10 @@ import torch.nn.functional as F
 
 from . import __version__
 from .alignment import FORMS, MAX_BLOCKS, PAPER, RESIDUAL, AlignmentLayer, count_parameters
+from .distributed import Dist
 from .evaluate import object_metrics
 from .errors import OptionError, TaskDataError, check_number, look_up_option
-from .io import (read_dataset, read_image, read_labels, normalize_intensity, path_suffix, take_slice,
+from .io import (file_stem, read_dataset, read_image, read_labels, normalize_intensity, path_suffix, take_slice,
                  to_rgb, VOLUME_SUFFIXES, is_dicom_folder)
 from .predictor import CASamPredictor, ImageRecord
 from .progress import CancelFn, ProgressFn, check_cancel, report
@@ -152,15 +153,15 @@ def load_task_data(inputs: Sequence, masks: Sequence = (), axis: int = 0, window
     elif len(inputs) == 1 and inputs[0].is_dir() and not is_dicom_folder(inputs[0]):
         if len(masks) != 1 or not masks[0].is_dir():
             raise TaskDataError(f"{inputs[0]} is a folder of images: give the folder of masks too (--masks DIR)")
-        by_stem = {_stem(p): p for p in sorted(masks[0].iterdir()) if path_suffix(p) in IMAGE_SUFFIXES}
+        by_stem = {file_stem(p): p for p in sorted(masks[0].iterdir()) if path_suffix(p) in IMAGE_SUFFIXES}
         images = [p for p in sorted(inputs[0].iterdir()) if path_suffix(p) in IMAGE_SUFFIXES]
         if not images:
             raise TaskDataError(f"{inputs[0]}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        stems = {_stem(p) for p in images}
+        stems = {file_stem(p) for p in images}
         orphans = sorted(set(by_stem) - stems)
         if orphans:
             raise TaskDataError(f"{by_stem[orphans[0]]}: a mask with no image of the same name in {inputs[0]}")
-        pairs = [(p, by_stem.get(_stem(p))) for p in images][:limit]
+        pairs = [(p, by_stem.get(file_stem(p))) for p in images][:limit]
         data = TaskData([], "class")
     else:
         if len(masks) != len(inputs):
@@ -188,14 +189,6 @@ def _case_slices(img: Path, msk: Optional[Path], axis, window, background_slices
             labels = _check_labels(read_labels(msk, like=image).array, msk)
         return volume_slices(image, labels, axis, window, background_slices, source=img.name)
     return [image_slice(img, msk, window)]
-
-
-def _stem(p: Path) -> str:
-    name = p.name
-    for suffix in (".nii.gz",) + IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return p.stem
 
 
 # ---------------------------------------------------------------------------------
@@ -400,34 +393,40 @@ def _validation_split(annotated: List[int], fraction: float,
 def batch_loss(backbone, z: torch.Tensor, batch: List[int], per_image: Dict[int, List[_Object]],
                config: LearnConfig, rng: np.random.Generator, use_point: bool,
                mask_decoder: Optional[torch.nn.Module] = None,
-               click_box: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+               click_box: Optional[Tuple[float, float]] = None, own: Optional[Sequence[int]] = None,
+               world: int = 1) -> torch.Tensor:
     """The task loss of one batch: ``z`` (B, 256, 64, 64) decoder features of the images ``batch``;
     ``masks_per_image`` objects per image, each with its own prompt: a jittered box, or (``use_point``)
     one click drawn from the half of the mask nearest its centroid, given as a point
     (``click_prompt="point"``) or as a box of ``click_box`` (w, h; fractions of the long side)
-    centred on it (``"box"``), the way a learned task decodes a click."""
+    centred on it (``"box"``), the way a learned task decodes a click.
+
+    Data parallel (``world`` processes): ``own`` lists the positions in ``batch`` this process
+    decodes, and ``z`` holds only theirs, in that order. The prompts of every image are still
+    drawn, so ``rng`` stays the same on every process, and the loss is scaled so that the
+    average over the processes (DistributedDataParallel's) is the whole batch's loss."""
     device = backbone.device
     low = 4 * backbone.embedding_shape[1]
     img_size = backbone.img_size
     scale = img_size / low
     jitter = config.jitter_px * img_size / 1024.0
+    row = {b: k for k, b in enumerate(range(len(batch)) if own is None else own)}
     loss = 0.0
     for b, i in enumerate(batch):
         objs = per_image[i]
         pick = rng.choice(len(objs), config.masks_per_image, replace=len(objs) < config.masks_per_image)
         chosen = [objs[k] for k in pick]
         target = torch.stack([o.target for o in chosen]).to(device)
+        points = boxes_t = None
         if use_point and config.click_prompt == "box" and click_box is not None:
             pts = np.stack([o.near_points[rng.integers(len(o.near_points))] for o in chosen])
             half = np.array(click_box) * low / 2
             boxes_t = torch.as_tensor(np.clip(np.concatenate([pts - half, pts + half], 1) * scale, 0, img_size - 1),
                                       dtype=torch.float32, device=device)
-            logits, iou = backbone.decode(z[b:b + 1], None, boxes_t, None, False, mask_decoder)
         elif use_point:
             pts = np.stack([o.near_points[rng.integers(len(o.near_points))] for o in chosen])[:, None]
             coords = torch.as_tensor(pts * scale, dtype=torch.float32, device=device)
-            labels = torch.ones(coords.shape[:2], dtype=torch.int, device=device)
-            logits, iou = backbone.decode(z[b:b + 1], (coords, labels), None, None, False, mask_decoder)
+            points = (coords, torch.ones(coords.shape[:2], dtype=torch.int, device=device))
         else:
             boxes = []
             for o in chosen:
@@ -436,9 +435,11 @@ def batch_loss(backbone, z: torch.Tensor, batch: List[int], per_image: Dict[int,
                 dx, dy = rng.uniform(-lim, lim, 2) if lim > 0 else (0.0, 0.0)
                 boxes.append([x0 + dx, y0 + dy, x1 + dx, y1 + dy])
             boxes_t = torch.as_tensor(np.clip(boxes, 0, img_size - 1), dtype=torch.float32, device=device)
-            logits, iou = backbone.decode(z[b:b + 1], None, boxes_t, None, False, mask_decoder)
+        if b not in row:  # another process decodes this image
+            continue
+        logits, iou = backbone.decode(z[row[b]:row[b] + 1], points, boxes_t, None, False, mask_decoder)
         loss = loss + task_loss(logits[:, 0], iou[:, 0], target)
-    return loss / len(batch)
+    return loss * world / len(batch)
 
 
 @dataclass
@@ -465,7 +466,7 @@ def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Obje
         rng: np.random.Generator, layer: Optional[torch.nn.Module] = None,
         mask_decoder: Optional[torch.nn.Module] = None, penalty=None,
         progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-        validate=None, click_box: Optional[Tuple[float, float]] = None) -> FitResult:
+        validate=None, click_box: Optional[Tuple[float, float]] = None, dist: Optional[Dist] = None) -> FitResult:
     """The training loop on cached embeddings.
 
     Trains ``layer`` (an Alignment Layer, the product) or, for the benchmark's baselines, a
@@ -473,11 +474,24 @@ def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Obje
     regulariser (EWC). ``per_image`` maps an index of ``z_all`` to that image's objects.
     Budget, schedule and ``validate`` (a function of the module returning a held-out score,
     higher is better; the best-scoring weights are restored at the end) follow ``config``.
+
+    ``dist`` (a torchrun job, the layer only): each batch of ``batch_images`` images is split
+    over the processes and ``layer`` trains wrapped in DistributedDataParallel; every process
+    draws the same batches and prompts, so the steps are those of one process with the same
+    batch and seed. ``validate`` must then give the same score on every process.
     """
     look_up_option(config.schedule, SCHEDULES, "schedule")
     look_up_option(config.click_prompt, CLICK_PROMPTS, "click prompt")
     device = backbone.device
     module = layer if layer is not None else mask_decoder
+    dist = dist or Dist()
+    forward = layer
+    if dist.active:
+        if layer is None:
+            raise OptionError("data-parallel training is for an Alignment Layer, not a decoder copy")
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(layer, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.lr)
     images = sorted(per_image)
@@ -512,19 +526,27 @@ def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Obje
         for group in opt.param_groups:
             group["lr"] = config.lr * _lr_factor(step, total, config)
         use_point = rng.random() < config.point_fraction
-        z = torch.stack([z_all[i] for i in batch]).to(device)
-        if layer is not None:
-            z = layer(z)
-        loss = batch_loss(backbone, z, batch, per_image, config, rng, use_point, mask_decoder, click_box)
+        own = dist.shard(range(len(batch)))
+        z = torch.stack([z_all[batch[b]] for b in (own or [0])]).to(device)
+        if forward is not None:
+            z = forward(z)
+        if own:
+            loss = batch_loss(backbone, z, batch, per_image, config, rng, use_point, mask_decoder, click_box,
+                              own=own, world=dist.world)
+        else:  # a short last batch left this process nothing: it still joins the gradient average
+            batch_loss(backbone, z[:0], batch, per_image, config, rng, use_point, mask_decoder, click_box,
+                       own=own, world=dist.world)  # (draws the same prompts as the others)
+            loss = z.sum() * 0.0
         if penalty is not None:
             loss = loss + penalty()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
-        result.steps, result.last_loss = step, float(loss.detach())
+        result.steps = step
+        result.last_loss = float(loss.detach()) if not dist.active else dist.sum([float(loss.detach())])[0] / dist.world
         if config.time_budget_s and step == min(3, total):  # fit the schedule to the time budget
-            per_step = (time.perf_counter() - t0) / step
+            per_step = dist.max((time.perf_counter() - t0) / step)  # the slowest process sets the pace
             fits = int(config.time_budget_s / per_step)
             if fits < total:
                 total, result.stopped_by_time = max(step, fits), True
@@ -538,12 +560,19 @@ def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Obje
 
 
 def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Optional[LearnConfig] = None,
-               progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> Task:
+               progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
+               dist: Optional[Dist] = None) -> Task:
     """Learn one task's Alignment Layer and router VAE from ``data``. Writes nothing.
 
     Progress messages: ``embedding: ...``, ``training: epoch e/E loss x``, ``router: ...``.
     ``cancel`` is checked between every unit of work; it raises ``Cancelled``.
+
+    ``dist`` (every process of a torchrun job calls this with the same data and config): the
+    images are embedded once, each by one process, and sent to the others; each batch is
+    split over the processes (``fit``); the held-out checks are split too and summed, so
+    every process keeps the same layer. Every process returns the same task; one saves it.
     """
+    dist = dist or Dist()
     config = config or LearnConfig()
     check_task_name(name)
     config.check()
@@ -559,21 +588,29 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     total = len(data.slices) + n_aug
     records: List[ImageRecord] = []
     z_all: List[torch.Tensor] = []
+
+    def embed(rgb: np.ndarray) -> None:
+        owner = dist.owner(len(records))
+        if owner == dist.rank:
+            rec = predictor.embed_rgb(rgb)
+            z = predictor.embedding(rec).detach().clone()
+        else:  # another process embeds it: its record (key, sizes) is computed here, its tensor sent
+            rec = predictor.record_of(rgb)
+            z = torch.empty(backbone.embedding_shape, dtype=torch.float32, device=device)
+        records.append(rec)
+        z_all.append(dist.broadcast(z, owner))
+
     for i, s in enumerate(data.slices):
         check_cancel(cancel)
-        rec = predictor.embed_rgb(s.rgb)
-        records.append(rec)
-        z_all.append(predictor.embedding(rec).detach().clone())
+        embed(s.rgb)
         report(progress, i + 1, total, f"embedding: {i + 1}/{total}")
     router_features = torch.stack([router_feature(z) for z in z_all]).cpu()
     aug_of: Dict[int, int] = {}
     for k in range(config.augment_copies):
         for i in train_idx:
             check_cancel(cancel)
-            rec = predictor.embed_rgb(augment_intensity(data.slices[i].rgb, rng))
             aug_of[len(records)] = i
-            records.append(rec)
-            z_all.append(predictor.embedding(rec).detach().clone())
+            embed(augment_intensity(data.slices[i].rgb, rng))
             report(progress, len(records), total, f"embedding: {len(records)}/{total} (augmented copies)")
     t_embed = time.perf_counter() - t_start
 
@@ -613,11 +650,12 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
 
     def validate(layer: Optional[AlignmentLayer], objs=None, prompt: str = "box", **click_decoding) -> float:
         scores = []
-        for i in val_idx:
+        for i in dist.shard(val_idx):  # each process scores its share; the sums make the mean
             check_cancel(cancel)
             scores.extend(object_metrics(predictor, features(layer, i), records[i], (objs or val_objs)[i],
                                          prompt, ("dice",), **click_decoding)["dice"])
-        return float(np.mean(scores))
+        total_score, count = dist.sum([float(np.sum(scores)), len(scores)])
+        return total_score / count if count else float("nan")
 
     zero_shot = validate(None)
 
@@ -626,7 +664,7 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     layer = AlignmentLayer(n_blocks=config.n_blocks, form=config.form).to(device).train()
     t_train = time.perf_counter()
     fitted = fit(backbone, z_all, per_image, config, rng, layer=layer, progress=progress, cancel=cancel,
-                 validate=lambda m: validate(m, val_sub), click_box=click_box)
+                 validate=lambda m: validate(m, val_sub), click_box=click_box, dist=dist)
     layer.eval()
     t_train = time.perf_counter() - t_train
     aligned = validate(layer)

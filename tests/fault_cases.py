@@ -271,6 +271,25 @@ INPUTS: List[Case] = [
          "blocks must be"),
     Case("input", "--time-budget 0", lambda ws: _learn(ws, "{ws}/nothing", extra=["--time-budget", "0"]),
          "the time budget"),
+    Case("input", "--batch-images 0", lambda ws: _learn(ws, "{ws}/nothing", extra=["--batch-images", "0"]),
+         "batch_images must be an integer in [1, 64]"),
+    Case("input", "--val-every -1", lambda ws: _learn(ws, "{ws}/nothing", extra=["--val-every", "-1"]),
+         "val_every must be an integer in [0, 1e+06]; got -1"),
+    # archives (casam embed, casam segment-batch)
+    Case("input", "embed a missing folder", lambda ws: ["embed", "{ws}/in/archive", *CPU],
+         "archive: no such file or folder"),
+    Case("input", "segment-batch with prompt files and coarse masks", lambda ws: [
+        "segment-batch", HC18, "--out", "{ws}/out", "--prompts", _write(ws, "p/x.json", b"{}").parent,
+        "--coarse", _write(ws, "c/x.png", b"").parent, *CPU], "give the prompts as prompt files"),
+    Case("input", "segment-batch prompts folder missing", lambda ws: [
+        "segment-batch", HC18, "--out", "{ws}/out", "--prompts", "{ws}/in/prompts", *CPU], "prompts: no such folder"),
+    Case("input", "segment-batch --out is a file", lambda ws: [
+        "segment-batch", HC18, "--out", _write(ws, "out.txt", b"x"), "--prompts", _write(ws, "p/x.json", b"{}").parent,
+        *CPU], "out.txt is a file: give a folder for the masks"),
+    Case("input", "segment-batch inputs with one name", lambda ws: [
+        "segment-batch", _write(ws, "a/x.png", HC18.read_bytes()), _write(ws, "b/x.png", HC18.read_bytes()),
+        "--out", "{ws}/out", "--prompts", _write(ws, "p/x.json", b"{}").parent, *CPU],
+         "have the same name 'x': their outputs would collide"),
     Case("input", "--library is a file", lambda ws: ["tasks", "list", "--library", _write(ws, "lib.txt", b"x")],
          "the task library must be a folder"),
     Case("input", "task name with a slash", lambda ws: ["learn", "a/b", "{ws}/nothing", "--library", "{ws}/lib", *CPU],
@@ -525,7 +544,8 @@ def _snapshot(ws: Path) -> Dict[str, str]:
 def run_case(case: Case, ws: Path) -> dict:
     """Build the case in ``ws``, run it, and check the rule. Returns a row for the report."""
     argv = [str(a).replace("{ws}", str(ws)) for a in case.argv(ws)]
-    argv += ["--cache-dir", str(ws / "cache")] if argv[0] in ("segment", "eval", "learn", "route") else []
+    argv += ["--cache-dir", str(ws / "cache")] if argv[0] in ("segment", "eval", "learn", "route", "embed",
+                                                              "segment-batch") else []
     before = _snapshot(ws)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

@@ -16,11 +16,11 @@ PACKAGES = ("casam_core", "napari_casam", "training")
 # casam_core's layers, lowest first: a module imports only from its own layer or below
 # (README, "Architecture"). The package __init__ is a lazy facade and sits above all.
 CORE_LAYERS = (
-    ("errors", "config", "progress", "metrics", "samples"),
+    ("errors", "config", "progress", "metrics", "samples", "distributed"),
     ("io", "dicom_seg", "cache", "overlay", "prompts", "alignment", "router", "runtimes", "backbones"),
     ("tasks",),
     ("predictor",),
-    ("library", "evaluate", "training"),
+    ("library", "evaluate", "training", "batch"),
     ("build",),
     ("cli",),
 )

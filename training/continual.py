@@ -23,6 +23,13 @@ scores slices so that 2D and 3D sets count alike).
 
 Every finished piece (embeddings on disk, each stage's results) is saved as it completes;
 a rerun with the same --out resumes after the last finished stage.
+
+Under torchrun (``torchrun --nproc_per_node N -m training.continual ...``) the images are
+embedded once, each by one process, into the shared cache; every Alignment Layer (CA-SAM's,
+the shared baselines', the variants') trains with DistributedDataParallel, each batch split
+over the processes; the test images are evaluated in shares and the scores summed. The
+decoder baseline and the EWC Fisher are computed on every process alike (same seed, same
+result). Rank 0 writes; --out and the cache must be on a filesystem all processes share.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch
 
 from casam_core.alignment import PAPER, RESIDUAL, AlignmentLayer, count_parameters
 from casam_core.build import build_predictor
+from casam_core.distributed import Dist, device_for_rank, init_distributed
 from casam_core.evaluate import object_metrics
 from casam_core.io import read_dataset, read_image, read_labels, write_json
 from casam_core.metrics import backward_transfer, forgetting
@@ -82,6 +90,9 @@ PROFILES = {
     # baseline trained with the product's recipe (casam learn's default, "fast")
     "quick": Profile(train_images=30, test_images=20, train_volumes=3, test_volumes=2, slices_per_volume=10,
                      background_per_volume=1, max_objects=24, form=RESIDUAL, recipe="fast"),
+    # a check that the whole pipeline runs (tests; a few minutes on a CPU): no result to read
+    "smoke": Profile(train_images=3, test_images=2, train_volumes=1, test_volumes=1, slices_per_volume=2,
+                     background_per_volume=1, max_objects=4, form=RESIDUAL, recipe="fast", steps=4, variants=False),
     "paper": Profile(train_images=None, test_images=None, train_volumes=None, test_volumes=None,
                      slices_per_volume=None, background_per_volume=4, max_objects=None, epochs=24),
 }
@@ -143,7 +154,8 @@ def load_taskset(root: Path, profile: Profile, with_train: bool = True) -> TaskS
 # training pieces (all on cached embeddings)
 # ---------------------------------------------------------------------------------
 class Stream:
-    def __init__(self, predictor: CASamPredictor, profile: Profile, seed: int = 0):
+    def __init__(self, predictor: CASamPredictor, profile: Profile, seed: int = 0, dist: Optional[Dist] = None):
+        self.dist = dist or Dist()
         self.predictor = predictor
         self.backbone = predictor.backbone
         self.profile = profile
@@ -174,6 +186,11 @@ class Stream:
                 zs.append(z2)
         return zs, per_image, torch.stack(feats)
 
+    def dist_mean(self, rows: List[Dict[str, float]]) -> Dict[str, float]:
+        keys = ("iou", "dice", "biou")
+        sums = self.dist.sum([sum(r[k] for r in rows) for k in keys] + [len(rows)])
+        return {k: sums[i] / sums[-1] for i, k in enumerate(keys)}
+
     def config(self, **kw) -> LearnConfig:
         kw.setdefault("form", self.profile.form)
         return learn_config(self.profile.recipe, epochs=self.profile.epochs, steps=self.profile.steps,
@@ -185,7 +202,7 @@ class Stream:
         layer = layer or AlignmentLayer(n_blocks=n_blocks, form=form)
         layer = layer.to(self.backbone.device).train()
         fit(self.backbone, zs, per_image, self.config(form=form, n_blocks=n_blocks),
-            np.random.default_rng(self.seed), layer=layer, penalty=penalty)
+            np.random.default_rng(self.seed), layer=layer, penalty=penalty, dist=self.dist)
         return layer.eval()
 
     def train_decoder(self, zs, per_image, decoder):
@@ -249,8 +266,8 @@ class Evaluator:
         return {k: float(np.mean(v)) for k, v in out.items()}
 
     def dataset(self, ts: TaskSet, **kw) -> Dict[str, float]:
-        rows = [self.score(img, ts.objects, **kw) for img in ts.test]
-        return {k: float(np.mean([r[k] for r in rows])) for k in ("iou", "dice", "biou")}
+        """Mean scores over the test images (each process scores its share; the sums make the mean)."""
+        return self.s.dist_mean([self.score(img, ts.objects, **kw) for img in self.s.dist.shard(ts.test)])
 
 
 def gflops(backbone, layer=None) -> float:
@@ -336,14 +353,18 @@ def _vae_from(saved, prefix):
 # ---------------------------------------------------------------------------------
 def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path, data_root: Path = DATA,
         device: str = "auto", cache_dir: Optional[Path] = None, seed: int = 0, methods: Optional[List[str]] = None,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print, dist: Optional[Dist] = None) -> dict:
+    dist = dist or Dist()
+    if not dist.is_main:
+        log = _silent
     profile = PROFILES[profile_name] if isinstance(profile_name, str) else profile_name
     methods = list(methods or METHODS)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = cache_dir or out.parent / ".embeddings"
-    predictor, _ = build_predictor("litemedsam", device=device, cache_dir=cache_dir)
+    predictor, _ = build_predictor("litemedsam", device=device_for_rank(device, dist.local_rank) if dist.active
+                                   else device, cache_dir=cache_dir)
     backbone = predictor.backbone
-    st = Stream(predictor, profile, seed)
+    st = Stream(predictor, profile, seed, dist)
     ev = Evaluator(st, profile.max_objects)
     state_path = out / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -355,7 +376,7 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
 
     t0 = time.perf_counter()
     tasks = []
-    bar = TqdmProgress()
+    bar = TqdmProgress(disable=not dist.is_main)
     for i, name in enumerate(stream_names + unseen):
         tasks.append(load_taskset(Path(data_root) / name, profile, with_train=name in stream_names))
         bar(i + 1, len(stream_names) + len(unseen), f"loading data: {name}")
@@ -365,9 +386,11 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
     # embeddings once (the disk cache makes a rerun skip them)
     all_imgs = [s.rgb for t in tasks for s in t.train] + [x.rgb for t in tasks for x in t.test]
     te = time.perf_counter()
-    for k, rgb in enumerate(all_imgs):
+    mine = dist.shard(all_imgs)  # each image by one process, into the shared cache
+    for k, rgb in enumerate(mine):
         predictor.embed_rgb(rgb)
-        bar(k + 1, len(all_imgs), "embedding: train and test images")
+        bar(k + 1, len(mine), "embedding: train and test images")
+    dist.barrier()  # every embedding is on disk before anyone reads it
     state["embedding_seconds"] = round(time.perf_counter() - te, 1)
     log(f"embedded {len(all_imgs)} images in {state['embedding_seconds']} s ({predictor.encoder_calls} encoder calls)")
 
@@ -384,7 +407,7 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
 
     def routed_dataset(ts: TaskSet):
         rows, routes = [], []
-        for img in ts.test:
+        for img in dist.shard(ts.test):
             _, _, _, f = ev.prepared(img, ts.objects)
             decision = router.route(f).decision
             routes.append(decision or "frozen")
@@ -393,7 +416,9 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
                 layer = layers.get(decision) if decision else None
                 routed_cache[key] = ev.score(img, ts.objects, layer=layer)
             rows.append(routed_cache[key])
-        return {k: float(np.mean([r[k] for r in rows])) for k in ("iou", "dice", "biou")}, routes
+        shares = dist.gather_json(routes)  # the routes in the test images' order
+        routes = [shares[k % dist.world][k // dist.world] for k in range(len(ts.test))]
+        return st.dist_mean(rows), routes
 
     models = out / "models"
     if done_stages:  # resume: the models as they were after the last finished stage
@@ -428,7 +453,7 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
         tl = time.perf_counter()
         zs, per_image, feats = st.objects(ts)
         # CA-SAM is the product's learn_task: 20 % held out, "never worse than frozen", router VAE and tau
-        task = learn_task(predictor, ts.name, TaskData(ts.train, ts.objects), st.config())
+        task = learn_task(predictor, ts.name, TaskData(ts.train, ts.objects), st.config(), dist=dist)
         router.add(ts.name, task.vae, task.tau)
         state.setdefault("taus", {})[ts.name] = task.tau
         state.setdefault("cards", {})[ts.name] = {k: task.card[k] for k in ("validation", "use_alignment")}
@@ -502,9 +527,11 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
         row["oracle_variants"] = {s.name: oracle_scores[s.name] for s in seen if s.name in oracle_scores}
         row["seconds"] = round(time.perf_counter() - tl, 1)  # the stage's wall time, evaluation included
         state["stages"].append(row)
-        save_models(models / f"stage_{t + 1}.safetensors", layers, variants, shared_naive, shared_ewc, decoder,
-                    router, ewc_terms)
-        write_json(state, state_path)  # after the models: a stage counts as done only when both exist
+        if dist.is_main:
+            save_models(models / f"stage_{t + 1}.safetensors", layers, variants, shared_naive, shared_ewc, decoder,
+                        router, ewc_terms)
+            write_json(state, state_path)  # after the models: a stage counts as done only when both exist
+        dist.barrier()
         log(f"stage {t + 1}/{len(seen_sets)} {ts.name}: casam Dice "
             f"{np.mean([v['dice'] for v in row['results'].get('casam', {}).values()] or [np.nan]):.3f}, routing "
             f"{row['routing_accuracy']:.3f}, {row['seconds']:.0f} s")
@@ -522,7 +549,8 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
         joint = st.train_layer(zs_all, per_all)
         state["joint"] = {"results": {s.name: ev.dataset(s, layer=joint) for s in seen_sets},
                           "seconds": round(time.perf_counter() - tj, 1)}
-        write_json(state, state_path)
+        if dist.is_main:
+            write_json(state, state_path)
     # unseen sets and the routing confusion matrix after the last task
     names = [t.name for t in seen_sets]
     for ts in seen_sets + unseen_sets:
@@ -542,13 +570,19 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
         "gflops_decoder_with_al": round(gflops(backbone, layer0.to(backbone.device).eval()), 3),
     }
     state["seconds_total"] = round(time.perf_counter() - t0, 1)
+    state["processes"] = dist.world
     summarise(state)
+    if not dist.is_main:
+        return state
     write_json(state, state_path)
     write_json(state, out / "results.json")
-
     write_report(state, out)
     log(f"wrote {out / 'results.json'} and {out / 'report.md'} in {state['seconds_total']:.0f} s")
     return state
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def summarise(state: dict) -> None:
@@ -583,15 +617,27 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT/../.embeddings)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to run (default all)")
     args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or "casam" not in methods:
+        print(f"training.continual: error: --methods {args.methods!r}: "
+              + (f"unknown {unknown[0]!r} (choose from {', '.join(METHODS)})" if unknown else "casam must be one"),
+              file=sys.stderr)
+        raise SystemExit(2)
     stream = [s for s in args.stream.split(",") if s]
     unseen = [s for s in args.unseen.split(",") if s]
     for name in stream + unseen:
         if not (Path(args.data) / name / "dataset.json").is_file():
             print(f"training.continual: error: {Path(args.data) / name} has no dataset.json", file=sys.stderr)
             raise SystemExit(2)
-    run(stream, unseen, args.profile, Path(args.out), Path(args.data), args.device,
-        Path(args.cache_dir) if args.cache_dir else None, args.seed)
+    dist = init_distributed(args.device)  # under torchrun: this process's place in the job
+    try:
+        run(stream, unseen, args.profile, Path(args.out), Path(args.data), args.device,
+            Path(args.cache_dir) if args.cache_dir else None, args.seed, methods, dist=dist)
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":
