@@ -36,16 +36,17 @@ from typing import Callable, Optional
 import numpy as np
 
 SETTINGS = ("name", "backbone", "checkpoint", "device", "library", "cache_dir", "profile", "steps", "label_names",
-            "modality")
+            "modality", "axis")
 NICENESS = 10
 
 
 def learn(put: Callable, cancel_event: threading.Event, name: str, image: np.ndarray, labels: np.ndarray,
           backbone: str = "litemedsam", checkpoint: Optional[str] = None, device: str = "auto", library: str = "",
           cache_dir: Optional[str] = None, profile: str = "fast", steps: Optional[int] = None,
-          label_names: Optional[dict] = None, modality: Optional[str] = None) -> None:
+          label_names: Optional[dict] = None, modality: Optional[str] = None, axis: int = 0) -> None:
     """Learn one task from an annotated image or volume and save it to ``library``; every
-    outcome is one final message through ``put``."""
+    outcome is one final message through ``put``. ``axis``: a volume is cut into training
+    slices along it (the axis the user viewed and annotated)."""
     try:
         from casam_core.build import NO_CACHE, build_predictor
         from casam_core.errors import TaskLibraryError
@@ -59,7 +60,7 @@ def learn(put: Callable, cancel_event: threading.Event, name: str, image: np.nda
         if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4) and labels.ndim == 2):
             slices = [image_slice_from_array(image, labels, name)]
         else:
-            slices = volume_slices(image, labels, source=name)
+            slices = volume_slices(image, labels, axis=axis, source=name)
         if label_names is None:  # every label value present in the annotation
             label_names = {int(v): f"label {int(v)}" for v in np.unique(labels) if v}
         label_names = {int(k): v for k, v in label_names.items()}  # JSON keys are strings

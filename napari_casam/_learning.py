@@ -73,7 +73,8 @@ class LearnController:
             checkpoint=w.checkpoint_edit.text().strip() or None, device=w.device_combo.currentText(),
             library=str(w.library.root), cache_dir=str(w.session.cache_dir), profile=w.profile_combo.currentText(),
             steps=int(w.steps_spin.value()) if fast else None, label_names=self._label_names(labels),
-            modality=w.modality_edit.text().strip() or None)
+            modality=w.modality_edit.text().strip() or None,
+            axis=w.layers.axis if labels.ndim == 3 else 0)  # the slices the user saw and annotated
         w.workers.jobs.append(self.job)
         self._status_done = task_status(w.viewer, f"learning task {name}", w.workers.shutdown)
         self.job.start()

@@ -208,6 +208,11 @@ def test_segmenting_and_propagation_follow_a_transposed_view(widget, qtbot):
     text = w.status_label.text()
     assert k in filled and (len(filled) > 1 or (f"slice {k - 1}" in text and f"slice {k + 1}" in text)), text
     assert set(filled) <= set(np.nonzero(gt.any(axis=(0, 2)))[0]), (filled, text)  # carried along axis 1
+    # learning from this view cuts the volume along the axis the user saw and annotated
+    assert w.learn(name="coronal", labels_layer=LABELS)
+    assert w.learn_job.kwargs["axis"] == 1
+    w.cancel_learning()
+    qtbot.waitUntil(lambda: w.learn_job is None, timeout=120000)
     viewer.dims.order = (0, 1, 2)  # back to axial: embedded again along axis 0
     qtbot.waitUntil(lambda: w.layers.axis == 0 and w.is_ready, timeout=120000)
     assert w.predictor.volume.axis == 0

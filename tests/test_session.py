@@ -49,3 +49,30 @@ def test_the_model_session_segments_and_drops_stale_routes(tmp_path, embedding_c
     assert session.route(None, generation).mode == "frozen"
     session.new_image()
     assert session.route("auto", generation) is None  # asked for the previous image: dropped
+
+
+def test_the_learning_process_cuts_a_volume_along_the_axis_it_is_given(tmp_path, monkeypatch):
+    """A volume annotated in a coronal view is learned from coronal slices, not from axial
+    slices that each hold a strip of the annotation."""
+    import casam_core.training as training
+    from casam_core.progress import Cancelled
+    from napari_casam._learn_process import learn
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(6, 20, 24)).astype(np.float32)
+    labels = np.zeros(image.shape, np.int32)
+    labels[:, 7, 5:15] = 1  # one annotated coronal slice (axis 1, index 7)
+    seen = {}
+
+    def capture(predictor, name, data, config, progress=None, cancel=None):
+        seen["slices"] = data.slices
+        raise Cancelled("enough")
+
+    monkeypatch.setattr(training, "learn_task", capture)
+    messages = []
+    learn(messages.append, __import__("threading").Event(), "coronal", image, labels,
+          library=str(tmp_path / "lib"), cache_dir=str(tmp_path / "cache"), axis=1)
+    assert messages == [["cancelled"]]
+    assert len(seen["slices"]) == 20 and all(s.rgb.shape[:2] == (6, 24) for s in seen["slices"])
+    annotated = [s for s in seen["slices"] if s.annotated]
+    assert len(annotated) == 1 and annotated[0].source == "coronal[7]" and annotated[0].labels.sum() == 6 * 10
