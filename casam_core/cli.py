@@ -277,9 +277,7 @@ def cmd_embed(args) -> Optional[dict]:
     torchrun each process takes a share of the files."""
     dist = _dist(args)
     items = list_inputs(args.data, args.split)
-    predictor = _predictor(args)
-    if predictor.disk is None:
-        raise CLIError("casam embed writes into the on-disk cache: give --cache-dir DIR")
+    predictor = _predictor(args)  # always with the on-disk cache (--cache-dir, or the default one)
     progress = None if args.json or not dist.is_main else TqdmProgress()
     row = embed_inputs(predictor, items, dist, axis=args.axis, window=args.window, progress=progress)
     rows = dist.gather_json(row)
