@@ -130,7 +130,7 @@ class Backbone(nn.Module):
         self.requires_grad_(False)
         self.eval()
         # the encoder and the mask decoder in another runtime (runtimes.py), for inputs on the CPU
-        self._fast_encoder = self._fast_decoder = None
+        self._fast_encoder = self._fast_decoder = self._fast_decoder_of = None
         self.runtime_note = "torch (eager)"
 
     def use_runtime(self, runtime: Optional[str] = None) -> str:
@@ -138,6 +138,7 @@ class Backbone(nn.Module):
         "openvino"; see casam_core.runtimes) where each agrees with eager PyTorch; returns a note on
         what runs them."""
         self._fast_encoder, self._fast_decoder, self.runtime_note = accelerate(self, runtime)
+        self._fast_decoder_of = self.mask_decoder  # the fast decoder is this module's graph, not another's
         return self.runtime_note
 
     # -- properties -----------------------------------------------------------------
@@ -197,10 +198,12 @@ class Backbone(nn.Module):
         decoder's IoU predictions (B, C). Not wrapped in inference mode: training
         back-propagates through it into an Alignment Layer (with gradients on, the decoder
         always runs in eager PyTorch). ``mask_decoder`` replaces the frozen decoder (the
-        decoder fine-tuning baseline of the continual benchmark).
+        decoder fine-tuning baseline of the continual benchmark), as does assigning another module
+        to ``self.mask_decoder``: the fast runtime's decoder is used only for the one it was built from.
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        if (self._fast_decoder is not None and mask_decoder is None and not torch.is_grad_enabled()
+        if (self._fast_decoder is not None and mask_decoder is None and self.mask_decoder is self._fast_decoder_of
+                and not torch.is_grad_enabled()
                 and embeddings.device.type == "cpu" and sparse.shape[1] > 0):
             logits, iou = self._fast_decoder(embeddings.float(), sparse, dense)
             chosen = slice(1, None) if multimask_output else slice(0, 1)  # as segment-anything's MaskDecoder

@@ -165,6 +165,23 @@ def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tm
     logits, _ = fast.decode(z, None, torch.tensor([[10.0, 10.0, 100.0, 100.0]]))
     logits.sum().backward()
     assert z.grad is not None and float(z.grad.abs().sum()) > 0
+    # another decoder put in the backbone's place (the continual benchmark's fine-tuned decoder)
+    # is the one that runs: the converted graph is only the original's
+    import copy
+
+    changed = copy.deepcopy(fast.mask_decoder)
+    with torch.no_grad():
+        last = changed.output_hypernetworks_mlps[0].layers[-1]  # the first mask's logits, negated
+        last.weight.neg_()
+        last.bias.neg_()
+    original = fast.mask_decoder
+    with torch.inference_mode():
+        before = fast.decode(predictor.embedding()[None], None, torch.tensor([[10.0, 10.0, 100.0, 100.0]]))[0]
+        fast.mask_decoder = changed
+        after = fast.decode(predictor.embedding()[None], None, torch.tensor([[10.0, 10.0, 100.0, 100.0]]))[0]
+        fast.mask_decoder = original
+        again = fast.decode(predictor.embedding()[None], None, torch.tensor([[10.0, 10.0, 100.0, 100.0]]))[0]
+    assert torch.allclose(after, -before, atol=1e-2) and float(before.abs().max()) > 1 and torch.equal(before, again)
     # a damaged converted model: "auto" falls back to eager PyTorch for that part and says why
     monkeypatch.delenv("CASAM_RUNTIME")
 
