@@ -53,3 +53,9 @@ def test_miniature_run_writes_every_output_and_resumes(tmp_path, embedding_cache
     assert any(line.startswith("resuming after stage 2") for line in logs)
     assert again["final"]["confusion"] == results["final"]["confusion"]
     assert again["final"]["unseen"] == results["final"]["unseen"]
+    # the run time is summed over both invocations (the resumed one did not retrain the stages)
+    first, second = again["invocations"]
+    assert results["invocations"] == [first] and first["resumed_after_stage"] == 0 and second["resumed_after_stage"] == 2
+    assert results["seconds_total"] == first["seconds"] > 0 and 0 < second["seconds"] < first["seconds"]
+    assert again["seconds_total"] == round(first["seconds"] + second["seconds"], 1)
+    assert "over 2 invocations" in (out / "report.md").read_text()

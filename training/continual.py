@@ -373,8 +373,17 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
     state.update({"stream": stream_names, "unseen": unseen, "profile": asdict(profile), "profile_name": str(profile_name) if isinstance(profile_name, str) else "custom",
                   "backbone": backbone.fingerprint, "methods": methods})
     state.setdefault("stages", [])
-
+    # wall time, summed over the invocations that made this result (a resumed run has several;
+    # each one's time counts up to its last save, so work an interruption lost is not counted)
+    state.setdefault("invocations", [])
+    state["invocations"].append({"resumed_after_stage": len(state["stages"]), "seconds": 0.0,
+                                 "embedding_seconds": 0.0})
     t0 = time.perf_counter()
+
+    def save(path: Path) -> None:
+        state["invocations"][-1]["seconds"] = round(time.perf_counter() - t0, 1)
+        state["seconds_total"] = round(sum(i["seconds"] for i in state["invocations"]), 1)
+        write_json(state, path)
     tasks = []
     bar = TqdmProgress(disable=not dist.is_main)
     for i, name in enumerate(stream_names + unseen):
@@ -391,8 +400,10 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
         predictor.embed_rgb(rgb)
         bar(k + 1, len(mine), "embedding: train and test images")
     dist.barrier()  # every embedding is on disk before anyone reads it
-    state["embedding_seconds"] = round(time.perf_counter() - te, 1)
-    log(f"embedded {len(all_imgs)} images in {state['embedding_seconds']} s ({predictor.encoder_calls} encoder calls)")
+    seconds = round(time.perf_counter() - te, 1)
+    state["invocations"][-1]["embedding_seconds"] = seconds
+    state["embedding_seconds"] = round(sum(i["embedding_seconds"] for i in state["invocations"]), 1)
+    log(f"embedded {len(all_imgs)} images in {seconds} s ({predictor.encoder_calls} encoder calls)")
 
     router = Router()
     layers: Dict[str, Optional[AlignmentLayer]] = {}
@@ -530,7 +541,7 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
         if dist.is_main:
             save_models(models / f"stage_{t + 1}.safetensors", layers, variants, shared_naive, shared_ewc, decoder,
                         router, ewc_terms)
-            write_json(state, state_path)  # after the models: a stage counts as done only when both exist
+            save(state_path)  # after the models: a stage counts as done only when both exist
         dist.barrier()
         log(f"stage {t + 1}/{len(seen_sets)} {ts.name}: casam Dice "
             f"{np.mean([v['dice'] for v in row['results'].get('casam', {}).values()] or [np.nan]):.3f}, routing "
@@ -550,7 +561,7 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
         state["joint"] = {"results": {s.name: ev.dataset(s, layer=joint) for s in seen_sets},
                           "seconds": round(time.perf_counter() - tj, 1)}
         if dist.is_main:
-            write_json(state, state_path)
+            save(state_path)
     # unseen sets and the routing confusion matrix after the last task
     names = [t.name for t in seen_sets]
     for ts in seen_sets + unseen_sets:
@@ -569,15 +580,15 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
         "gflops_decoder": round(gflops(backbone), 3),
         "gflops_decoder_with_al": round(gflops(backbone, layer0.to(backbone.device).eval()), 3),
     }
-    state["seconds_total"] = round(time.perf_counter() - t0, 1)
     state["processes"] = dist.world
     summarise(state)
     if not dist.is_main:
         return state
-    write_json(state, state_path)
+    save(state_path)
     write_json(state, out / "results.json")
     write_report(state, out)
-    log(f"wrote {out / 'results.json'} and {out / 'report.md'} in {state['seconds_total']:.0f} s")
+    log(f"wrote {out / 'results.json'} and {out / 'report.md'}: {state['invocations'][-1]['seconds']:.0f} s "
+        f"this invocation, {state['seconds_total']:.0f} s in all")
     return state
 
 

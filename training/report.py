@@ -34,13 +34,23 @@ def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
 
+def _budget(p: dict) -> str:
+    """Each layer's training budget: the recipe's own, or the profile's overrides."""
+    parts = [f"recipe `{p.get('recipe', 'paper')}`"]
+    parts += [f"{k} {p[k]}" for k in ("steps", "epochs", "lr") if p.get(k) is not None]
+    return ", ".join(parts) + ("" if any(p.get(k) is not None for k in ("steps", "epochs", "lr")) else " (its own budget)")
+
+
 def _run_time(state: dict) -> str:
-    """The run's time: the stages' own wall times (they survive a resume) and the last invocation's."""
+    """The run's time: the invocations' wall times summed (a resumed run has several), and the
+    stages' own wall times."""
+    runs = state.get("invocations", [])
+    total = (f"run time {state.get('seconds_total')} s" + (f" over {len(runs)} invocations "
+             f"({', '.join(str(round(r['seconds'])) for r in runs)} s)" if len(runs) > 1 else ""))
     stages = [r.get("seconds") for r in state.get("stages", [])]
-    last = f"the last invocation {state.get('seconds_total')} s"
     if stages and all(v is not None for v in stages):
-        return f"stages {sum(stages):.0f} s in all ({', '.join(f'{v:.0f}' for v in stages)}); {last}"
-    return last
+        return f"{total}; stages {sum(stages):.0f} s in all ({', '.join(f'{v:.0f}' for v in stages)})"
+    return total
 
 
 def write_report(state: dict, out: Path) -> None:
@@ -55,7 +65,7 @@ def write_report(state: dict, out: Path) -> None:
               f"Per task: {state['data'][names[0]]['train']} training images/slices for {names[0]} "
               f"(caps: {p['train_images']} 2D images, {p['train_volumes']} volumes x {p['slices_per_volume']} "
               f"annotated slices), test caps {p['test_images']} images / {p['test_volumes']} volumes; "
-              f"{p['epochs']} epochs, lr {p['lr']}. Embedding {state.get('embedding_seconds')} s; "
+              f"{_budget(p)}. Embedding {state.get('embedding_seconds')} s; "
               f"{_run_time(state)}.", ""]
     lines += ["## Final results (Dice; after the last task)", "",
               "| method | Avg Dice | forgetting | BWT |", "|---|---:|---:|---:|"]
