@@ -138,7 +138,9 @@ class Backbone(nn.Module):
         "openvino"; see casam_core.runtimes) where each agrees with eager PyTorch; returns a note on
         what runs them."""
         self._fast_encoder, self._fast_decoder, self.runtime_note = accelerate(self, runtime)
-        self._fast_decoder_of = self.mask_decoder  # the fast decoder is this module's graph, not another's
+        # the module the fast decoder was converted from (in a tuple: not registered as a submodule,
+        # so it stays out of state_dict); another module put in self.mask_decoder runs itself
+        self._fast_decoder_of = (self.mask_decoder,)
         return self.runtime_note
 
     # -- properties -----------------------------------------------------------------
@@ -202,8 +204,8 @@ class Backbone(nn.Module):
         to ``self.mask_decoder``: the fast runtime's decoder is used only for the one it was built from.
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        if (self._fast_decoder is not None and mask_decoder is None and self.mask_decoder is self._fast_decoder_of
-                and not torch.is_grad_enabled()
+        if (self._fast_decoder is not None and mask_decoder is None and self._fast_decoder_of
+                and self.mask_decoder is self._fast_decoder_of[0] and not torch.is_grad_enabled()
                 and embeddings.device.type == "cpu" and sparse.shape[1] > 0):
             logits, iou = self._fast_decoder(embeddings.float(), sparse, dense)
             chosen = slice(1, None) if multimask_output else slice(0, 1)  # as segment-anything's MaskDecoder
