@@ -67,6 +67,8 @@ def write_report(state: dict, out: Path) -> None:
               f"annotated slices), test caps {p['test_images']} images / {p['test_volumes']} volumes; "
               f"{_budget(p)}. Embedding {state.get('embedding_seconds')} s; "
               f"{_run_time(state)}.", ""]
+    if state.get("notes"):  # corrections written after the run (e.g. a baseline found invalid)
+        lines += ["Notes: " + "; ".join(f"**{k}**: {v}" for k, v in state["notes"].items()) + ".", ""]
     lines += ["## Final results (Dice; after the last task)", "",
               "| method | Avg Dice | forgetting | BWT |", "|---|---:|---:|---:|"]
     for m in state["methods"]:
