@@ -36,9 +36,8 @@ def _fmt(v) -> str:
 
 def _budget(p: dict) -> str:
     """Each layer's training budget: the recipe's own, or the profile's overrides."""
-    parts = [f"recipe `{p.get('recipe', 'paper')}`"]
-    parts += [f"{k} {p[k]}" for k in ("steps", "epochs", "lr") if p.get(k) is not None]
-    return ", ".join(parts) + ("" if any(p.get(k) is not None for k in ("steps", "epochs", "lr")) else " (its own budget)")
+    overrides = [f"{k} {p[k]}" for k in ("steps", "epochs", "lr") if p.get(k) is not None]
+    return f"recipe `{p.get('recipe', 'paper')}`" + (", " + ", ".join(overrides) if overrides else " (its own budget)")
 
 
 def _run_time(state: dict) -> str:
