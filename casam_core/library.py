@@ -389,19 +389,24 @@ class TaskLibrary:
 
     def rename(self, old: str, new: str) -> Path:
         """One atomic rename of the task's folder (the folder's name is the task's name), then the
-        card's copy of the name is rewritten atomically; a crash between the two leaves the
-        task whole under its new name."""
+        card's copy of the name is replaced in one step by a card written beforehand in a hidden
+        staging folder. A crash leaves the task whole under one of its names, with only its own
+        three files; the staging folder goes with the next writer's sweep."""
         check_task_name(new)
         with self._writing():
             folder = self._folder(old)
             target = self.root / new
             if target.exists():  # a task, or any other folder or file of that name
                 raise TaskLibraryError(f"a task named {new!r} already exists in {self.root}")
-            card = self.card(old)
-            os.rename(folder, target)
-            card["name"] = new
-            with atomic_write(target / CARD) as tmp:
-                tmp.write_text(json.dumps(card, indent=2) + "\n")
+            card = dict(self.card(old), name=new)
+            staging = self._staging(new)
+            try:
+                (staging / CARD).write_text(json.dumps(card, indent=2) + "\n")
+                honour_umask(staging / CARD)
+                os.rename(folder, target)
+                os.replace(staging / CARD, target / CARD)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
             return target
 
     # -- packs ----------------------------------------------------------------------

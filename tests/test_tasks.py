@@ -164,6 +164,29 @@ def test_rename_keeps_the_task(kvasir_task, tmp_path):
         library.rename("polyps", "auto")
 
 
+@pytest.mark.parametrize("crash_at", ["rename", "replace"])
+def test_a_rename_killed_midway_leaves_one_whole_task_and_no_stray_file(kvasir_task, tmp_path, crash_at):
+    """A process killed inside a rename (CI caught one leaving a half-written card beside the
+    task's three files): the process kills itself at the folder rename, or at the card swap."""
+    import subprocess
+    import sys
+
+    library = _saved(kvasir_task[0], tmp_path)
+    script = (f"import os, signal\n"
+              f"from casam_core.library import TaskLibrary\n"
+              f"os.{crash_at} = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"TaskLibrary({str(library.root)!r}).rename('kvasir', 'polyps')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    names = library.names()
+    assert names == (["kvasir"] if crash_at == "rename" else ["polyps"])
+    assert sorted(p.name for p in (library.root / names[0]).iterdir()) == sorted([ALIGNMENT, CARD, ROUTER])
+    assert library.load(names[0]).name == names[0]
+    library.rename(names[0], "again")  # the next writer sweeps what the killed one left
+    assert sorted(p.name for p in library.root.iterdir()) == [".lock", "again"]
+    assert library.load("again").card["name"] == "again"
+
+
 def test_pack_export_and_import(kvasir_task, tmp_path):
     task, _, _ = kvasir_task
     library = _saved(task, tmp_path)
