@@ -56,7 +56,13 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+    try:
+        from casam_core.runtimes import _native_bf16
+
+        bf16 = "native bfloat16" if _native_bf16() else "no native bfloat16"
+    except ImportError:  # no OpenVINO
+        bf16 = "bfloat16 not checked"
+    return (f"{cpu}, {os.cpu_count()} cores ({bf16}), torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 

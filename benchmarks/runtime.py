@@ -1,6 +1,6 @@
 """Runtimes in one run: eager PyTorch with float32 embeddings (the reference) against the
-default path, OpenVINO (encoder and, in inference, mask decoder) with embeddings kept as
-float16, on the CPU.
+default path, OpenVINO (encoder and, in inference, mask decoder: in bfloat16 on a CPU that
+computes it natively, ``$CASAM_PRECISION``) with embeddings kept as float16, on the CPU.
 
     python benchmarks/runtime.py [--faith-limit N] [--out benchmarks/results/runtime_cpu.md]
 
@@ -52,6 +52,7 @@ BRATS = REPO / "samples" / "brats_glioma"
 FAITH_SETS = ("kvasir_polyp", "hc18_fetal_head")
 DIFF_IMAGES = 10  # per set, for the largest embedding difference
 STORED = {"torch": torch.float32, "openvino": torch.float16}  # the reference, and the default
+DECODER_ARITHMETIC = {"bf16": "bfloat16", "f32": "float32", None: "eager PyTorch"}
 
 
 def predictor_for(name, backbone, **kw):
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
     lines = [f"# Runtimes, LiteMedSAM ({backbones['torch'].fingerprint}) on the CPU", "",
              f"Machine: {machine()}. Run: `python benchmarks/runtime.py` on {time.strftime('%Y-%m-%d')}. "
              f"OpenVINO: {backbones['openvino'].runtime_note}.", "",
-             "| measure | eager PyTorch, float32 embeddings (reference) | default: OpenVINO, float16 embeddings | ratio "
+             "| measure | eager PyTorch, float32 embeddings (reference) | default: OpenVINO, float16 embeddings "
+             f"({DECODER_ARITHMETIC[getattr(backbones['openvino']._fast_decoder, 'precision', None)]} decoder) | ratio "
              "| target |", "|---|---:|---:|---:|---|",
              f"| encoder per slice (ms, median of 7) | {enc['torch']:.0f} | {enc['openvino']:.0f} | {ratio:.2f} | "
              f"<= 0.4: {'met' if ratio <= 0.4 else 'NOT met'} |"]

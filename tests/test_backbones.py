@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from casam_core import CASamPredictor, build_backbone
+from casam_core.metrics import dice
 from conftest import dataset_case
 from casam_core.backbones import (
     ENCODER_REVISION, LITEMEDSAM_SHA256, BackboneError, litemedsam_checkpoint_path, preprocess_shape,
@@ -131,6 +132,43 @@ def test_preprocessing_keeps_aspect_and_pads(backbone):
     assert np.allclose(boxes, [[0, 0, 256, 85]], atol=0.01)
 
 
+def test_the_decoder_runs_in_bfloat16_where_the_cpu_computes_it_and_keeps_the_masks(tmp_path, monkeypatch):
+    """$CASAM_PRECISION=auto (the default) runs the OpenVINO decoder in bfloat16 on a CPU with
+    native bfloat16 (about half the time of a click); its masks on a real image agree with
+    float32's. Elsewhere the default is float32, and asking for bfloat16 is refused clearly."""
+    from casam_core.errors import OptionError
+    from casam_core.runtimes import _native_bf16, decoder_precision
+
+    monkeypatch.setenv("CASAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CASAM_PRECISION", raising=False)
+    if not _native_bf16():
+        assert decoder_precision() == "f32"
+        with pytest.raises(OptionError, match="does not compute bfloat16 natively"):
+            decoder_precision("bf16")
+        assert build_backbone("litemedsam", device="cpu").runtime_note.startswith(
+            "openvino CPU float32, encoder and decoder")
+        return
+    assert decoder_precision() == "bf16" and decoder_precision("f32") == "f32"
+    half = build_backbone("litemedsam", device="cpu")
+    assert "openvino CPU bfloat16 decoder (this CPU's native type" in half.runtime_note, half.runtime_note
+    assert half.runtime_note.startswith("openvino CPU float32, encoder (max"), half.runtime_note
+    assert list((tmp_path / "cache" / "encoders").glob("*-decoder.verified-bf16.json"))  # checked once, recorded
+    monkeypatch.setenv("CASAM_PRECISION", "f32")
+    full = build_backbone("litemedsam", device="cpu")
+    image, labels = dataset_case("kvasir_polyp", "test", 0)
+    ys, xs = np.nonzero(labels == 1)
+    boxes = np.array([[xs.min(), ys.min(), xs.max(), ys.max()], [0, 0, image.shape[1] // 2, image.shape[0] // 2]], float)
+    out = []
+    for backbone in (full, half):
+        predictor = CASamPredictor(backbone)
+        predictor.set_image(image)
+        out.append(predictor.predict_batch(box=boxes, multimask_output=True))
+    (m32, s32, _), (m16, s16, _) = out
+    assert m16.shape == m32.shape and float((m16 == m32).mean()) > 0.995
+    assert dice(m16[0, 0], labels == 1) > dice(m32[0, 0], labels == 1) - 0.01
+    assert np.abs(s16 - s32).max() < 0.05
+
+
 def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tmp_path, monkeypatch):
     """The default runtime on a CPU (OpenVINO, converted once and kept beside the embedding cache)
     gives the reference's embeddings and masks, for one box, several boxes and clicks; learning
@@ -140,6 +178,7 @@ def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tm
     from casam_core.errors import OptionError
 
     monkeypatch.setenv("CASAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CASAM_PRECISION", "f32")  # float32 throughout: the bfloat16 decoder has its own test
     fast = build_backbone("litemedsam", device="cpu", runtime="openvino")
     assert fast.runtime_note.startswith("openvino CPU float32, encoder and decoder"), fast.runtime_note
     assert len(list((tmp_path / "cache" / "encoders").glob("*.xml"))) == 2  # converted once, kept
