@@ -203,18 +203,23 @@ class Backbone(nn.Module):
         decoder fine-tuning baseline of the continual benchmark), as does assigning another module
         to ``self.mask_decoder``: the fast runtime's decoder is used only for the one it was built from.
         """
+        logits, iou = self.decode_all(embeddings, points, boxes, masks, mask_decoder)
+        chosen = slice(1, None) if multimask_output else slice(0, 1)  # as segment-anything's MaskDecoder
+        return logits[:, chosen], iou[:, chosen]
+
+    def decode_all(self, embeddings: torch.Tensor, points=None, boxes=None, masks=None,
+                   mask_decoder: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``decode`` with every output the decoder computes: the single-mask output first, then
+        the three multimask outputs ((B, 4, 256, 256) logits, (B, 4) IoU predictions), so that
+        a caller choosing among candidates need not decode its choice again."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
         if (self._fast_decoder is not None and mask_decoder is None and self._fast_decoder_of
                 and self.mask_decoder is self._fast_decoder_of[0] and not torch.is_grad_enabled()
                 and embeddings.device.type == "cpu" and sparse.shape[1] > 0):
-            logits, iou = self._fast_decoder(embeddings.float(), sparse, dense)
-            chosen = slice(1, None) if multimask_output else slice(0, 1)  # as segment-anything's MaskDecoder
-            return logits[:, chosen], iou[:, chosen]
-        return (mask_decoder or self.mask_decoder)(
+            return self._fast_decoder(embeddings.float(), sparse, dense)
+        return (mask_decoder or self.mask_decoder).predict_masks(
             image_embeddings=embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
 
     # -- prompt side ----------------------------------------------------------------
     def transform_coords(self, coords: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:

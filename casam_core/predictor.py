@@ -655,7 +655,8 @@ class CASamPredictor:
             cand = torch.cat(cand)
             cand[:, 0::2] = cand[:, 0::2].clamp(0, w_in - 1)
             cand[:, 1::2] = cand[:, 1::2].clamp(0, h_in - 1)
-            low, iou = self.backbone.decode(z, None, cand, None, False)
+            low_all, iou_all = self.backbone.decode_all(z, None, cand, None)  # every output: the choice's three
+            low, iou = low_all[:, :1], iou_all[:, :1]  # masks need no second decode
             if n_local:
                 edits = _local_edits(masks[b, 0], low[-n_local:, 0], cand[-n_local:] * scale,
                                      (last * scale).long().clamp(0, low_size - 1), bool(labels[b][-1] == 1))
@@ -690,7 +691,7 @@ class CASamPredictor:
                 if multimask_output:
                     iou_b = iou_b.expand(-1, 3)
             elif multimask_output and best < len(cand) - n_local:
-                low_b, iou_b = self.backbone.decode(z, None, cand[best: best + 1], None, True)
+                low_b, iou_b = low_all[best: best + 1, 1:], iou_all[best: best + 1, 1:]
             elif multimask_output:  # a local edit: the one mask, three times
                 low_b, iou_b = low[best: best + 1].expand(-1, 3, -1, -1), iou[best: best + 1].expand(-1, 3)
             else:
