@@ -230,9 +230,13 @@ def _compare(one, two, path=""):
         assert one == two, (path, one, two)
 
 
-def test_the_continual_benchmark_on_two_processes_gives_the_results_of_one(tmp_path, embedding_cache):
+def test_the_continual_benchmark_on_two_processes_gives_the_results_of_one(tmp_path, embedding_cache, monkeypatch):
+    """Float32 throughout ($CASAM_PRECISION=f32): a bfloat16 decoder rounds differently with
+    one thread than with two, and on the smoke profile's few small hippocampus masks that moved
+    an IoU by 0.05 (measured); the claim here is about the sharding, not the arithmetic."""
     from training.continual import run
 
+    monkeypatch.setenv("CASAM_PRECISION", "f32")
     for name in ("kvasir_polyp", "hippocampus_mri", "cxr_lungs"):
         dataset_root(name)
     stream, methods = ["kvasir_polyp", "hippocampus_mri"], ["zero_shot", "casam", "oracle", "naive_al"]
