@@ -140,7 +140,10 @@ def test_the_decoder_runs_in_bfloat16_where_the_cpu_computes_it_and_keeps_the_ma
     from casam_core.runtimes import _native_bf16, decoder_precision
 
     monkeypatch.setenv("CASAM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("CASAM_PRECISION", raising=False)
+    monkeypatch.setenv("CASAM_PRECISION", "bf17")  # a misspelt setting: one line naming the variable
+    with pytest.raises(OptionError, match=r"unknown \$CASAM_PRECISION 'bf17'; did you mean 'bf16'"):
+        build_backbone("litemedsam", device="cpu")
+    monkeypatch.delenv("CASAM_PRECISION")
     if not _native_bf16():
         assert decoder_precision() == "f32"
         with pytest.raises(OptionError, match="does not compute bfloat16 natively"):
