@@ -16,9 +16,13 @@ Measured, each as a ratio to the reference in the same run (issue 12's targets):
    embeddings of every slice it visits (no cache), with each runtime;
 4. the peak resident memory (VmHWM) of a session (its own process, default runtime) that
    embeds all 155 slices of that BraTS volume and propagates through it, with float32 and
-   with float16 embeddings.
-The prompt encoder and the Alignment Layers stay in PyTorch, and learning back-propagates
-through the eager decoder: a learning step costs what ``benchmarks/learn.py`` reports on both.
+   with float16 embeddings;
+5. one learning step (``training.fit``: Alignment Layer forward, the eager decoder, the loss,
+   backward, Adam) on cached embeddings of that volume's tumour slices: the product's recipe
+   (1 image x 5 masks) and the paper's (6 images x 5 masks); float32 (the reference) against
+   the default, bfloat16 autocast where the decoder runs in bfloat16 (``training.learning_arithmetic``).
+The prompt encoder and the Alignment Layers stay in PyTorch; learning back-propagates through
+the eager decoder.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from casam_core.evaluate import evaluate_dataset  # noqa: E402
 from casam_core.io import read_dataset, read_image, read_labels  # noqa: E402
 from casam_core.metrics import dice  # noqa: E402
 from casam_core.prompts import box_from_mask, click_from_mask, propagate_box  # noqa: E402
+from casam_core.training import (_objects_for, fit, learn_config, learning_arithmetic,  # noqa: E402
+                                 volume_slices)
 from latency import machine  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
@@ -109,6 +115,41 @@ def faithfulness(backbones, limit):
             other.set_image(image)
             diff = max(diff, float((ref.embedding() - other.embedding()).abs().max()))
     return dices, diff
+
+
+def learning_step_ms(backbones, rounds: int = 5, steps: int = 3):
+    """Median ms of one learning step per runtime and recipe ("fast": 1 image x 5 masks, "paper":
+    6 x 5), on the frozen embeddings of six tumour slices of the demo volume; the runtimes
+    interleaved, ``rounds`` fits of ``steps`` steps each after one warm-up fit."""
+    from casam_core.alignment import AlignmentLayer
+
+    vol = read_image(BRATS / "brats_2013_pat0005_1.nii.gz")
+    labels = read_labels(BRATS / "brats_2013_pat0005_1_mask.nii.gz", like=vol).array
+    slices = volume_slices(vol.array, labels)
+    area = [int((s.labels > 0).sum()) for s in slices]
+    chosen = [slices[k] for k in np.argsort(area)[::-1][:6]]
+    data = {}
+    for name, b in backbones.items():
+        p = CASamPredictor(b)
+        records = [p.embed_rgb(s.rgb) for s in chosen]
+        z_all = [p.embedding(r).detach().float().clone() for r in records]
+        low = 4 * b.embedding_shape[1]
+        data[name] = (z_all, {i: _objects_for(s.labels, "class", records[i], b.img_size, low, i)
+                              for i, s in enumerate(chosen)})
+    recipes = {"fast": {}, "paper": {"batch_images": 6}}
+    times = {(name, r): [] for name in backbones for r in recipes}
+    for i in range(rounds + 1):
+        for recipe, kw in recipes.items():
+            for name, b in backbones.items():
+                z_all, per_image = data[name]
+                config = learn_config("fast", steps=steps, val_every=0, time_budget_s=None, warmup_steps=0, **kw)
+                torch.manual_seed(0)
+                layer = AlignmentLayer(n_blocks=config.n_blocks, form=config.form).train()
+                t = time.perf_counter()
+                fit(b, z_all, per_image, config, np.random.default_rng(i), layer=layer)
+                if i:  # the first round warms up
+                    times[(name, recipe)].append((time.perf_counter() - t) * 1000 / steps)
+    return {key: statistics.median(v) for key, v in times.items()}
 
 
 def demo_volume():
@@ -178,6 +219,8 @@ def main(argv=None) -> int:
     print("dice", dices, "max diff", diff, flush=True)
     prop = {name: propagation(name, b) for name, b in backbones.items()}
     print("propagation", prop, flush=True)
+    learning = learning_step_ms(backbones)
+    print("learning step ms", learning, flush=True)
     rss = {}
     for stored in ("float32", "float16"):  # each in a fresh process
         child = subprocess.run([sys.executable, __file__, "--session-rss", stored], capture_output=True, text=True,
@@ -208,6 +251,11 @@ def main(argv=None) -> int:
     (ta, na, da), (tb, nb, db) = prop["torch"], prop["openvino"]
     lines.append(f"| demo volume: propagate {na} slices with their embeddings (s; 3D Dice) | {ta:.1f} ({da:.3f}) | "
                  f"{tb:.1f} ({db:.3f}, {nb} slices) | {p_ratio:.2f} | <= 0.45: {'met' if p_ratio <= 0.45 else 'NOT met'} |")
+    arithmetic = learning_arithmetic(backbones["openvino"])
+    for recipe, what in (("fast", "the product's recipe, 1 image x 5 masks"), ("paper", "the paper's, 6 images x 5 masks")):
+        a, b = learning[("torch", recipe)], learning[("openvino", recipe)]
+        lines.append(f"| one learning step, {what} (ms, median of 5 x 3; default: {arithmetic} forward) | {a:.0f} | "
+                     f"{b:.0f} | {b / a:.2f} | <= 0.7: {'met' if b / a <= 0.7 else 'NOT met'} |")
     a, b = rss["float32"]["peak_rss_mb"], rss["float16"]["peak_rss_mb"]
     lines.append(f"| peak RSS (VmHWM), a session on the default runtime embedding all {rss['float16']['slices']} slices "
                  f"and propagating (MB; reference column: float32 embeddings) | {a:.0f} | {b:.0f} | {b / a:.2f} | "

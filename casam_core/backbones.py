@@ -132,6 +132,9 @@ class Backbone(nn.Module):
         # the encoder and the mask decoder in another runtime (runtimes.py), for inputs on the CPU
         self._fast_encoder = self._fast_decoder = self._fast_decoder_of = None
         self.runtime_note = "torch (eager)"
+        # the arithmetic of a learning step's forward pass on the CPU (None: float32): bfloat16
+        # autocast where the decoder's bfloat16 passed its check (runtimes.py, $CASAM_PRECISION)
+        self.learning_dtype: Optional[torch.dtype] = None
 
     def use_runtime(self, runtime: Optional[str] = None) -> str:
         """Run the image encoder and, in inference, the mask decoder in ``runtime`` ("auto", "torch",
@@ -141,6 +144,8 @@ class Backbone(nn.Module):
         # the module the fast decoder was converted from (in a tuple: not registered as a submodule,
         # so it stays out of state_dict); another module put in self.mask_decoder runs itself
         self._fast_decoder_of = (self.mask_decoder,)
+        bf16 = getattr(self._fast_decoder, "precision", "f32") == "bf16"
+        self.learning_dtype = torch.bfloat16 if bf16 else None
         return self.runtime_note
 
     # -- properties -----------------------------------------------------------------

@@ -20,7 +20,8 @@ else float32; "f32" always float32. A bfloat16 decoder is used only if, on the p
 99.5 % of its mask pixels agree with the reference and its IoU predictions are within 0.02
 (measured on kvasir_polyp and hc18_fetal_head: GT-box Dice within 0.0002,
 ``benchmarks/runtime.py``). The encoder stays float32: its embeddings feed the router, the
-Alignment Layers and the disk cache.
+Alignment Layers and the disk cache. Learning follows the decoder: where it runs in bfloat16, a
+learning step's forward pass runs in PyTorch's bfloat16 autocast (``training.learning_arithmetic``).
 """
 
 from __future__ import annotations

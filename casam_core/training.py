@@ -438,7 +438,7 @@ def batch_loss(backbone, z: torch.Tensor, batch: List[int], per_image: Dict[int,
         if b not in row:  # another process decodes this image
             continue
         logits, iou = backbone.decode(z[row[b]:row[b] + 1], points, boxes_t, None, False, mask_decoder)
-        loss = loss + task_loss(logits[:, 0], iou[:, 0], target)
+        loss = loss + task_loss(logits[:, 0].float(), iou[:, 0].float(), target)
     return loss * world / len(batch)
 
 
@@ -460,6 +460,16 @@ def _lr_factor(step: int, total: int, config: LearnConfig) -> float:
         return 1.0
     progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def learning_arithmetic(backbone) -> str:
+    """The arithmetic of a learning step's forward pass: "bfloat16" (autocast; the backward pass
+    follows it) on a CPU where the backbone's decoder runs in bfloat16 (a CPU that computes it
+    natively, ``$CASAM_PRECISION`` not "f32", the eager runtime not asked for; measured 0.6x of a
+    float32 step on this project's CPU), else "float32". The weights, their gradients, the
+    optimiser and the loss stay float32, and the held-out checks run in inference arithmetic."""
+    bf16 = backbone.device.type == "cpu" and backbone.learning_dtype == torch.bfloat16
+    return "bfloat16" if bf16 else "float32"
 
 
 def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Object]], config: LearnConfig,
@@ -501,6 +511,7 @@ def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Obje
         raise OptionError(f"the training budget must be at least one step, got {total}")
     result = FitResult(0, float("nan"))
     best_state = None
+    autocast = learning_arithmetic(backbone) == "bfloat16"  # the forward pass; weights, Adam and loss stay float32
     check_every = config.val_every if validate is not None else 0
 
     def check(step: int) -> None:
@@ -528,15 +539,16 @@ def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Obje
         use_point = rng.random() < config.point_fraction
         own = dist.shard(range(len(batch)))
         z = torch.stack([z_all[batch[b]] for b in (own or [0])]).to(device)
-        if forward is not None:
-            z = forward(z)
-        if own:
-            loss = batch_loss(backbone, z, batch, per_image, config, rng, use_point, mask_decoder, click_box,
-                              own=own, world=dist.world)
-        else:  # a short last batch left this process nothing: it still joins the gradient average
-            batch_loss(backbone, z[:0], batch, per_image, config, rng, use_point, mask_decoder, click_box,
-                       own=own, world=dist.world)  # (draws the same prompts as the others)
-            loss = z.sum() * 0.0
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if forward is not None:
+                z = forward(z)
+            if own:
+                loss = batch_loss(backbone, z, batch, per_image, config, rng, use_point, mask_decoder, click_box,
+                                  own=own, world=dist.world)
+            else:  # a short last batch left this process nothing: it still joins the gradient average
+                batch_loss(backbone, z[:0], batch, per_image, config, rng, use_point, mask_decoder, click_box,
+                           own=own, world=dist.world)  # (draws the same prompts as the others)
+                loss = z.float().sum() * 0.0
         if penalty is not None:
             loss = loss + penalty()
         opt.zero_grad(set_to_none=True)
@@ -709,7 +721,7 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
         "click_box": list(click_box),
         "training": {**asdict(config), "steps": fitted.steps, "final_loss": round(fitted.last_loss, 5),
                      "kept_step": fitted.best_step, "stopped_by_time": fitted.stopped_by_time,
-                     "device": str(device)},
+                     "device": str(device), "arithmetic": learning_arithmetic(backbone)},
         "seconds": {"embedding": round(t_embed, 1), "training": round(t_train, 1),
                     "total": round(time.perf_counter() - t_start, 1)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

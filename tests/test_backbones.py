@@ -135,9 +135,11 @@ def test_preprocessing_keeps_aspect_and_pads(backbone):
 def test_the_decoder_runs_in_bfloat16_where_the_cpu_computes_it_and_keeps_the_masks(tmp_path, monkeypatch):
     """$CASAM_PRECISION=auto (the default) runs the OpenVINO decoder in bfloat16 on a CPU with
     native bfloat16 (about half the time of a click); its masks on a real image agree with
-    float32's. Elsewhere the default is float32, and asking for bfloat16 is refused clearly."""
+    float32's; learning steps follow the decoder's arithmetic ($CASAM_PRECISION=f32 and the eager
+    runtime keep float32). Elsewhere the default is float32, and asking for bfloat16 is refused clearly."""
     from casam_core.errors import OptionError
     from casam_core.runtimes import _native_bf16, decoder_precision
+    from casam_core.training import learning_arithmetic
 
     monkeypatch.setenv("CASAM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CASAM_PRECISION", "bf17")  # a misspelt setting: one line naming the variable
@@ -148,8 +150,9 @@ def test_the_decoder_runs_in_bfloat16_where_the_cpu_computes_it_and_keeps_the_ma
         assert decoder_precision() == "f32"
         with pytest.raises(OptionError, match="does not compute bfloat16 natively"):
             decoder_precision("bf16")
-        assert build_backbone("litemedsam", device="cpu").runtime_note.startswith(
-            "openvino CPU float32, encoder and decoder")
+        default = build_backbone("litemedsam", device="cpu")
+        assert default.runtime_note.startswith("openvino CPU float32, encoder and decoder")
+        assert learning_arithmetic(default) == "float32"
         return
     assert decoder_precision() == "bf16" and decoder_precision("f32") == "f32"
     half = build_backbone("litemedsam", device="cpu")
@@ -158,6 +161,8 @@ def test_the_decoder_runs_in_bfloat16_where_the_cpu_computes_it_and_keeps_the_ma
     assert list((tmp_path / "cache" / "encoders").glob("*-decoder.verified-bf16.json"))  # checked once, recorded
     monkeypatch.setenv("CASAM_PRECISION", "f32")
     full = build_backbone("litemedsam", device="cpu")
+    assert learning_arithmetic(half) == "bfloat16" and learning_arithmetic(full) == "float32"  # learning follows
+    assert learning_arithmetic(build_backbone("litemedsam", device="cpu", runtime="torch")) == "float32"
     image, labels = dataset_case("kvasir_polyp", "test", 0)
     ys, xs = np.nonzero(labels == 1)
     boxes = np.array([[xs.min(), ys.min(), xs.max(), ys.max()], [0, 0, image.shape[1] // 2, image.shape[0] // 2]], float)
