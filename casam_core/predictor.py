@@ -655,19 +655,24 @@ class CASamPredictor:
             cand = torch.cat(cand)
             cand[:, 0::2] = cand[:, 0::2].clamp(0, w_in - 1)
             cand[:, 1::2] = cand[:, 1::2].clamp(0, h_in - 1)
-            low_all, iou_all = self.backbone.decode_all(z, None, cand, None)  # every output: the choice's three
-            low, iou = low_all[:, :1], iou_all[:, :1]  # masks need no second decode
-            if n_local:
-                edits = _local_edits(masks[b, 0], low[-n_local:, 0], cand[-n_local:] * scale,
-                                     (last * scale).long().clamp(0, low_size - 1), bool(labels[b][-1] == 1))
-                low = torch.cat([low, edits[:, None]])
-                iou = torch.cat([iou, iou[-n_local:]])
-                cand = torch.cat([cand, cand[-n_local:]])
-            logits = low[:, 0]
+            # a first click needs each candidate's logits only at the clicks; a correction compares
+            # whole masks with the earlier one
+            found = self.backbone.decode_candidates(z, cand, whole=masks is not None)
+            iou = found.iou[:, :1]
+            if masks is not None:
+                low = found.whole[:, :1]
+                if n_local:
+                    edits = _local_edits(masks[b, 0], low[-n_local:, 0], cand[-n_local:] * scale,
+                                         (last * scale).long().clamp(0, low_size - 1), bool(labels[b][-1] == 1))
+                    low = torch.cat([low, edits[:, None]])
+                    iou = torch.cat([iou, iou[-n_local:]])
+                    cand = torch.cat([cand, cand[-n_local:]])
+                logits = low[:, 0]
 
             def inside(pts):
                 ij = (pts * scale).long().clamp(0, low_size - 1)
-                return logits[:, ij[:, 1], ij[:, 0]] > 0  # (K, n_points)
+                at = logits[:, ij[:, 1], ij[:, 0]] if masks is not None else found.logits_at(ij)[:, 0]
+                return at > 0  # (K, n_points)
 
             satisfied = inside(pos).sum(1) + (~inside(neg)).sum(1)
             score = satisfied.float() * 10.0 + iou[:, 0]  # most clicks honoured, then predicted IoU ...
@@ -690,12 +695,13 @@ class CASamPredictor:
                 low_b, iou_b = masks[b: b + 1].expand(-1, 3 if multimask_output else 1, -1, -1), iou[keep: keep + 1]
                 if multimask_output:
                     iou_b = iou_b.expand(-1, 3)
-            elif multimask_output and best < len(cand) - n_local:
-                low_b, iou_b = low_all[best: best + 1, 1:], iou_all[best: best + 1, 1:]
-            elif multimask_output:  # a local edit: the one mask, three times
-                low_b, iou_b = low[best: best + 1].expand(-1, 3, -1, -1), iou[best: best + 1].expand(-1, 3)
-            else:
+            elif best >= len(cand) - n_local:  # a local edit: the one mask (three times for multimask)
                 low_b, iou_b = low[best: best + 1], iou[best: best + 1]
+                if multimask_output:
+                    low_b, iou_b = low_b.expand(-1, 3, -1, -1), iou_b.expand(-1, 3)
+            else:  # a candidate as decoded: its outputs need no second decode
+                chosen = slice(1, None) if multimask_output else slice(0, 1)
+                low_b, iou_b = found.masks(best)[:, chosen], found.iou[best: best + 1, chosen]
             out_low.append(low_b)
             out_iou.append(iou_b)
         return torch.cat(out_low), torch.cat(out_iou)

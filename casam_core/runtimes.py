@@ -47,6 +47,7 @@ PRECISIONS = ("auto", "f32", "bf16")
 ENV_PRECISION = "CASAM_PRECISION"
 BF16_MIN_AGREEMENT = 0.995  # a bfloat16 decoder: share of the probe's mask pixels that agree with float32
 BF16_MAX_IOU_DIFFERENCE = 0.02  # ... and the largest difference of its IoU predictions
+SEARCH_CANDIDATES = 6  # the boxes a first click is searched with (predictor.POINT_SEARCH_FRACTIONS): a static copy
 
 
 def chosen_runtime(runtime: Optional[str] = None) -> str:
@@ -102,7 +103,10 @@ def accelerate(backbone, runtime: Optional[str] = None) -> Tuple[Optional[Callab
     runs, why = {}, {}
     precision = decoder_precision()
     for part, build, probe in (("encoder", _OpenVINOEncoder, _encoder_probe),
-                               ("decoder", lambda b: _OpenVINODecoder(b, precision), _decoder_probe)):
+                               ("decoder", lambda b: _OpenVINODecoder(b, precision), _decoder_probe),
+                               ("box search", lambda b: _OpenVINOSearch(b, precision), _decoder_probe)):
+        if part == "box search" and "decoder" not in runs:
+            break
         try:  # each part on its own: a decoder OpenVINO cannot take leaves the encoder's speed
             run = _verified(build(backbone), *probe(backbone))
         except Exception as exc:  # a read-only cache, a damaged converted model, a graph OpenVINO cannot take
@@ -119,6 +123,8 @@ def accelerate(backbone, runtime: Optional[str] = None) -> Tuple[Optional[Callab
             runs[part] = run
     if not runs:
         return None, None, "torch (eager; " + "; ".join(dict.fromkeys(why.values())) + ")"
+    if "decoder" in runs:  # clicks' candidate boxes: masks only where the clicks are, then the winner's
+        runs["decoder"].search = runs.pop("box search", None)
     full = {part: run for part, run in runs.items() if run.precision == "f32"}
     notes = []
     if full:
@@ -129,7 +135,8 @@ def accelerate(backbone, runtime: Optional[str] = None) -> Tuple[Optional[Callab
         notes.append(f"openvino CPU bfloat16 decoder (this CPU's native type; {100 * run.agreement:.2f} % of the "
                      f"probe's mask pixels agree with float32, logits within {run.difference:.2g})")
     return runs.get("encoder"), runs.get("decoder"), "; ".join(
-        notes + [f"the {part} in torch (eager; {reason})" for part, reason in why.items()])
+        notes + [f"the {part} in torch (eager; {reason})" if part != "box search" else
+                 f"the box search decodes whole masks ({reason})" for part, reason in why.items()])
 
 
 def _encoder_probe(backbone):
@@ -140,11 +147,14 @@ def _encoder_probe(backbone):
 
 
 def _decoder_probe(backbone):
-    """Random embeddings with two boxes (B = 2) and with one (B = 1), and the eager mask decoder."""
+    """Random embeddings with two boxes (B = 2), one (B = 1) and a click's search
+    (``SEARCH_CANDIDATES`` boxes), and the eager mask decoder."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, *backbone.embedding_shape, generator=g)
     boxes = torch.tensor([[20.0, 30.0, 120.0, 140.0], [60.0, 10.0, 200.0, 90.0]]) * backbone.img_size / 256
-    probes = [(z, *backbone.prompt_encoder(points=None, boxes=b, masks=None)) for b in (boxes, boxes[:1])]
+    half = torch.linspace(4.0, 100.0, SEARCH_CANDIDATES)[:, None]
+    search = torch.cat([128 - half, 128 + half], 1).repeat(1, 2)[:, [0, 2, 1, 3]] * backbone.img_size / 256
+    probes = [(z, *backbone.prompt_encoder(points=None, boxes=b, masks=None)) for b in (boxes, boxes[:1], search)]
     pe = backbone.prompt_encoder.get_dense_pe()
     return probes, lambda z, s, d: backbone.mask_decoder.predict_masks(z, pe, s, d)
 
@@ -256,7 +266,10 @@ class _DecoderGraph(torch.nn.Module):
 class _OpenVINODecoder(_OpenVINOModel):
     """The mask decoder, with any number of objects (B) and prompt tokens (N >= 1) per call; the
     commonest call, one box (B = 1, N = 2: a box click, a propagation step), also runs in a copy
-    compiled for that static shape (measured: about 12 % faster than the dynamic model)."""
+    compiled for that static shape (measured: about 12 % faster than the dynamic model).
+    ``search``: the box search's split decoder (``_OpenVINOSearch``), where it passed its check."""
+
+    search: Optional["_OpenVINOSearch"] = None
 
     def __init__(self, backbone, precision: str = "f32") -> None:
         import openvino as ov
@@ -274,6 +287,83 @@ class _OpenVINODecoder(_OpenVINOModel):
     def __call__(self, z: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
         one_box = tuple(sparse.shape[:2]) == (1, 2)
         return self.outputs(z, sparse, dense, request=self._one_box if one_box else None)
+
+
+class _SearchGraph(torch.nn.Module):
+    """The mask decoder up to its upscaling, for K candidate prompts on one image with no mask
+    prompt: (embeddings (1, C, h, w), sparse prompts (K, N, C), dense prompt (1, C, h, w)) ->
+    (image tokens after the transformer (K, h*w, C), the mask tokens' hypernetwork outputs
+    (K, M, c), IoU predictions (K, M)). The image is not copied K times (the decoder's
+    ``repeat_interleave``): the first layer's image-side projections are the same for every
+    candidate and broadcast, so they are computed once."""
+
+    def __init__(self, backbone) -> None:
+        super().__init__()
+        self.decoder = backbone.mask_decoder
+        self.register_buffer("pe", backbone.prompt_encoder.get_dense_pe().detach().clone())
+
+    def forward(self, z, sparse, dense):
+        d = self.decoder
+        out_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
+        tokens = torch.cat([out_tokens[None].expand(sparse.shape[0], -1, -1), sparse], dim=1)
+        queries, keys = d.transformer(z + dense, self.pe, tokens)
+        hyper = torch.stack([mlp(queries[:, 1 + i]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1)
+        return keys, hyper, d.iou_prediction_head(queries[:, 0])
+
+
+class _UpscaleGraph(torch.nn.Module):
+    """The rest of the mask decoder for one candidate: (image tokens (1, h*w, C), hypernetwork
+    outputs (1, M, c)) -> mask logits (1, M, 4h, 4w)."""
+
+    def __init__(self, backbone) -> None:
+        super().__init__()
+        self.decoder = backbone.mask_decoder
+        self.shape = backbone.embedding_shape
+
+    def forward(self, keys, hyper):
+        c, h, w = self.shape
+        up = self.decoder.output_upscaling(keys.transpose(1, 2).reshape(1, c, h, w))
+        return (hyper @ up.flatten(2)).view(1, -1, up.shape[2], up.shape[3])
+
+
+class _OpenVINOSearch(_OpenVINOModel):
+    """Candidate boxes to choose among (the box search of a click): ``search`` decodes them up to
+    the upscaling (``_SearchGraph``), ``upscale`` makes one candidate's masks (``_UpscaleGraph``).
+    The upscaling is pixel by pixel (two 2x2 stride-2 transposed convolutions, a channel
+    LayerNorm, GELUs), so a candidate's logits at a few pixels need only those pixels' tokens
+    (``backbones.Candidates``) and only the chosen candidate is upscaled whole. The commonest
+    search, one click's ``SEARCH_CANDIDATES`` boxes, also runs in a copy compiled for that static
+    shape (about 6 % faster). Called as a decoder (composing the two, for its check against
+    eager PyTorch on the probe)."""
+
+    def __init__(self, backbone, precision: str = "f32") -> None:
+        import openvino as ov
+
+        c, h, w = backbone.embedding_shape
+        example = (torch.zeros(1, c, h, w), torch.zeros(2, 3, c), torch.zeros(1, c, h, w))
+        shapes = [ov.PartialShape([1, c, h, w]), ov.PartialShape([-1, -1, c]), ov.PartialShape([1, c, h, w])]
+        super().__init__(_ir_path(backbone.fingerprint, "decoder-search"), lambda: _convert(
+            _SearchGraph(backbone), example, shapes), precision)
+        searched = self._core.read_model(str(self._xml))  # the commonest call, compiled for its static shape
+        searched.reshape({searched.input(i): ov.PartialShape(shape) for i, shape in
+                          enumerate(([1, c, h, w], [SEARCH_CANDIDATES, 2, c], [1, c, h, w]))})
+        self._one_click = self._core.compile_model(searched, "CPU", self._config).create_infer_request()
+        m = len(backbone.mask_decoder.output_hypernetworks_mlps)
+        hyper = backbone.mask_decoder.output_hypernetworks_mlps[0].layers[-1].out_features
+        upscale = _OpenVINOModel(_ir_path(backbone.fingerprint, "decoder-upscale"), lambda: _convert(
+            _UpscaleGraph(backbone), (torch.zeros(1, h * w, c), torch.zeros(1, m, hyper))), precision)
+        self._upscale = upscale.outputs
+
+    def search(self, z: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+        one_click = tuple(sparse.shape[:2]) == (SEARCH_CANDIDATES, 2)
+        return self.outputs(z, sparse, dense[:1], request=self._one_click if one_click else None)
+
+    def upscale(self, keys: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+        return self._upscale(keys, hyper)[0]
+
+    def __call__(self, z: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+        keys, hyper, iou = self.search(z, sparse, dense)
+        return torch.cat([self.upscale(keys[k: k + 1], hyper[k: k + 1]) for k in range(len(keys))]), iou
 
 
 def _ir_path(fingerprint: str, part: str) -> Path:

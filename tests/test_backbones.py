@@ -189,7 +189,8 @@ def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tm
     monkeypatch.setenv("CASAM_PRECISION", "f32")  # float32 throughout: the bfloat16 decoder has its own test
     fast = build_backbone("litemedsam", device="cpu", runtime="openvino")
     assert fast.runtime_note.startswith("openvino CPU float32, encoder and decoder"), fast.runtime_note
-    assert len(list((tmp_path / "cache" / "encoders").glob("*.xml"))) == 2  # converted once, kept
+    assert len(list((tmp_path / "cache" / "encoders").glob("*.xml"))) == 4  # converted once, kept: the encoder,
+    assert fast._fast_decoder.search is not None  # the decoder, and the box search's two halves
     monkeypatch.setenv("CASAM_RUNTIME", "torch")
     eager = build_backbone("litemedsam", device="cpu")
     assert eager.runtime_note == "torch (eager)"
@@ -238,6 +239,14 @@ def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tm
             xml.with_suffix(".verified.json").unlink(missing_ok=True)
         shutil.rmtree(tmp_path / "cache" / "encoders" / "compiled", ignore_errors=True)
 
+    damage("*-decoder-upscale.xml")  # the box search's half: clicks decode their candidates whole
+    whole = build_backbone("litemedsam", device="cpu")
+    assert "the box search decodes whole masks (OpenVINO failed" in whole.runtime_note, whole.runtime_note
+    assert whole._fast_decoder is not None and whole._fast_decoder.search is None
+    clicked = CASamPredictor(whole)
+    clicked.set_image(image)
+    assert np.array_equal(clicked.predict(point_coords=click, point_labels=np.array([1]))[0][0],
+                          out[1][3][0] > 0)
     damage("*-decoder.xml")
     half = build_backbone("litemedsam", device="cpu")  # the encoder keeps its speed
     assert half.runtime_note.startswith("openvino CPU float32, encoder (max"), half.runtime_note

@@ -327,3 +327,52 @@ def test_embeddings_are_kept_as_float16_and_give_the_float32_masks(backbone, kva
     assert dice(m_half, m_full) > 0.995
     with pytest.raises(Exception, match="float16 or torch.float32"):
         CASamPredictor(backbone, embedding_dtype=torch.int8)
+
+
+def test_a_first_click_decodes_its_candidates_only_where_the_clicks_are_and_keeps_the_masks(backbone, monkeypatch):
+    """A point-only click on the box-trained LiteMedSAM searches boxes. On the fast runtime the
+    candidates are decoded up to the upscaling (the image not copied per candidate), scored by
+    their logits at the clicks alone, and only the winner is upscaled (``Candidates``). In
+    float32 PyTorch those pieces equal the decoder's whole masks; on the default runtime the
+    clicks' masks are those of decoding every candidate whole, but for bfloat16 rounding."""
+    from casam_core.backbones import Backbone, Candidates
+    from casam_core.runtimes import SEARCH_CANDIDATES, _SearchGraph, _UpscaleGraph
+    from casam_core.predictor import POINT_SEARCH_FRACTIONS
+
+    assert SEARCH_CANDIDATES == len(POINT_SEARCH_FRACTIONS)  # the static copy is the one a click uses
+    image, labels = dataset_case("hc18_fetal_head", "test", 0)
+    predictor = CASamPredictor(backbone)
+    predictor.set_image(image)
+    z = predictor.embedding()[None].float()
+    boxes = torch.tensor([[30.0, 40.0, 60.0, 90.0], [10.0, 10.0, 200.0, 150.0], [100.0, 60.0, 250.0, 250.0]])
+    sparse, dense = backbone.prompt_encoder(points=None, boxes=boxes, masks=None)
+    with torch.inference_mode():  # the split in eager float32 PyTorch, against the decoder itself
+        keys, hyper, iou = _SearchGraph(backbone)(z, sparse, dense[:1])
+        low, iou_ref = backbone.mask_decoder.predict_masks(z, backbone.prompt_encoder.get_dense_pe(), sparse, dense)
+    split = Candidates(iou, keys=keys, hyper=hyper, upscale=_UpscaleGraph(backbone),
+                       upscaling=backbone.mask_decoder.output_upscaling, grid=backbone.embedding_shape[1:])
+    ij = torch.tensor([[0, 0], [37, 101], [128, 128], [255, 3], [66, 200], [131, 250]])
+    assert float((iou - iou_ref).abs().max()) < 1e-4
+    assert float((split.logits_at(ij) - low[:, :, ij[:, 1], ij[:, 0]]).abs().max()) < 1e-3
+    with torch.inference_mode():
+        assert all(float((split.masks(k) - low[k: k + 1]).abs().max()) < 1e-3 for k in range(3))
+    assert split.logits_at(ij[:0]).shape == (3, 4, 0)
+
+    if getattr(backbone._fast_decoder, "search", None) is None:
+        pytest.fail(f"the fast runtime's box search did not pass its check: {backbone.runtime_note}")
+    decode_candidates = Backbone.decode_candidates
+    for name in ("hc18_fetal_head", "kvasir_polyp", "covid19_ct_infection"):
+        for index in range(3):
+            image, labels = dataset_case(name, "test", index)
+            target = labels > 0
+            predictor.set_image(image)
+            click = {"point_coords": [centre_point(target)], "point_labels": [1]}
+            got = [predictor.predict(**click, multimask_output=multi) for multi in (False, True)]
+            monkeypatch.setattr(Backbone, "decode_candidates",
+                                lambda self, z, b, whole=False: decode_candidates(self, z, b, whole=True))
+            ref = [predictor.predict(**click, multimask_output=multi) for multi in (False, True)]
+            monkeypatch.setattr(Backbone, "decode_candidates", decode_candidates)
+            for (m, s, _), (m_ref, s_ref, _) in zip(got, ref):
+                assert m.shape == m_ref.shape and float((m == m_ref).mean()) > 0.995, (name, index)
+                assert np.abs(s - s_ref).max() < 0.05
+                assert abs(dice(m[0], target) - dice(m_ref[0], target)) < 0.01
