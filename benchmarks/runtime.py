@@ -211,6 +211,8 @@ def main(argv=None) -> int:
     backbones = {"torch": build_backbone("litemedsam", device="cpu", runtime="torch"),
                  "openvino": build_backbone("litemedsam", device="cpu", runtime="openvino")}
     print("runtime:", backbones["openvino"].runtime_note, flush=True)
+    learning = learning_step_ms(backbones)
+    print("learning step ms", learning, flush=True)
     enc = encoder_ms(backbones)
     print("encoder ms", enc, flush=True)
     clicks = clicks_ms(backbones)
@@ -219,8 +221,6 @@ def main(argv=None) -> int:
     print("dice", dices, "max diff", diff, flush=True)
     prop = {name: propagation(name, b) for name, b in backbones.items()}
     print("propagation", prop, flush=True)
-    learning = learning_step_ms(backbones)
-    print("learning step ms", learning, flush=True)
     rss = {}
     for stored in ("float32", "float16"):  # each in a fresh process
         child = subprocess.run([sys.executable, __file__, "--session-rss", stored], capture_output=True, text=True,
