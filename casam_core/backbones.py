@@ -136,11 +136,11 @@ class Backbone(nn.Module):
         # autocast where the decoder's bfloat16 passed its check (runtimes.py, $CASAM_PRECISION)
         self.learning_dtype: Optional[torch.dtype] = None
 
-    def use_runtime(self, runtime: Optional[str] = None) -> str:
+    def use_runtime(self, runtime: Optional[str] = None, precision: Optional[str] = None) -> str:
         """Run the image encoder and, in inference, the mask decoder in ``runtime`` ("auto", "torch",
-        "openvino"; see casam_core.runtimes) where each agrees with eager PyTorch; returns a note on
-        what runs them."""
-        self._fast_encoder, self._fast_decoder, self.runtime_note = accelerate(self, runtime)
+        "openvino") with OpenVINO's arithmetic ``precision`` ("auto", "f32", "bf16"; see
+        casam_core.runtimes) where each agrees with eager PyTorch; returns a note on what runs them."""
+        self._fast_encoder, self._fast_decoder, self.runtime_note = accelerate(self, runtime, precision)
         # the module the fast decoder was converted from (in a tuple: not registered as a submodule,
         # so it stays out of state_dict); another module put in self.mask_decoder runs itself
         self._fast_decoder_of = (self.mask_decoder,)
@@ -160,6 +160,19 @@ class Backbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    @property
+    def embedding_arithmetic(self) -> str:
+        """The arithmetic the embeddings are computed in: "bfloat16" (the OpenVINO encoder in
+        bfloat16, ``$CASAM_PRECISION=bf16``) or "float32"."""
+        return "bfloat16" if getattr(self._fast_encoder, "precision", "f32") == "bf16" else "float32"
+
+    @property
+    def embedding_key(self) -> str:
+        """What cached embeddings are keyed by: the fingerprint, and the encoder's arithmetic where it
+        is not float32 (an embedding is never served for one of another arithmetic)."""
+        arithmetic = self.embedding_arithmetic
+        return self.fingerprint if arithmetic == "float32" else f"{self.fingerprint}+{arithmetic}"
 
     @property
     def embedding_shape(self) -> Tuple[int, int, int]:
@@ -494,14 +507,16 @@ def _build_sam(spec: BackboneSpec, checkpoint: Optional[PathLike], random_weight
 
 def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] = None,
                    device: Optional[Union[str, torch.device]] = None, *,
-                   random_weights: bool = False, runtime: Optional[str] = None) -> Backbone:
+                   random_weights: bool = False, runtime: Optional[str] = None,
+                   precision: Optional[str] = None) -> Backbone:
     """Build a frozen backbone by registry name.
 
     ``checkpoint``: for SAM models the official file (or a folder holding it); for
     ``litemedsam`` leave it out to use the bundled, verified weights.
     ``random_weights=True`` builds the architecture without loading anything (tests).
     ``runtime``: where the image encoder and mask decoder run (casam_core.runtimes; default ``$CASAM_RUNTIME``
-    or "auto": OpenVINO on a CPU; random weights default to eager PyTorch).
+    or "auto": OpenVINO on a CPU; random weights default to eager PyTorch). ``precision``: OpenVINO's
+    arithmetic ("auto", "f32", "bf16"; default ``$CASAM_PRECISION`` or "auto").
     """
     try:
         spec = BACKBONES[look_up_option(name, BACKBONES, "backbone")]
@@ -510,5 +525,5 @@ def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] 
     model = (_build_litemedsam(checkpoint, random_weights) if spec.sam_type is None
              else _build_sam(spec, checkpoint, random_weights))
     model = model.to(resolve_device(device))
-    model.use_runtime("torch" if random_weights and runtime is None else runtime)
+    model.use_runtime("torch" if random_weights and runtime is None else runtime, precision)
     return model

@@ -98,7 +98,7 @@ class CASamPredictor:
         self._float32: Optional[Tuple[str, torch.Tensor]] = None  # the last embedding used, as float32
         self.embeddings = TensorLRU(memory_bytes)
         self.aligned = TensorLRU(aligned_bytes)
-        self.disk = DiskEmbeddingCache(disk_cache, backbone.fingerprint) if disk_cache else None
+        self.disk = DiskEmbeddingCache(disk_cache, backbone.embedding_key) if disk_cache else None
         self.layers: Dict[str, Optional[nn.Module]] = {}
         self.cards: Dict[str, dict] = {}
         self.router = Router()
@@ -316,12 +316,12 @@ class CASamPredictor:
 
     def record_of(self, rgb: np.ndarray) -> ImageRecord:
         """The record of a prepared uint8 RGB image, without embedding it (its cache key and sizes)."""
-        return ImageRecord(data_signature(rgb, self.backbone.fingerprint), (int(rgb.shape[0]), int(rgb.shape[1])),
+        return ImageRecord(data_signature(rgb, self.backbone.embedding_key), (int(rgb.shape[0]), int(rgb.shape[1])),
                            tuple(preprocess_shape(rgb.shape[0], rgb.shape[1], self.backbone.img_size)))
 
     def embed_rgb(self, rgb: np.ndarray) -> ImageRecord:
         """Ensure the frozen embedding of a prepared uint8 RGB image is cached; return its record."""
-        key = data_signature(rgb, self.backbone.fingerprint)
+        key = data_signature(rgb, self.backbone.embedding_key)
         x, input_size = None, None
         if key not in self.embeddings:
             z = self.disk.load(key, self.backbone.embedding_shape) if self.disk else None

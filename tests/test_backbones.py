@@ -132,13 +132,15 @@ def test_preprocessing_keeps_aspect_and_pads(backbone):
     assert np.allclose(boxes, [[0, 0, 256, 85]], atol=0.01)
 
 
-def test_the_decoder_runs_in_bfloat16_where_the_cpu_computes_it_and_keeps_the_masks(tmp_path, monkeypatch):
+def test_bfloat16_runs_the_decoder_by_default_and_the_encoder_when_asked_and_keeps_the_masks(tmp_path, monkeypatch):
     """$CASAM_PRECISION=auto (the default) runs the OpenVINO decoder in bfloat16 on a CPU with
-    native bfloat16 (about half the time of a click); its masks on a real image agree with
-    float32's; learning steps follow the decoder's arithmetic ($CASAM_PRECISION=f32 and the eager
-    runtime keep float32). Elsewhere the default is float32, and asking for bfloat16 is refused clearly."""
+    native bfloat16 (about half the time of a click) and the encoder in float32; "bf16" runs the
+    encoder in bfloat16 too. Their masks on a real image agree with float32's; embeddings are
+    cached per encoder arithmetic (a float32 embedding is never served for a bfloat16 one);
+    learning steps follow the decoder's arithmetic ($CASAM_PRECISION=f32 and the eager runtime
+    keep float32). Elsewhere the default is float32, and asking for bfloat16 is refused clearly."""
     from casam_core.errors import OptionError
-    from casam_core.runtimes import _native_bf16, decoder_precision
+    from casam_core.runtimes import _native_bf16, openvino_precision
     from casam_core.training import learning_arithmetic
 
     monkeypatch.setenv("CASAM_CACHE_DIR", str(tmp_path / "cache"))
@@ -147,34 +149,48 @@ def test_the_decoder_runs_in_bfloat16_where_the_cpu_computes_it_and_keeps_the_ma
         build_backbone("litemedsam", device="cpu")
     monkeypatch.delenv("CASAM_PRECISION")
     if not _native_bf16():
-        assert decoder_precision() == "f32"
+        assert openvino_precision() == ("f32", "f32")
         with pytest.raises(OptionError, match="does not compute bfloat16 natively"):
-            decoder_precision("bf16")
+            openvino_precision("bf16")
         default = build_backbone("litemedsam", device="cpu")
         assert default.runtime_note.startswith("openvino CPU float32, encoder and decoder")
-        assert learning_arithmetic(default) == "float32"
+        assert learning_arithmetic(default) == "float32" and default.embedding_key == default.fingerprint
         return
-    assert decoder_precision() == "bf16" and decoder_precision("f32") == "f32"
+    assert openvino_precision() == ("f32", "bf16") and openvino_precision("bf16") == ("bf16", "bf16")
+    assert openvino_precision("f32") == ("f32", "f32")
     half = build_backbone("litemedsam", device="cpu")
-    assert "openvino CPU bfloat16 decoder (this CPU's native type" in half.runtime_note, half.runtime_note
+    assert "openvino CPU bfloat16 (this CPU's native type), decoder (" in half.runtime_note, half.runtime_note
     assert half.runtime_note.startswith("openvino CPU float32, encoder (max"), half.runtime_note
-    assert list((tmp_path / "cache" / "encoders").glob("*-decoder.verified-bf16.json"))  # checked once, recorded
-    monkeypatch.setenv("CASAM_PRECISION", "f32")
-    full = build_backbone("litemedsam", device="cpu")
-    assert learning_arithmetic(half) == "bfloat16" and learning_arithmetic(full) == "float32"  # learning follows
+    assert half.embedding_arithmetic == "float32" and half.embedding_key == half.fingerprint
+    assert list((tmp_path / "cache" / "encoders").glob("*-decoder-v2.verified-bf16.json"))  # checked once, recorded
+    monkeypatch.setenv("CASAM_PRECISION", "bf16")
+    both = build_backbone("litemedsam", device="cpu")
+    assert both.runtime_note.startswith("openvino CPU bfloat16 (this CPU's native type), encoder (embedding "
+                                        "within "), both.runtime_note
+    assert both.embedding_arithmetic == "bfloat16" and both.embedding_key == both.fingerprint + "+bfloat16"
+    full = build_backbone("litemedsam", device="cpu", precision="f32")  # the argument over the variable
+    assert full.runtime_note.startswith("openvino CPU float32, encoder and decoder"), full.runtime_note
+    assert learning_arithmetic(half) == learning_arithmetic(both) == "bfloat16"  # learning follows the decoder
+    assert learning_arithmetic(full) == "float32"
     assert learning_arithmetic(build_backbone("litemedsam", device="cpu", runtime="torch")) == "float32"
     image, labels = dataset_case("kvasir_polyp", "test", 0)
     ys, xs = np.nonzero(labels == 1)
     boxes = np.array([[xs.min(), ys.min(), xs.max(), ys.max()], [0, 0, image.shape[1] // 2, image.shape[0] // 2]], float)
-    out = []
-    for backbone in (full, half):
-        predictor = CASamPredictor(backbone)
+    out, z, calls = [], [], []
+    for backbone in (full, half, both):  # one disk cache for all three
+        predictor = CASamPredictor(backbone, disk_cache=tmp_path / "embeddings")
         predictor.set_image(image)
         out.append(predictor.predict_batch(box=boxes, multimask_output=True))
-    (m32, s32, _), (m16, s16, _) = out
-    assert m16.shape == m32.shape and float((m16 == m32).mean()) > 0.995
-    assert dice(m16[0, 0], labels == 1) > dice(m32[0, 0], labels == 1) - 0.01
-    assert np.abs(s16 - s32).max() < 0.05
+        z.append(predictor.embedding().float())
+        calls.append(predictor.encoder_calls)
+    assert calls == [1, 0, 1]  # float32 served to float32 from the disk; bfloat16 embedded its own
+    relative = float((z[2] - z[0]).pow(2).mean().sqrt() / z[0].pow(2).mean().sqrt())
+    assert 1e-3 < relative < 0.1 and torch.equal(z[0], z[1])  # near, and not the same embedding
+    (m32, s32, _) = out[0]
+    for m16, s16, _ in out[1:]:
+        assert m16.shape == m32.shape and float((m16 == m32).mean()) > 0.99
+        assert dice(m16[0, 0], labels == 1) > dice(m32[0, 0], labels == 1) - 0.01
+        assert np.abs(s16 - s32).max() < 0.05
 
 
 def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tmp_path, monkeypatch):
@@ -239,7 +255,7 @@ def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tm
             xml.with_suffix(".verified.json").unlink(missing_ok=True)
         shutil.rmtree(tmp_path / "cache" / "encoders" / "compiled", ignore_errors=True)
 
-    damage("*-decoder-upscale.xml")  # the box search's half: clicks decode their candidates whole
+    damage("*-decoder-upscale-v2.xml")  # the box search's half: clicks decode their candidates whole
     whole = build_backbone("litemedsam", device="cpu")
     assert "the box search decodes whole masks (OpenVINO failed" in whole.runtime_note, whole.runtime_note
     assert whole._fast_decoder is not None and whole._fast_decoder.search is None
@@ -247,7 +263,7 @@ def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tm
     clicked.set_image(image)
     assert np.array_equal(clicked.predict(point_coords=click, point_labels=np.array([1]))[0][0],
                           out[1][3][0] > 0)
-    damage("*-decoder.xml")
+    damage("*-decoder-v2.xml")
     half = build_backbone("litemedsam", device="cpu")  # the encoder keeps its speed
     assert half.runtime_note.startswith("openvino CPU float32, encoder (max"), half.runtime_note
     assert "the decoder in torch (eager; OpenVINO failed" in half.runtime_note

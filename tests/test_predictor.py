@@ -336,7 +336,7 @@ def test_a_first_click_decodes_its_candidates_only_where_the_clicks_are_and_keep
     float32 PyTorch those pieces equal the decoder's whole masks; on the default runtime the
     clicks' masks are those of decoding every candidate whole, but for bfloat16 rounding."""
     from casam_core.backbones import Backbone, Candidates
-    from casam_core.runtimes import SEARCH_CANDIDATES, _SearchGraph, _UpscaleGraph
+    from casam_core.runtimes import SEARCH_CANDIDATES, _DecoderGraph, _SearchGraph, _UpscaleGraph
     from casam_core.predictor import POINT_SEARCH_FRACTIONS
 
     assert SEARCH_CANDIDATES == len(POINT_SEARCH_FRACTIONS)  # the static copy is the one a click uses
@@ -357,6 +357,13 @@ def test_a_first_click_decodes_its_candidates_only_where_the_clicks_are_and_keep
     with torch.inference_mode():
         assert all(float((split.masks(k) - low[k: k + 1]).abs().max()) < 1e-3 for k in range(3))
     assert split.logits_at(ij[:0]).shape == (3, 4, 0)
+    with torch.inference_mode():  # the converted decoder's graph (upscaling token by token): its masks too,
+        prior = torch.randn(3, 1, 256, 256, generator=torch.Generator().manual_seed(0))  # with mask prompts
+        sparse_m, dense_m = backbone.prompt_encoder(points=None, boxes=boxes, masks=prior)
+        whole, iou_whole = _DecoderGraph(backbone)(z, sparse_m, dense_m)
+        low_m, iou_m = backbone.mask_decoder.predict_masks(z, backbone.prompt_encoder.get_dense_pe(), sparse_m, dense_m)
+    assert whole.shape == low_m.shape and float((whole - low_m).abs().max()) < 1e-3
+    assert float((iou_whole - iou_m).abs().max()) < 1e-4 and float(low_m.abs().max()) > 1
 
     if getattr(backbone._fast_decoder, "search", None) is None:
         pytest.fail(f"the fast runtime's box search did not pass its check: {backbone.runtime_note}")

@@ -41,7 +41,7 @@ def _predictor_with(backbone, cache, library):
     return predictor
 
 
-def test_learned_task_card_and_progress(kvasir_task):
+def test_learned_task_card_and_progress(kvasir_task, backbone):
     task, calls, _ = kvasir_task
     card = task.card
     assert card["backbone_fingerprint"].startswith("litemedsam:")
@@ -59,6 +59,7 @@ def test_learned_task_card_and_progress(kvasir_task):
     assert card["point_prompts"] in ("direct", "default") and "frozen" in v["point_dice"]
     assert np.isfinite(card["training"]["final_loss"]) and task.tau > 0
     assert card["training"]["arithmetic"] in ("float32", "bfloat16")
+    assert card["training"]["embeddings"] == backbone.embedding_arithmetic == "float32"  # the default
     messages = {m.split(":")[0] for _, _, m in calls}
     assert {"embedding", "training", "router"} <= messages
 
