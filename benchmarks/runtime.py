@@ -219,7 +219,7 @@ def main(argv=None) -> int:
                  "openvino": build_backbone("litemedsam", device="cpu", runtime="openvino")}
     print("runtime:", backbones["openvino"].runtime_note, flush=True)
     optin = None  # $CASAM_PRECISION=bf16 (the encoder in bfloat16 too), where this CPU computes it natively
-    if "bfloat16 (this CPU's native type)" in backbones["openvino"].runtime_note:
+    if getattr(backbones["openvino"]._fast_decoder, "precision", None) == "bf16":
         optin = build_backbone("litemedsam", device="cpu", runtime="openvino", precision="bf16")
     learning = learning_step_ms(backbones)
     print("learning step ms", learning, flush=True)

@@ -68,8 +68,7 @@ def chosen_runtime(runtime: Optional[str] = None) -> str:
 def openvino_precision(precision: Optional[str] = None) -> Tuple[str, str]:
     """The (encoder's, decoder's) arithmetic on OpenVINO, each "f32" or "bf16": ``precision``, else
     ``$CASAM_PRECISION``, else "auto" (the decoder in bfloat16 where this CPU computes it natively)."""
-    what = "precision" if precision else f"${ENV_PRECISION}"
-    chosen = look_up_option(precision or os.environ.get(ENV_PRECISION) or "auto", PRECISIONS, what)
+    chosen, what = _asked_precision(precision)
     if chosen == "f32":
         return "f32", "f32"
     if not _native_bf16():
@@ -80,6 +79,13 @@ def openvino_precision(precision: Optional[str] = None) -> Tuple[str, str]:
                               "(no AVX512-BF16 or AMX); use 'f32'")
         return "f32", "f32"
     return ("bf16" if chosen == "bf16" else "f32"), "bf16"
+
+
+def _asked_precision(precision: Optional[str]) -> Tuple[str, str]:
+    """(the precision asked for, checked against PRECISIONS; where it was asked: the argument or
+    the variable)."""
+    what = "precision" if precision else f"${ENV_PRECISION}"
+    return look_up_option(precision or os.environ.get(ENV_PRECISION) or "auto", PRECISIONS, what), what
 
 
 def _native_bf16() -> bool:
@@ -101,6 +107,7 @@ def accelerate(backbone, runtime: Optional[str] = None, precision: Optional[str]
     mask logits, all IoU predictions) that replaces its mask decoder in inference, or None; a
     one-line note on what runs them and why). ``precision``: see ``openvino_precision``."""
     runtime = chosen_runtime(runtime)
+    _asked_precision(precision)  # a misspelt precision is refused on every runtime
     if runtime == "torch":
         return None, None, "torch (eager)"
     if backbone.device.type != "cpu":

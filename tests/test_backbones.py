@@ -147,6 +147,8 @@ def test_bfloat16_runs_the_decoder_by_default_and_the_encoder_when_asked_and_kee
     monkeypatch.setenv("CASAM_PRECISION", "bf17")  # a misspelt setting: one line naming the variable
     with pytest.raises(OptionError, match=r"unknown \$CASAM_PRECISION 'bf17'; did you mean 'bf16'"):
         build_backbone("litemedsam", device="cpu")
+    with pytest.raises(OptionError, match=r"unknown precision 'f31'; did you mean 'f32'"):
+        build_backbone("litemedsam", device="cpu", runtime="torch", precision="f31")  # on every runtime
     monkeypatch.delenv("CASAM_PRECISION")
     if not _native_bf16():
         assert openvino_precision() == ("f32", "f32")
