@@ -1,6 +1,6 @@
 """Latency of the embedded default backbone: embedding, click, bare decoder, Alignment Layer.
 
-    python benchmarks/latency.py [--device cpu] [--clicks 60] [--out benchmarks/results/latency_cpu.md]
+    python benchmarks/latency.py [--device cpu|cuda] [--clicks 60] [--out benchmarks/results/latency_cpu.md]
 
 Prints a Markdown table and writes it (with the machine it ran on) to ``--out``.
 "Click" is what the plugin and CLI pay per prompt on an image whose embedding is
@@ -71,8 +71,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--clicks", type=int, default=60)
     ap.add_argument("--embeds", type=int, default=5)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latency_cpu.md"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/latency_cpu.md, or latency_gpu.md "
+                    "for a CUDA device")
     args = ap.parse_args(argv)
+    if args.out is None:
+        kind = "gpu" if args.device.startswith("cuda") else "cpu"
+        args.out = str(REPO / "benchmarks" / "results" / f"latency_{kind}.md")
 
     backbone = build_backbone("litemedsam", device=args.device)
     predictor = CASamPredictor(backbone)
@@ -134,10 +138,11 @@ def main(argv=None) -> int:
     b_med, b_p95 = summary(bare_ms)
     c_med, c_p95 = summary(click_ms)
     ratio = c_med / b_med
+    card = f"; GPU: {torch.cuda.get_device_name(backbone.device)}" if backbone.device.type == "cuda" else ""
     lines = [
         f"# Latency, LiteMedSAM ({backbone.fingerprint}) on {backbone.device}",
         "",
-        f"Machine: {machine()}. Image: samples/hc18_fetal_head/006_HC.png "
+        f"Machine: {machine()}{card}. Image: samples/hc18_fetal_head/006_HC.png "
         f"({image.shape[1]}x{image.shape[0]}), box prompt. {args.clicks} clicks, medians (p95).",
         f"Run: `python benchmarks/latency.py --device {args.device}` on {time.strftime('%Y-%m-%d')}.",
         "",

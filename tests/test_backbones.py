@@ -9,6 +9,7 @@ from casam_core.backbones import (
     ENCODER_REVISION, LITEMEDSAM_SHA256, BackboneError, litemedsam_checkpoint_path, preprocess_shape,
     verify_litemedsam_checkpoint,
 )
+from casam_core.runtimes import GRAPHS
 
 
 def test_default_backbone_is_verified_litemedsam(backbone):
@@ -164,7 +165,7 @@ def test_bfloat16_runs_the_decoder_by_default_and_the_encoder_when_asked_and_kee
     assert "openvino CPU bfloat16 (this CPU's native type), decoder (" in half.runtime_note, half.runtime_note
     assert half.runtime_note.startswith("openvino CPU float32, encoder (max"), half.runtime_note
     assert half.embedding_arithmetic == "float32" and half.embedding_key == half.fingerprint
-    assert list((tmp_path / "cache" / "encoders").glob("*-decoder-v2.verified-bf16.json"))  # checked once, recorded
+    assert list((tmp_path / "cache" / "encoders").glob(f"*-decoder-{GRAPHS}.verified-bf16.json"))  # checked once, recorded
     monkeypatch.setenv("CASAM_PRECISION", "bf16")
     both = build_backbone("litemedsam", device="cpu")
     assert both.runtime_note.startswith("openvino CPU bfloat16 (this CPU's native type), encoder (embedding "
@@ -195,18 +196,29 @@ def test_bfloat16_runs_the_decoder_by_default_and_the_encoder_when_asked_and_kee
         assert np.abs(s16 - s32).max() < 0.05
 
 
-def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tmp_path, monkeypatch):
+def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tmp_path, monkeypatch, backbone):
     """The default runtime on a CPU (OpenVINO, converted once and kept beside the embedding cache)
     gives the reference's embeddings and masks, for one box, several boxes and clicks; learning
-    still back-propagates through the eager decoder; $CASAM_RUNTIME=torch keeps eager PyTorch."""
+    still back-propagates through the eager decoder; $CASAM_RUNTIME=torch keeps eager PyTorch.
+    Converting this version's decoder removes earlier versions' (and the compiled copies)."""
     import shutil
 
     from casam_core.errors import OptionError
+    from casam_core.runtimes import _ir_path
 
     monkeypatch.setenv("CASAM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CASAM_PRECISION", "f32")  # float32 throughout: the bfloat16 decoder has its own test
+    stale = [_ir_path(backbone.fingerprint, part).with_suffix(suffix) for part in ("decoder", "decoder-v2", "decoder-search")
+             for suffix in (".xml", ".bin", ".verified-bf16.json")]
+    other = _ir_path("sam_vit_b:0123", "decoder-v2")  # another backbone's: not this one's to remove
+    for path in stale + [other, other.parent / "compiled" / "0123.blob"]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("an earlier version")
     fast = build_backbone("litemedsam", device="cpu", runtime="openvino")
     assert fast.runtime_note.startswith("openvino CPU float32, encoder and decoder"), fast.runtime_note
+    assert not any(path.exists() for path in stale) and other.exists()
+    assert not (other.parent / "compiled" / "0123.blob").exists()
+    other.unlink()
     assert len(list((tmp_path / "cache" / "encoders").glob("*.xml"))) == 4  # converted once, kept: the encoder,
     assert fast._fast_decoder.search is not None  # the decoder, and the box search's two halves
     monkeypatch.setenv("CASAM_RUNTIME", "torch")
@@ -257,7 +269,7 @@ def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tm
             xml.with_suffix(".verified.json").unlink(missing_ok=True)
         shutil.rmtree(tmp_path / "cache" / "encoders" / "compiled", ignore_errors=True)
 
-    damage("*-decoder-upscale-v2.xml")  # the box search's half: clicks decode their candidates whole
+    damage(f"*-decoder-upscale-{GRAPHS}.xml")  # the box search's half: clicks decode their candidates whole
     whole = build_backbone("litemedsam", device="cpu")
     assert "the box search decodes whole masks (OpenVINO failed" in whole.runtime_note, whole.runtime_note
     assert whole._fast_decoder is not None and whole._fast_decoder.search is None
@@ -265,7 +277,7 @@ def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tm
     clicked.set_image(image)
     assert np.array_equal(clicked.predict(point_coords=click, point_labels=np.array([1]))[0][0],
                           out[1][3][0] > 0)
-    damage("*-decoder-v2.xml")
+    damage(f"*-decoder-{GRAPHS}.xml")
     half = build_backbone("litemedsam", device="cpu")  # the encoder keeps its speed
     assert half.runtime_note.startswith("openvino CPU float32, encoder (max"), half.runtime_note
     assert "the decoder in torch (eager; OpenVINO failed" in half.runtime_note

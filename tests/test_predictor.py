@@ -333,7 +333,8 @@ def test_a_first_click_decodes_its_candidates_only_where_the_clicks_are_and_keep
     """A point-only click on the box-trained LiteMedSAM searches boxes. On the fast runtime the
     candidates are decoded up to the upscaling (the image not copied per candidate), scored by
     their logits at the clicks alone, and only the winner is upscaled (``Candidates``). In
-    float32 PyTorch those pieces equal the decoder's whole masks; on the default runtime the
+    float32 PyTorch those pieces, and the converted decoder's graph (its attentions folded to the
+    prompt tokens' side, its upscaling token by token), equal the decoder's own masks; on the default runtime the
     clicks' masks are those of decoding every candidate whole, but for bfloat16 rounding."""
     from casam_core.backbones import Backbone, Candidates
     from casam_core.runtimes import SEARCH_CANDIDATES, _DecoderGraph, _SearchGraph, _UpscaleGraph
