@@ -62,6 +62,7 @@ from casam_core.prompts import box_from_mask, click_from_mask, propagate_box  # 
 from casam_core.training import (_objects_for, fit, learn_config, learning_arithmetic,  # noqa: E402
                                  volume_slices)
 from latency import machine  # noqa: E402
+from training.continual import encoder_gflops  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 BRATS = REPO / "samples" / "brats_glioma"
@@ -223,16 +224,6 @@ def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, rounds: int = 10) -> f
     return 2 * n ** 3 / best / 1e9
 
 
-def encoder_gflop(backbone) -> float:
-    """The encoder's arithmetic per slice (GFLOP; a multiply-add counts 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(1, 3, backbone.img_size, backbone.img_size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        backbone.image_encoder(x)
-    return counter.get_total_flops() / 1e9
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--faith-limit", type=int, default=None, help="images per test split (default all)")
@@ -266,7 +257,7 @@ def main(argv=None) -> int:
         rss[stored] = json.loads(child.stdout.strip().splitlines()[-1])
         print("session", rss[stored], flush=True)
 
-    gflop = encoder_gflop(backbones["torch"])
+    gflop = encoder_gflops(backbones["torch"])
     peak = {str(dtype).split(".")[1]: max(rate, matmul_peak_gflops(dtype)) for dtype, rate in peak_before.items()}
     print("encoder GFLOP", gflop, "matmul peak GFLOP/s", peak, flush=True)
 
