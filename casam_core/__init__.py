@@ -11,8 +11,17 @@ menus use them in a viewer whose OpenGL context is already up (see ``napari_casa
 from __future__ import annotations
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
+
+# No network, no files outside CA-SAM's own folders: OpenVINO's model converter imports
+# ``openvino_telemetry``, which writes ~/intel and forks a process that sends a usage event to a
+# web analytics service on every conversion (and import). With the module marked absent here,
+# before anything imports OpenVINO, the converter uses its own no-op stub instead.
+# (tests/test_privacy.py checks that no socket opens, no process is forked, nothing lands in $HOME.)
+if "openvino_telemetry" not in sys.modules:
+    sys.modules["openvino_telemetry"] = None  # ``import openvino_telemetry`` now raises ImportError
 
 _LAZY = {
     "AlignmentLayer": "alignment",

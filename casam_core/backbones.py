@@ -132,6 +132,7 @@ class Backbone(nn.Module):
         # the encoder and the mask decoder in another runtime (runtimes.py), for inputs on the CPU
         self._fast_encoder = self._fast_decoder = self._fast_decoder_of = None
         self.runtime_note = "torch (eager)"
+        self.models_dir: Optional[Path] = None  # where converted graphs are kept (None: runtimes.models_folder())
         # the arithmetic of a learning step's forward pass on the CPU (None: float32): bfloat16
         # autocast where the decoder's bfloat16 passed its check (runtimes.py, $CASAM_PRECISION)
         self.learning_dtype: Optional[torch.dtype] = None
@@ -508,7 +509,7 @@ def _build_sam(spec: BackboneSpec, checkpoint: Optional[PathLike], random_weight
 def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] = None,
                    device: Optional[Union[str, torch.device]] = None, *,
                    random_weights: bool = False, runtime: Optional[str] = None,
-                   precision: Optional[str] = None) -> Backbone:
+                   precision: Optional[str] = None, models_dir: Optional[PathLike] = None) -> Backbone:
     """Build a frozen backbone by registry name.
 
     ``checkpoint``: for SAM models the official file (or a folder holding it); for
@@ -516,7 +517,9 @@ def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] 
     ``random_weights=True`` builds the architecture without loading anything (tests).
     ``runtime``: where the image encoder and mask decoder run (casam_core.runtimes; default ``$CASAM_RUNTIME``
     or "auto": OpenVINO on a CPU; random weights default to eager PyTorch). ``precision``: OpenVINO's
-    arithmetic ("auto", "f32", "bf16"; default ``$CASAM_PRECISION`` or "auto").
+    arithmetic ("auto", "f32", "bf16"; default ``$CASAM_PRECISION`` or "auto"). ``models_dir``: where
+    OpenVINO's converted graphs are kept (default ``runtimes.models_folder()``: beside the default
+    embedding cache; ``build_predictor`` puts them beside the cache it is given).
     """
     try:
         spec = BACKBONES[look_up_option(name, BACKBONES, "backbone")]
@@ -525,5 +528,6 @@ def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] 
     model = (_build_litemedsam(checkpoint, random_weights) if spec.sam_type is None
              else _build_sam(spec, checkpoint, random_weights))
     model = model.to(resolve_device(device))
+    model.models_dir = Path(models_dir) if models_dir is not None else None
     model.use_runtime("torch" if random_weights and runtime is None else runtime, precision)
     return model

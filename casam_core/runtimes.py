@@ -282,7 +282,7 @@ class _OpenVINOEncoder(_OpenVINOModel):
 
     def __init__(self, backbone, precision: str = "f32") -> None:
         size = backbone.img_size
-        super().__init__(_ir_path(backbone.fingerprint, str(size)), lambda: _convert(
+        super().__init__(_ir_path(backbone.fingerprint, str(size), backbone.models_dir), lambda: _convert(
             backbone.image_encoder, torch.zeros(1, 3, size, size)), precision)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -305,11 +305,11 @@ class _OpenVINODecoder(_OpenVINOModel):
         c, h, w = backbone.embedding_shape
         example = (torch.zeros(1, c, h, w), torch.zeros(2, 3, c), torch.zeros(2, c, h, w))
         shapes = [ov.PartialShape([1, c, h, w]), ov.PartialShape([-1, -1, c]), ov.PartialShape([-1, c, h, w])]
-        xml = _ir_path(backbone.fingerprint, f"decoder-{GRAPHS}")
+        xml = _ir_path(backbone.fingerprint, f"decoder-{GRAPHS}", backbone.models_dir)
         first = not xml.is_file()
         super().__init__(xml, lambda: _convert(_DecoderGraph(backbone), example, shapes), precision)
         if first:  # this version's decoder was just converted: earlier versions' are not used again
-            _remove_superseded(backbone.fingerprint)
+            _remove_superseded(backbone.fingerprint, backbone.models_dir)
         one_box = self._core.read_model(str(self._xml))
         one_box.reshape({one_box.input(i): ov.PartialShape(shape)
                          for i, shape in enumerate(([1, c, h, w], [1, 2, c], [1, c, h, w]))})
@@ -483,7 +483,7 @@ class _OpenVINOSearch(_OpenVINOModel):
         c, h, w = backbone.embedding_shape
         example = (torch.zeros(1, c, h, w), torch.zeros(2, 3, c), torch.zeros(1, c, h, w))
         shapes = [ov.PartialShape([1, c, h, w]), ov.PartialShape([-1, -1, c]), ov.PartialShape([1, c, h, w])]
-        super().__init__(_ir_path(backbone.fingerprint, f"decoder-search-{GRAPHS}"), lambda: _convert(
+        super().__init__(_ir_path(backbone.fingerprint, f"decoder-search-{GRAPHS}", backbone.models_dir), lambda: _convert(
             _SearchGraph(backbone), example, shapes), precision)
         searched = self._core.read_model(str(self._xml))  # the commonest call, compiled for its static shape
         searched.reshape({searched.input(i): ov.PartialShape(shape) for i, shape in
@@ -491,7 +491,7 @@ class _OpenVINOSearch(_OpenVINOModel):
         self._one_click = self._core.compile_model(searched, "CPU", self._config).create_infer_request()
         m = len(backbone.mask_decoder.output_hypernetworks_mlps)
         hyper = backbone.mask_decoder.output_hypernetworks_mlps[0].layers[-1].out_features
-        upscale = _OpenVINOModel(_ir_path(backbone.fingerprint, f"decoder-upscale-{GRAPHS}"), lambda: _convert(
+        upscale = _OpenVINOModel(_ir_path(backbone.fingerprint, f"decoder-upscale-{GRAPHS}", backbone.models_dir), lambda: _convert(
             _UpscaleGraph(backbone), (torch.zeros(1, h * w, c), torch.zeros(1, m, hyper))), precision)
         self._upscale = upscale.outputs
 
@@ -507,22 +507,28 @@ class _OpenVINOSearch(_OpenVINOModel):
         return torch.cat([self.upscale(keys[k: k + 1], hyper[k: k + 1]) for k in range(len(keys))]), iou
 
 
-def _ir_path(fingerprint: str, part: str) -> Path:
-    """Where a converted graph is kept: ``<cache>/encoders/<fingerprint>-<part>.xml`` (part: the
-    encoder's input size, or "decoder")."""
+def models_folder(cache: Optional[os.PathLike] = None) -> Path:
+    """Where converted graphs are kept: ``<cache>/encoders`` beside the embeddings of the cache the
+    run uses (``cache``, else ``config.cache_dir()``), so that ``--cache-dir`` moves everything."""
+    return cache_dir(cache) / "encoders"
+
+
+def _ir_path(fingerprint: str, part: str, folder: Optional[Path] = None) -> Path:
+    """Where a converted graph is kept: ``<folder>/<fingerprint>-<part>.xml`` (part: the encoder's
+    input size, or "decoder"; folder: ``models_folder()`` unless given)."""
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in fingerprint)
-    return cache_dir() / "encoders" / f"{safe}-{part}.xml"
+    return (folder or models_folder()) / f"{safe}-{part}.xml"
 
 
-def _remove_superseded(fingerprint: str) -> None:
+def _remove_superseded(fingerprint: str, folder: Optional[Path] = None) -> None:
     """Remove this backbone's converted decoders of earlier ``GRAPHS`` versions, and OpenVINO's
     compiled copies (kept by a hash of the model: the superseded ones are never read again, the
     current ones are compiled again once). Each version left about 40 MB of models and 100 MB of
     compiled copies in the cache folder, outside the embeddings' size bound. A file another
     process still has open stays readable to it (POSIX); a read-only cache keeps them."""
-    current = [_ir_path(fingerprint, f"{part}-{GRAPHS}").stem + "." for part in ("decoder", "decoder-search",
-                                                                                  "decoder-upscale")]
-    family = _ir_path(fingerprint, "decoder")
+    current = [_ir_path(fingerprint, f"{part}-{GRAPHS}", folder).stem + "." for part in
+               ("decoder", "decoder-search", "decoder-upscale")]
+    family = _ir_path(fingerprint, "decoder", folder)
     removed = False
     for path in family.parent.glob(family.stem + "*"):
         if not any(path.name.startswith(stem) for stem in current):
