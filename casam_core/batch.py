@@ -19,7 +19,7 @@ import numpy as np
 
 from .dicom_seg import save_mask
 from .distributed import Dist
-from .errors import CASamError, PromptError
+from .errors import CASamError, ImageIOError, PromptError
 from .io import (VOLUME_SUFFIXES, file_stem, image_inputs, is_dicom_folder, path_suffix, read_dataset, read_image,
                  read_labels, take_slice)
 from .metrics import dice
@@ -130,6 +130,8 @@ def embed_inputs(predictor: CASamPredictor, items: Sequence[Item], dist: Optiona
                 row["cached"] += 1
             else:
                 predictor.embed_rgb(rgb)
+                if predictor.disk is None:  # the cache could not be written: this command's whole work
+                    raise ImageIOError(predictor.disk_error)
                 row["computed"] += 1
             row["slices"] += 1
         predictor.reset_image()
@@ -168,7 +170,7 @@ def output_path(item: Item, out_dir: Path, is_volume: bool) -> Path:
 def _existing_output(item: Item, out_dir: Path) -> Optional[Path]:
     for volume in (False, True):
         path = output_path(item, out_dir, volume)
-        if path.is_file():
+        if path.is_file() and path.stat().st_size > 0:  # an empty file is no finished mask: redone
             return path
     return None
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import cache_limit_bytes
+from .errors import ImageIOError
 from .io import atomic_write, sweep_temporaries
 
 DISK_FORMAT = "casam-embedding-2"  # 2: a checksum of the data in the metadata
@@ -180,12 +181,18 @@ class DiskEmbeddingCache:
     def save(self, key: str, embedding: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
+        from safetensors import SafetensorError
+
         path = self._path(key)
         tensor = embedding.detach().to("cpu").contiguous()  # its dtype: float16 or 32
         with atomic_write(path) as tmp:
-            save_file({"embedding": tensor}, str(tmp), metadata={
-                "format": DISK_FORMAT, "key": key, "fingerprint": self.fingerprint,
-                "blake2b": tensor_checksum(tensor)})
+            try:
+                save_file({"embedding": tensor}, str(tmp), metadata={
+                    "format": DISK_FORMAT, "key": key, "fingerprint": self.fingerprint,
+                    "blake2b": tensor_checksum(tensor)})
+            except SafetensorError as exc:  # a full disk: one line naming the cache, no entry left
+                raise ImageIOError(f"{self.root}: cannot write to the embedding cache "
+                                   f"({str(exc).split(': ')[-1]})") from None
         if self._used is None:  # the first save of this process: measure the folder
             self._used = sum(size for _, size, _ in self._entries())
         else:

@@ -236,6 +236,7 @@ def cmd_eval(args) -> dict:
 def cmd_learn(args) -> dict:
     library = _library(args)
     check_task_name(args.name)  # a bad name is refused now, not after the training
+    library.check_writable()  # and a read-only library, or a full disk
     if args.name in library and not args.replace:
         raise CLIError(f"a task named {args.name!r} already exists in {library.root} (use --replace, "
                        f"or another name)")

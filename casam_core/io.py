@@ -309,6 +309,8 @@ def read_image(path: PathLike) -> MedicalImage:
         raise ImageIOError(f"{p}: no such file or folder")
     if p.is_dir():
         return read_dicom_series(p)
+    if path_suffix(p) in (".png", ".tif", ".tiff", ".bmp") and _pillow_only(p):
+        return _read_with_pillow(p)
     with _itk_notes() as notes:
         try:
             size, components, itemsize = _header(sitk, str(p))
@@ -323,6 +325,35 @@ def read_image(path: PathLike) -> MedicalImage:
     for note in dict.fromkeys(notes):
         warnings.warn(f"{p}: SimpleITK: {note}", ImageWarning, stacklevel=2)
     return _from_sitk(img, str(p))
+
+
+_PILLOW_MODES = {"LA": "L", "La": "L", "PA": "RGB", "I;16": None, "I;16B": None}  # mode -> converted to
+
+
+def _pillow_only(path: Path) -> bool:
+    """A 2D file SimpleITK cannot read but Pillow can: grey + alpha (mode LA) and palette + alpha
+    PNGs ("Unknown PixelType" in SimpleITK)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.mode in ("LA", "La", "PA")
+    except Exception:  # not an image Pillow knows: SimpleITK reads it, or says why not
+        return False
+
+
+def _read_with_pillow(path: Path) -> MedicalImage:
+    """A grey + alpha or palette + alpha 2D image: alpha dropped (as for RGBA), size checked first."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            check_image_size(path, (im.height, im.width), len(im.getbands()), 1)
+            array = np.asarray(im.convert(_PILLOW_MODES[im.mode]))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageIOError(f"{path}: cannot read as an image ({exc})") from exc
+    return MedicalImage(array=array, spacing=(1.0, 1.0), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0),
+                        path=str(path), is_volume=False)
 
 
 def read_dicom_series(folder: PathLike) -> MedicalImage:
@@ -577,6 +608,9 @@ def check_mask_path(path: PathLike, volume: bool, reference: Optional[MedicalIma
         if reference is None or not reference.metadata.get("dicom_series"):
             raise ImageIOError(f"{path}: a .dcm mask is a DICOM SEG, written only for a DICOM series as the "
                                f"source image; write this one as .nii.gz, .mha or .nrrd")
+        from .dicom_seg import check_seg_source  # pydicom: only for a DICOM SEG
+
+        check_seg_source(reference.path, reference.metadata["dicom_series"], path)
         return
     if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES or suffix in (".jpg", ".jpeg"):
         raise ImageIOError(f"{path}: unsupported mask format {suffix!r}; use .png, .nii.gz, .mha, .nrrd "
@@ -612,8 +646,70 @@ def write_mask(mask: np.ndarray, path: PathLike, reference: Optional[MedicalImag
         img.SetOrigin(reference.origin)
         img.SetDirection(reference.direction)
     with atomic_write(path) as tmp:
-        sitk.WriteImage(img, str(tmp), True if suffix in VOLUME_SUFFIXES else False)
+        try:
+            sitk.WriteImage(img, str(tmp), True if suffix in VOLUME_SUFFIXES else False)
+            if suffix in (".nii", ".nii.gz") and reference is not None:
+                _copy_nifti_orientation(reference, tmp)
+            back = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp)))
+        except (RuntimeError, OSError, EOFError, zlib.error) as exc:
+            raise ImageIOError(f"{path}: cannot write it ({_write_failure(path, exc)})") from None
+        if back.shape != mask.shape or not np.array_equal(back, mask):  # a full disk can truncate silently
+            raise ImageIOError(f"{path}: cannot write it (the file written does not read back whole: "
+                               f"{_write_failure(path, None)})")
     return path
+
+
+def _write_failure(path: Path, exc: Optional[BaseException]) -> str:
+    """Why a write failed, in words: no space left, or the writer's own reason."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if free is not None and free < 1024 ** 2:
+        return f"no space left on the device: {free // 1024} KiB free in {path.parent}"
+    text = _itk_note(str(exc).strip().splitlines()[-1]) if exc is not None and str(exc).strip() else ""
+    text = text.replace(str(path.parent) + os.sep, "")  # never the temporary file's name
+    return text or "the disk may be full or failing"
+
+
+NIFTI1_ORIENTATION = ((76, 92), (123, 124), (252, 328))  # pixdim[0..3] (qfac, spacing), xyzt_units,
+# qform_code .. srow_z: the header fields that place the voxels in space
+
+
+def _nifti1_header(path: PathLike) -> Optional[bytes]:
+    """The 348-byte header of a little-endian NIfTI-1 file (None for anything else)."""
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(348)
+    except (OSError, EOFError, zlib.error):
+        return None
+    ok = len(head) == 348 and struct.unpack("<i", head[:4])[0] == 348 and head[344:347] in (b"n+1", b"ni1")
+    return head if ok else None
+
+
+def _copy_nifti_orientation(reference: MedicalImage, written: Path) -> None:
+    """Give a NIfTI mask the input's own orientation records (qform and sform, codes, qfac, units).
+    SimpleITK reads one of them and writes both from it, so where the input's two disagree (or
+    pixdim[1] is negative) a viewer using the other showed the mask misplaced or mirrored."""
+    if reference.path is None or path_suffix(reference.path) not in (".nii", ".nii.gz"):
+        return
+    source, mask = _nifti1_header(reference.path), _nifti1_header(written)
+    if source is None or mask is None or struct.unpack("<4h", source[40:48]) != struct.unpack("<4h", mask[40:48]):
+        return  # another layout or grid: SimpleITK's header stays
+    gz = str(written).lower().endswith(".gz")
+    data = bytearray(gzip.decompress(written.read_bytes()) if gz else written.read_bytes())
+    for start, end in NIFTI1_ORIENTATION:
+        data[start:end] = source[start:end]
+    if gz:
+        with gzip.open(written, "wb", compresslevel=6) as fh:
+            fh.write(bytes(data))
+    else:
+        written.write_bytes(bytes(data))
 
 
 def write_json(data, path: PathLike) -> Path:

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 import uuid
@@ -66,6 +67,40 @@ LOCK_TIMEOUT_S = 30.0
 LAYER_CHANNELS = 256  # the prompt decoder's width, the same for every registered backbone
 MAX_SAFETENSORS_HEADER = 1024**2
 POINT_PROMPTS = ("default", "direct", "click_box")  # how a task decodes clicks (predictor.click_decoding)
+
+
+TASK_SPACE_BYTES = 64 * 1024**2  # free space a save needs (a task is about 15 MB, staged beside the old one)
+
+
+def read_task_file(path: Path, limit: int) -> bytes:
+    """The bytes of one file of a task folder, checked before anything is read: a regular file (not a
+    symbolic link, FIFO or device: a FIFO blocked reading forever, a link to /dev/zero read until
+    memory ran out) of at most ``limit`` bytes."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        why = "is a symbolic link; task files must be the folder's own files" if path.is_symlink() else \
+            (exc.strerror or str(exc))
+        raise TaskLibraryError(f"{path}: {why}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise TaskLibraryError(f"{path}: not a regular file (a FIFO, device or socket); task files are plain files")
+        if info.st_size > limit:
+            raise TaskLibraryError(f"{path}: {info.st_size} bytes is too large for a task file (at most {limit})")
+        chunks, left = [], info.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise TaskLibraryError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -251,38 +286,53 @@ class TaskLibrary:
             raise TaskLibraryError(f"{self.root}: the task library must be a folder; this is a file")
         return self
 
+    def check_writable(self, space: int = TASK_SPACE_BYTES) -> "TaskLibrary":
+        """Refuse, before any training, a library a new task cannot be saved to: a folder that cannot
+        be made or written (read-only), or a disk with less than ``space`` bytes free."""
+        self.check_folder()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=str(self.root))
+            os.close(fd)
+            os.unlink(probe)
+            free = shutil.disk_usage(self.root).free
+        except OSError as exc:
+            raise TaskLibraryError(f"{self.root}: cannot write to the task library ({exc.strerror or exc}); "
+                                   f"choose another folder (--library or $CASAM_LIBRARY)") from None
+        if free < space:
+            raise TaskLibraryError(f"{self.root}: only {free / 1024**2:.0f} MB free on its disk; saving a task needs "
+                                   f"{space / 1024**2:.0f} MB: free some space or choose another library")
+        return self
+
     # -- reading ------------------------------------------------------------------
     def names(self) -> List[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / CARD).is_file())
+        return sorted(p.name for p in self.root.iterdir()  # a card that is no plain file is listed, and
+                      if p.is_dir() and not p.name.startswith(".") and os.path.lexists(p / CARD))  # refused on use
 
     def __contains__(self, name: str) -> bool:
-        return (self.root / name / CARD).is_file()
+        return os.path.lexists(self.root / name / CARD)
 
     def _folder(self, name: str) -> Path:
         check_task_name(name)
         folder = self.root / name
-        if not (folder / CARD).is_file():
+        if not os.path.lexists(folder / CARD):
             raise TaskLibraryError(f"no task {name!r} in {self.root} (tasks: {', '.join(self.names()) or 'none'})")
+        if folder.is_symlink():  # renaming or removing through it would change a folder outside the library
+            raise TaskLibraryError(f"{folder}: is a symbolic link, not a task folder of the library; copy the task "
+                                   f"in (tasks import) or remove the link")
         return folder
 
     def card(self, name: str) -> dict:
         path = self._folder(name) / CARD
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise TaskLibraryError(f"{path}: unreadable task card ({exc})") from None
-        return parse_json(data, str(path))
+        return parse_json(read_task_file(path, MAX_CARD_BYTES), str(path))
 
     def load(self, name: str, fingerprint: Optional[str] = None) -> Task:
         folder = self._folder(name)
         card = self.card(name)
-        try:
-            alignment, router = (folder / ALIGNMENT).read_bytes(), (folder / ROUTER).read_bytes()
-        except OSError as exc:
-            raise TaskLibraryError(f"{folder}: {exc}") from None
+        alignment = read_task_file(folder / ALIGNMENT, MAX_MEMBER_BYTES)
+        router = read_task_file(folder / ROUTER, MAX_MEMBER_BYTES)
         task = task_from_files(card, alignment, router, str(folder), fingerprint)
         task.name = name  # the folder name is the task's name
         return task
@@ -338,7 +388,12 @@ class TaskLibrary:
         the lock held, when no other writer can be using them. Returns how many."""
         removed = 0
         for p in self.root.iterdir():
-            if p.is_dir() and not p.is_symlink() and (p.name.startswith(".tmp-") or p.name.startswith(".trash-")):
+            if not (p.name.startswith(".tmp-") or p.name.startswith(".trash-")):
+                continue
+            if p.is_symlink():  # a link (left by an earlier version's remove): the link goes, never its target
+                p.unlink(missing_ok=True)
+                removed += 1
+            elif p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 removed += 1
         return removed
@@ -356,7 +411,10 @@ class TaskLibrary:
             os.rename(target, trash)
         os.rename(staging, target)
         if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+            if trash.is_symlink():
+                trash.unlink()
+            else:
+                shutil.rmtree(trash, ignore_errors=True)
         return target
 
     def save(self, task: Task, replace: bool = False) -> Path:
@@ -376,12 +434,22 @@ class TaskLibrary:
                 card["files"] = {f: sha256_bytes((staging / f).read_bytes()) for f in (ALIGNMENT, ROUTER)}
                 (staging / CARD).write_text(json.dumps(card, indent=2) + "\n")
                 return self._commit(staging, name, replace)
+            except (OSError, SafetensorError) as exc:  # a full disk, a folder gone read-only: one line
+                shutil.rmtree(staging, ignore_errors=True)
+                why = getattr(exc, "strerror", None) or str(exc).split(": ")[-1]
+                raise TaskLibraryError(f"{self.root}: cannot save task {name!r} ({why}); the library is as it "
+                                       f"was") from None
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
 
     def remove(self, name: str) -> None:
         with self._writing():
+            link = self.root / name
+            if link.is_symlink():  # the link is the library's entry: it goes; what it points to stays
+                check_task_name(name)
+                link.unlink()
+                return
             folder = self._folder(name)
             trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
             os.rename(folder, trash)  # one step: the task is there or gone; the files go after
@@ -414,7 +482,8 @@ class TaskLibrary:
         """Write task ``name`` as one pack file (zip + SHA-256 manifest), atomically."""
         folder = self._folder(name)
         out = Path(out)
-        files = {f: (folder / f).read_bytes() for f in (CARD, ALIGNMENT, ROUTER)}
+        files = {f: read_task_file(folder / f, MAX_CARD_BYTES if f == CARD else MAX_MEMBER_BYTES)
+                 for f in (CARD, ALIGNMENT, ROUTER)}
         self.load(name)  # refuse to export a damaged task
         from . import __version__
 

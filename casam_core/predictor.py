@@ -99,6 +99,7 @@ class CASamPredictor:
         self.embeddings = TensorLRU(memory_bytes)
         self.aligned = TensorLRU(aligned_bytes)
         self.disk = DiskEmbeddingCache(disk_cache, backbone.embedding_key) if disk_cache else None
+        self.disk_error: Optional[str] = None  # why the on-disk cache was given up (``_save_to_disk``)
         self.layers: Dict[str, Optional[nn.Module]] = {}
         self.cards: Dict[str, dict] = {}
         self.router = Router()
@@ -319,6 +320,20 @@ class CASamPredictor:
         return ImageRecord(data_signature(rgb, self.backbone.embedding_key), (int(rgb.shape[0]), int(rgb.shape[1])),
                            tuple(preprocess_shape(rgb.shape[0], rgb.shape[1], self.backbone.img_size)))
 
+    def _save_to_disk(self, key: str, z: torch.Tensor) -> None:
+        """Keep an embedding in the on-disk cache. A cache that cannot be written (a full disk, a folder
+        gone read-only) is given up for this predictor with one warning: the work goes on in memory,
+        and ``disk_error`` says why (``casam embed``, whose work is the cache, reports it as its error)."""
+        try:
+            self.disk.save(key, z)
+        except ImageIOError as exc:
+            import warnings
+
+            from .errors import ImageWarning
+
+            self.disk, self.disk_error = None, str(exc)
+            warnings.warn(f"{exc}; going on without the on-disk cache", ImageWarning, stacklevel=3)
+
     def embed_rgb(self, rgb: np.ndarray) -> ImageRecord:
         """Ensure the frozen embedding of a prepared uint8 RGB image is cached; return its record."""
         key = data_signature(rgb, self.backbone.embedding_key)
@@ -331,7 +346,7 @@ class CASamPredictor:
                 self.encoder_calls += 1
             z = z.to(self.device, self.embedding_dtype)
             if self.disk and x is not None:
-                self.disk.save(key, z)
+                self._save_to_disk(key, z)
             self.embeddings.put(key, z)
         if input_size is None:
             input_size = preprocess_shape(rgb.shape[0], rgb.shape[1], self.backbone.img_size)

@@ -32,7 +32,7 @@ CLICK_TEXT = {"click_box": "one box of the task's typical object size, centred o
 
 def check_task_name(name: str) -> str:
     """``name`` if it can name a task (1-64 letters, digits, '_', '-', '.'; not reserved)."""
-    if not isinstance(name, str) or not TASK_NAME.match(name):
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):  # fullmatch: "$" lets a final newline by
         raise TaskNameError(f"task name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a "
                             f"letter or digit")
     if name.lower() in (AUTO,) + FROZEN_NAMES:

@@ -57,6 +57,7 @@ def learn(put: Callable, cancel_event: threading.Event, name: str, image: np.nda
         lib = TaskLibrary(library)
         if name in lib:
             raise TaskLibraryError(f"a task named {name!r} already exists in {lib.root}")
+        lib.check_writable()  # a read-only library or a full disk is said now, not after the training
         if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4) and labels.ndim == 2):
             slices = [image_slice_from_array(image, labels, name)]
         else:

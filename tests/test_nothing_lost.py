@@ -1,0 +1,276 @@
+"""Nothing lost (issue 30): full disks, read-only and tampered libraries, odd task names, files
+whose orientation records disagree, grey + alpha PNGs, DICOM series a SEG cannot reference.
+Each case failed before the fix it names."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from PIL import Image
+
+from casam_core.alignment import AlignmentLayer
+from casam_core.cli import main
+from casam_core.errors import ImageIOError, TaskLibraryError, TaskNameError
+from casam_core.io import read_image, write_mask
+from casam_core.library import ALIGNMENT, CARD, ROUTER, TaskLibrary, check_card
+from casam_core.router import TaskVAE
+from casam_core.tasks import Task, check_task_name
+
+from conftest import SAMPLES
+
+HC18 = SAMPLES / "hc18_fetal_head" / "006_HC.png"
+HIPPO = SAMPLES / "hippocampus_mri" / "hippocampus_003.nii.gz"
+CPU = ["--device", "cpu"]
+
+
+def _task(name: str = "liver") -> Task:
+    layer = AlignmentLayer(n_blocks=1, form="residual")
+    card = {"name": name, "backbone_fingerprint": "litemedsam:test", "alignment": layer.config(),
+            "router": {"tau": 1.0}}
+    return Task(name, layer, TaskVAE(), 1.0, card)
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path):
+    """A 40 MB tmpfs: a disk that fills up (needs root, as CI and the developers' machines run)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (a full disk is simulated with it)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path, leave: int = 0) -> None:
+    """Fill the disk of ``folder`` up to ``leave`` bytes free."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free - leave
+    with open(folder / "ballast", "wb") as fh:
+        while free > 0:
+            n = min(free, 1 << 16)
+            try:
+                fh.write(b"\0" * n)
+                fh.flush()
+            except OSError:
+                break
+            free -= n
+
+
+# ------------------------------------------------------------------ 10: masks on a full disk
+@pytest.mark.parametrize("suffix", [".png", ".nii.gz", ".mha", ".nrrd"])
+def test_a_mask_that_does_not_fit_on_the_disk_is_an_error_naming_it_and_leaves_no_file(tiny_disk, suffix):
+    out = tiny_disk / f"m{suffix}"
+    mask = (np.random.default_rng(0).random((40, 300, 300)) > 0.5).astype(np.uint8)
+    if suffix == ".png":
+        mask = mask[0]
+    _fill(tiny_disk, leave=8 * 1024)  # room for a header, not for the pixels
+    with pytest.raises(ImageIOError) as err:
+        write_mask(mask, out)
+    text = str(err.value)
+    assert text.startswith(f"{out}: cannot write it") and ".tmp" not in text and "\n" not in text, text
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["ballast"]  # no mask, no 0-byte file, no temporary
+
+
+def test_segment_on_a_full_disk_exits_2_with_one_line_and_writes_nothing(tiny_disk, capsys):
+    _fill(tiny_disk)
+    out = tiny_disk / "m.png"
+    code = main(["segment", str(HC18), "--box", "100,100,600,500", "--out", str(out), "--task", "none", *CPU])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"casam segment: error: {out}: cannot write it"), err
+    assert not out.exists()
+
+
+def test_segment_batch_redoes_an_empty_mask_left_by_an_earlier_version(tmp_path, capsys):
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "a.png").write_bytes(HC18.read_bytes())
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "a.json").write_text(json.dumps({"boxes": [[100, 100, 600, 500]]}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_mask.png").write_bytes(b"")  # what a full disk left before masks were checked
+    code = main(["segment-batch", str(images), "--out", str(out), "--prompts", str(tmp_path / "prompts"),
+                 "--task", "none", "--json", *CPU])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["done"] == 1 and summary["exists"] == 0, summary
+    assert read_image(out / "a_mask.png").array.any()
+
+
+# ------------------------------------------------------------------ 11, 12: saving tasks
+def test_saving_a_task_on_a_full_disk_is_one_line_and_leaves_the_library_as_it_was(tiny_disk):
+    library = TaskLibrary(tiny_disk / "tasks")
+    library.save(_task("first"))
+    _fill(tiny_disk, leave=16 * 1024)
+    with pytest.raises(TaskLibraryError) as err:
+        library.save(_task("second"))
+    assert "cannot save task 'second'" in str(err.value) and "No space left" in str(err.value), err.value
+    assert library.names() == ["first"] and library.load("first").name == "first"
+    assert [p.name for p in library.root.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_learn_refuses_a_full_disk_or_a_read_only_library_before_training(tiny_disk, tmp_path, capsys):
+    _fill(tiny_disk, leave=512 * 1024)
+    argv = ["learn", "t1", str(HC18), "--masks", str(SAMPLES / "hc18_fetal_head"), *CPU]
+    assert main(argv + ["--library", str(tiny_disk / "tasks")]) == 2
+    err = capsys.readouterr().err
+    assert "MB free on its disk; saving a task needs 64 MB" in err and "learned" not in err, err
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    subprocess.run(["mount", "--bind", str(readonly), str(readonly)], check=True)  # root writes anywhere:
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(readonly)], check=True)  # a read-only mount
+    try:
+        assert main(argv + ["--library", str(readonly)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot write to the task library (Read-only file system)" in err[0], err
+    finally:
+        subprocess.run(["umount", "-l", str(readonly)], check=False)
+
+
+def test_the_embedding_cache_on_a_full_disk_is_given_up_with_a_warning_and_embed_says_why(tiny_disk, backbone,
+                                                                                            capsys):
+    from casam_core.errors import ImageWarning
+    from casam_core.predictor import CASamPredictor
+
+    _fill(tiny_disk, leave=64 * 1024)  # less than one embedding
+    predictor = CASamPredictor(backbone, disk_cache=tiny_disk / "cache")
+    image = read_image(HC18).array
+    with pytest.warns(ImageWarning, match="cannot write to the embedding cache"):
+        predictor.set_image(image)
+    masks, _, _ = predictor.predict(box=np.array([100, 100, 600, 500]), multimask_output=False)
+    assert masks.any() and predictor.disk is None  # the work went on in memory
+    assert not [p for p in (tiny_disk / "cache").rglob("*") if p.is_file()]  # no damaged entry
+    code = main(["embed", str(HC18), "--cache-dir", str(tiny_disk / "cache2"), "--json", *CPU])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("casam embed: error:") and "embedding cache" in err[-1], err
+
+
+# ------------------------------------------------------------------ 13, 14, 15: the library's entries
+def test_a_task_folder_that_is_a_symbolic_link_is_never_renamed_or_removed_through(tmp_path):
+    library, outside = TaskLibrary(tmp_path / "tasks"), TaskLibrary(tmp_path / "elsewhere")
+    outside.save(_task("liver"))
+    library.save(_task("kidney"))
+    (library.root / "liver").symlink_to(outside.root / "liver", target_is_directory=True)
+    before = {p.name: p.read_bytes() for p in (outside.root / "liver").iterdir()}
+    with pytest.raises(TaskLibraryError, match="is a symbolic link"):
+        library.rename("liver", "spleen")
+    with pytest.raises(TaskLibraryError, match="is a symbolic link"):
+        library.load("liver")
+    (library.root / ".trash-old-1234").symlink_to(outside.root / "liver")  # what an earlier remove left
+    library.remove("liver")  # the link goes; the folder it pointed to stays as it was
+    assert not (library.root / "liver").exists() and not (library.root / ".trash-old-1234").is_symlink()
+    assert {p.name: p.read_bytes() for p in (outside.root / "liver").iterdir()} == before
+    assert library.names() == ["kidney"]
+
+
+@pytest.mark.parametrize("damage", ["fifo", "dev_zero", "sparse", "file_link"])
+def test_a_tampered_task_is_skipped_with_its_reason_without_reading_it(tmp_path, damage, capsys):
+    library = TaskLibrary(tmp_path / "tasks")
+    library.save(_task("good"))
+    library.save(_task("bad"))
+    target = library.root / "bad" / (ROUTER if damage != "fifo" else CARD)
+    target.unlink()
+    if damage == "fifo":
+        os.mkfifo(target)  # reading it blocked forever
+    elif damage == "dev_zero":
+        target.symlink_to("/dev/zero")  # read until memory ran out
+    elif damage == "sparse":
+        with open(target, "wb") as fh:
+            fh.truncate(20 * 1024**3)  # 20 GB of nothing
+    else:
+        (tmp_path / "r.safetensors").write_bytes(b"x")
+        target.symlink_to(tmp_path / "r.safetensors")
+    with pytest.raises(TaskLibraryError) as err:
+        library.load("bad")
+    why = {"fifo": "not a regular file", "dev_zero": "is a symbolic link", "sparse": "too large",
+           "file_link": "is a symbolic link"}[damage]
+    assert why in str(err.value), err.value
+    assert library.load("good").name == "good"
+    code = main(["tasks", "list", "--library", str(library.root), "--json"])  # the library still lists
+    assert code == 0 and "good" in capsys.readouterr().out
+
+
+def test_a_task_name_ending_in_a_newline_is_refused_from_the_cli_and_from_a_card(tmp_path):
+    for name in ("liver\n", "liver\r\n", "\nliver"):
+        with pytest.raises(TaskNameError):
+            check_task_name(name)
+    card = dict(_task().card, name="liver\n", files={})
+    with pytest.raises(TaskLibraryError, match="task name"):
+        check_card(card, "pack.zip")
+    assert main(["learn", "liver\n", str(HC18), "--masks", str(SAMPLES / "hc18_fetal_head"),
+                 "--library", str(tmp_path / "tasks"), *CPU]) == 2
+    assert not (tmp_path / "tasks").exists() or not list((tmp_path / "tasks").iterdir())
+
+
+# ------------------------------------------------------------------ 17, 18, 19: files
+def _nifti_header(path: Path) -> bytes:
+    return gzip.decompress(path.read_bytes())[:348]
+
+
+def _disagreeing_nifti(tmp_path: Path, mirrored_pixdim: bool) -> Path:
+    """The hippocampus sample with qform and sform disagreeing (sform: mirrored and shifted), or
+    with pixdim[1] = -1 (read by some writers as a flip)."""
+    raw = bytearray(gzip.decompress(HIPPO.read_bytes()))
+    raw[252:256] = struct.pack("<hh", 1, 2)  # qform_code scanner, sform_code aligned
+    srow = list(struct.unpack("<12f", raw[280:328]))
+    srow[0], srow[3] = -abs(srow[0] or 1.0), 50.0
+    raw[280:328] = struct.pack("<12f", *srow)
+    if mirrored_pixdim:
+        raw[80:84] = struct.pack("<f", -1.0)
+    path = tmp_path / f"odd{int(mirrored_pixdim)}.nii.gz"
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return path
+
+
+@pytest.mark.parametrize("mirrored_pixdim", [False, True])
+def test_a_nifti_mask_keeps_the_inputs_own_qform_and_sform(tmp_path, mirrored_pixdim):
+    src = _disagreeing_nifti(tmp_path, mirrored_pixdim)
+    image = read_image(src)
+    mask = (image.array > np.percentile(image.array, 90)).astype(np.uint8)
+    out = write_mask(mask, tmp_path / "mask.nii.gz", reference=image)
+    a, b = _nifti_header(src), _nifti_header(out)
+    assert b[252:328] == a[252:328]  # qform/sform codes, quaternion, offsets, srow: the input's own
+    assert b[76:92] == a[76:92] and b[123] == a[123]  # qfac and spacing, units
+    assert np.array_equal(read_image(out).array, mask)  # and the voxels are where they were
+
+
+def test_a_grey_plus_alpha_png_is_read_as_grey(tmp_path, capsys):
+    grey = np.asarray(Image.open(HC18).convert("L"))
+    la = np.stack([grey, np.full_like(grey, 255)], -1)
+    path = tmp_path / "la.png"
+    Image.fromarray(la, "LA").save(path)
+    image = read_image(path)
+    assert image.array.shape == grey.shape and np.array_equal(image.array, grey)
+    out = tmp_path / "m.png"
+    assert main(["segment", str(path), "--box", "100,100,600,500", "--out", str(out), "--task", "none", *CPU]) == 0
+    assert read_image(out).array.any()
+
+
+def test_a_dicom_seg_for_a_series_without_frame_of_reference_is_refused_before_the_work(tmp_path, capsys):
+    pydicom = pytest.importorskip("pydicom")
+    from test_io import _dicom_series  # the round-trip tests' series writer
+
+    folder, _ = _dicom_series(tmp_path)
+    for f in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(f)
+    out = tmp_path / "seg.dcm"
+    code = main(["segment", str(folder), "--slice", "1", "--box", "4,4,20,20", "--out", str(out), "--task", "none",
+                 "--json", *CPU])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "has no FrameOfReferenceUID" in err[0], err
+    assert not out.exists()
