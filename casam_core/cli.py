@@ -8,40 +8,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
+try:  # the libraries load for seconds: Ctrl+C meanwhile is a cancel, said in one line (not a traceback)
+    import numpy as np
 
-from . import __version__
-from .alignment import FORMS
-from .batch import (SPLITS, batch_summary, check_prompt_sources, embed_inputs, label_prompts, list_inputs,
-                    merge_embed_reports, segment_inputs)
-from .backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
-from .build import build_predictor
-from .config import cache_dir as default_cache_dir, library_dir
-from .errors import CASamError
-from .dicom_seg import save_mask
-from .distributed import DIST_FAILURES, Dist, device_for_rank, init_distributed
-from .evaluate import PROMPTS, evaluate_dataset, rank_by_coverage
-from .io import (WINDOWS, MedicalImage, atomic_write, check_mask_path, image_inputs, is_dicom_folder, read_dataset, read_image,
-                 read_labels)
-from .library import TaskLibrary, TaskLibraryError
-from .metrics import dice
-from .overlay import overlay, save_png, volume_montage
-from .predictor import CASamPredictor
-from .progress import Cancelled, TqdmProgress
-from .prompts import box_from_mask, parse_box, parse_point, propagate_box
-from .runtimes import RUNTIMES
-from .samples import SAMPLES
-from .tasks import AUTO, TaskChoice, check_task_name, describe_route, task_mode
-from .training import PROFILES, LearnConfig, learn_config, learn_task, load_task_data
+    from . import __version__
+    from .alignment import FORMS
+    from .batch import (SPLITS, batch_summary, check_prompt_sources, embed_inputs, label_prompts, list_inputs,
+                        merge_embed_reports, segment_inputs)
+    from .backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
+    from .build import build_predictor
+    from .config import cache_dir as default_cache_dir, library_dir
+    from .errors import CASamError
+    from .dicom_seg import save_mask
+    from .distributed import DIST_FAILURES, Dist, device_for_rank, init_distributed
+    from .evaluate import PROMPTS, evaluate_dataset, rank_by_coverage
+    from .io import (WINDOWS, MedicalImage, atomic_write, check_mask_path, image_inputs, is_dicom_folder,
+                     read_dataset, read_image, read_labels)
+    from .library import TaskLibrary, TaskLibraryError
+    from .metrics import dice
+    from .overlay import overlay, save_png, volume_montage
+    from .predictor import CASamPredictor
+    from .progress import Cancelled, TqdmProgress
+    from .prompts import box_from_mask, parse_box, parse_point, propagate_box
+    from .runtimes import RUNTIMES
+    from .samples import SAMPLES
+    from .tasks import AUTO, TaskChoice, check_task_name, describe_route, task_mode
+    from .training import PROFILES, LearnConfig, learn_config, learn_task, load_task_data
+except KeyboardInterrupt:
+    print("casam: cancelled", file=sys.stderr)
+    raise SystemExit(130) from None
 
 
 class CLIError(CASamError):
     """A user-facing error: printed as one line, exit code 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler's or a user's ``kill``): unwinds like Ctrl+C, so every atomic write
+    is cleaned up, and ends the command with one line and exit code 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -601,6 +615,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.dist = Dist()
     where = ""
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: the caller's handling stays
+        previous = None
+    try:
         if getattr(args, "distributed", False):  # under torchrun: this process's place in the job
             args.dist = init_distributed(args.device)
             where = f" [{args.dist.describe()}]" if args.dist.active else ""
@@ -615,11 +633,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CASamError, OSError) as exc:  # the user's input or files; anything else is a bug: traceback
         print(f"casam {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
-    except (Cancelled, KeyboardInterrupt):
-        print(f"casam {args.command}{where}: cancelled (nothing was written to the task library)"
-              if args.command == "learn" else f"casam {args.command}{where}: cancelled", file=sys.stderr)
-        return 130
+    except (Cancelled, KeyboardInterrupt, Terminated) as exc:
+        how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "cancelled"
+        kept = (" (nothing was written to the task library)" if args.command == "learn" else
+                "; finished outputs are kept and a rerun skips them" if args.command in ("segment-batch", "embed")
+                else "")
+        print(f"casam {args.command}{where}: {how}{kept}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         args.dist.close()
     if args.json and result is not None:  # under torchrun, rank 0 reports
         print(json.dumps(result, indent=2))

@@ -274,3 +274,44 @@ def test_a_dicom_seg_for_a_series_without_frame_of_reference_is_refused_before_t
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "has no FrameOfReferenceUID" in err[0], err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ 16: signals
+def _casam(*argv, env_extra=None):
+    import sys
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "casam_core.cli", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_sigterm_ends_embed_with_one_line_and_exit_143_and_no_damaged_entry(tmp_path):
+    import signal
+    import time
+
+    cache = tmp_path / "cache"
+    proc = _casam("embed", HIPPO, "--cache-dir", cache, *CPU)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not list(cache.rglob("*.safetensors")):
+        time.sleep(0.2)  # until the first slice's embedding is in the cache
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln and "it/s" not in ln]
+    assert proc.returncode == 143, err[-2000:]
+    assert lines[-1] == "casam embed: stopped by SIGTERM; finished outputs are kept and a rerun skips them", lines
+    assert "Traceback" not in err
+    assert not [p for p in cache.rglob("*") if ".tmp" in p.name]  # no temporary file left
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line_not_a_traceback(tmp_path):
+    import signal
+    import time
+
+    proc = _casam("segment", HC18, "--box", "100,100,600,500", "--out", tmp_path / "m.png", "--task", "none", *CPU)
+    time.sleep(0.6)  # the interpreter is up; torch, SimpleITK and the rest are still being imported
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert len(err.strip().splitlines()) == 1 and "cancelled" in err, err
+    assert not (tmp_path / "m.png").exists()
