@@ -40,6 +40,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -62,6 +63,8 @@ BF16_MAX_IOU_DIFFERENCE = 0.02  # ... and the largest difference of its IoU pred
 BF16_MAX_RELATIVE_RMS = 0.1  # a bfloat16 encoder: RMS difference of the probe's embedding / its RMS
 GRAPHS = "v3"  # in the converted decoders' file names: v2 upscales token by token (_UpscaleGraph), v3 folds
 # the attentions to and from the image (_two_way)
+CHECK_COMMAND = [sys.executable, "-m", "casam_core._ov_check"]  # a converted graph's first run, in a child
+CHECK_TIMEOUT_S = 900
 SEARCH_CANDIDATES = 6  # the boxes a first click is searched with (predictor.POINT_SEARCH_FRACTIONS): a static copy
 
 
@@ -227,7 +230,7 @@ class _OpenVINOModel:
     agreement = 1.0
     relative = 0.0
 
-    def __init__(self, xml: Path, convert: Callable[[], object], precision: str = "f32") -> None:
+    def __init__(self, xml: Path, convert: Callable[[], object], precision: str = "f32", inputs=(), static=()) -> None:
         import openvino as ov
 
         self.precision = precision
@@ -239,8 +242,43 @@ class _OpenVINOModel:
         self._version = ov.__version__
         self._config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                         "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())}
+        self._survives_in_a_child(inputs, static)  # before this process compiles or runs it
         self._model = self._core.compile_model(str(self._xml), "CPU", self._config)
         self._request = self._model.create_infer_request()
+
+    def _survives_in_a_child(self, inputs, static) -> None:
+        """Compile and run this graph (as it is, on inputs of the shapes ``inputs``; and compiled for each
+        of the shapes in ``static``) once in a child
+        process with this model's settings (``casam_core._ov_check``), the first time for this model,
+        precision and OpenVINO version; a crash there raises RuntimeError here, and the caller falls
+        back to eager PyTorch. A crash inside OpenVINO (a bfloat16 encoder on an AMX Xeon) used to end
+        the user's process."""
+        import subprocess
+        import sys
+
+        marker = self._xml.with_suffix(f".survived-{self.precision}.json")
+        try:
+            if json.loads(marker.read_text()).get("openvino") == self._version:
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+        spec = {"config": self._config, "cache": str(self._xml.parent / "compiled"),
+                "models": [{"xml": str(self._xml), "reshape": False, "inputs": [list(v) for v in inputs]}]
+                + [{"xml": str(self._xml), "reshape": True, "inputs": [list(v) for v in shape]} for shape in static]}
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)  # this casam_core, however it was found
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        proc = subprocess.run([*CHECK_COMMAND, json.dumps(spec)], capture_output=True, text=True, env=env,
+                              timeout=CHECK_TIMEOUT_S)
+        if proc.returncode != 0:
+            how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+            last = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()][-1:]
+            raise RuntimeError(f"its {self.precision} check crashed OpenVINO in a separate process ({how}"
+                               f"{': ' + last[0][:160] if last else ''}); this process was not affected")
+        try:
+            write_json({"openvino": self._version}, marker)
+        except OSError:  # a read-only cache: checked again next time
+            pass
 
     @property
     def _record(self) -> Path:
@@ -283,7 +321,7 @@ class _OpenVINOEncoder(_OpenVINOModel):
     def __init__(self, backbone, precision: str = "f32") -> None:
         size = backbone.img_size
         super().__init__(_ir_path(backbone.fingerprint, str(size), backbone.models_dir), lambda: _convert(
-            backbone.image_encoder, torch.zeros(1, 3, size, size)), precision)
+            backbone.image_encoder, torch.zeros(1, 3, size, size)), precision, inputs=[(1, 3, size, size)])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != 1:
@@ -307,12 +345,13 @@ class _OpenVINODecoder(_OpenVINOModel):
         shapes = [ov.PartialShape([1, c, h, w]), ov.PartialShape([-1, -1, c]), ov.PartialShape([-1, c, h, w])]
         xml = _ir_path(backbone.fingerprint, f"decoder-{GRAPHS}", backbone.models_dir)
         first = not xml.is_file()
-        super().__init__(xml, lambda: _convert(_DecoderGraph(backbone), example, shapes), precision)
+        one_box_shapes = ([1, c, h, w], [1, 2, c], [1, c, h, w])
+        super().__init__(xml, lambda: _convert(_DecoderGraph(backbone), example, shapes), precision,
+                         inputs=[(1, c, h, w), (2, 3, c), (2, c, h, w)], static=[one_box_shapes])
         if first:  # this version's decoder was just converted: earlier versions' are not used again
             _remove_superseded(backbone.fingerprint, backbone.models_dir)
         one_box = self._core.read_model(str(self._xml))
-        one_box.reshape({one_box.input(i): ov.PartialShape(shape)
-                         for i, shape in enumerate(([1, c, h, w], [1, 2, c], [1, c, h, w]))})
+        one_box.reshape({one_box.input(i): ov.PartialShape(shape) for i, shape in enumerate(one_box_shapes)})
         self._one_box = self._core.compile_model(one_box, "CPU", self._config).create_infer_request()
 
     def __call__(self, z: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
@@ -483,16 +522,19 @@ class _OpenVINOSearch(_OpenVINOModel):
         c, h, w = backbone.embedding_shape
         example = (torch.zeros(1, c, h, w), torch.zeros(2, 3, c), torch.zeros(1, c, h, w))
         shapes = [ov.PartialShape([1, c, h, w]), ov.PartialShape([-1, -1, c]), ov.PartialShape([1, c, h, w])]
-        super().__init__(_ir_path(backbone.fingerprint, f"decoder-search-{GRAPHS}", backbone.models_dir), lambda: _convert(
-            _SearchGraph(backbone), example, shapes), precision)
+        one_click = ([1, c, h, w], [SEARCH_CANDIDATES, 2, c], [1, c, h, w])
+        super().__init__(_ir_path(backbone.fingerprint, f"decoder-search-{GRAPHS}", backbone.models_dir),
+                         lambda: _convert(_SearchGraph(backbone), example, shapes), precision,
+                         inputs=[(1, c, h, w), (2, 3, c), (1, c, h, w)], static=[one_click])
         searched = self._core.read_model(str(self._xml))  # the commonest call, compiled for its static shape
-        searched.reshape({searched.input(i): ov.PartialShape(shape) for i, shape in
-                          enumerate(([1, c, h, w], [SEARCH_CANDIDATES, 2, c], [1, c, h, w]))})
+        searched.reshape({searched.input(i): ov.PartialShape(shape) for i, shape in enumerate(one_click)})
         self._one_click = self._core.compile_model(searched, "CPU", self._config).create_infer_request()
         m = len(backbone.mask_decoder.output_hypernetworks_mlps)
         hyper = backbone.mask_decoder.output_hypernetworks_mlps[0].layers[-1].out_features
-        upscale = _OpenVINOModel(_ir_path(backbone.fingerprint, f"decoder-upscale-{GRAPHS}", backbone.models_dir), lambda: _convert(
-            _UpscaleGraph(backbone), (torch.zeros(1, h * w, c), torch.zeros(1, m, hyper))), precision)
+        upscale = _OpenVINOModel(_ir_path(backbone.fingerprint, f"decoder-upscale-{GRAPHS}", backbone.models_dir),
+                                 lambda: _convert(_UpscaleGraph(backbone), (torch.zeros(1, h * w, c),
+                                                                            torch.zeros(1, m, hyper))), precision,
+                                 inputs=[(1, h * w, c), (1, m, hyper)])
         self._upscale = upscale.outputs
 
     def search(self, z: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):

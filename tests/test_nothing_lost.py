@@ -315,3 +315,34 @@ def test_ctrl_c_while_the_libraries_load_is_one_line_not_a_traceback(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert len(err.strip().splitlines()) == 1 and "cancelled" in err, err
     assert not (tmp_path / "m.png").exists()
+
+
+# ------------------------------------------------------------------ 9: a crash inside OpenVINO
+def test_a_crash_in_openvinos_first_run_leaves_the_process_up_and_falls_back_to_pytorch(tmp_path, monkeypatch):
+    """The first compile and run of each converted graph happens in a child process (seen: OpenVINO's
+    bfloat16 encoder segfaulted on an AMX Xeon and took the viewer down). Here the child dies by
+    SIGSEGV: this process carries on in eager PyTorch and says why; asking for OpenVINO is refused."""
+    import sys
+
+    from casam_core import runtimes
+    from casam_core.backbones import build_backbone
+    from casam_core.errors import OptionError
+
+    pytest.importorskip("openvino")
+    crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    monkeypatch.setattr(runtimes, "CHECK_COMMAND", [sys.executable, "-c", crash])
+    backbone = build_backbone("litemedsam", device="cpu", runtime="auto", models_dir=tmp_path / "models")
+    assert backbone._fast_encoder is None and backbone._fast_decoder is None
+    assert "crashed OpenVINO in a separate process (killed by signal 11" in backbone.runtime_note, backbone.runtime_note
+    from casam_core.predictor import CASamPredictor
+
+    predictor = CASamPredictor(backbone)
+    predictor.set_image(read_image(HC18).array)
+    masks, _, _ = predictor.predict(box=np.array([100, 100, 600, 500]), multimask_output=False)
+    assert masks.sum() > 10000  # eager PyTorch segments
+    with pytest.raises(OptionError, match="crashed OpenVINO in a separate process"):
+        build_backbone("litemedsam", device="cpu", runtime="openvino", models_dir=tmp_path / "models")
+    monkeypatch.undo()  # the real check passes, is remembered, and OpenVINO runs
+    backbone = build_backbone("litemedsam", device="cpu", runtime="auto", models_dir=tmp_path / "models")
+    assert backbone._fast_encoder is not None and backbone._fast_decoder is not None, backbone.runtime_note
+    assert sorted(p.name for p in (tmp_path / "models").glob("*.survived-*.json"))
