@@ -531,8 +531,50 @@ class CASamPredictor:
         points, boxes, masks = self._prompts(record, point_coords, point_labels, box, mask_input)
         low_res, iou = self._decode(z, record, points, boxes, masks, multimask_output, point_search, click_box)
         full = self.backbone.postprocess_masks(low_res, record.input_size, record.original_size)
+        if box is not None and point_coords is not None:  # corrective clicks never take a mask out of its box
+            low_res, full = self._keep_in_boxes(record, low_res, full, box, point_coords, point_labels)
         out = full if return_logits else full > 0.0
         return out.cpu().numpy(), iou.float().cpu().numpy(), low_res.float().cpu().numpy()
+
+    def _keep_in_boxes(self, record: ImageRecord, low_res: torch.Tensor, full: torch.Tensor, box, point_coords,
+                       point_labels) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits outside each object's box (grown to take in its positive clicks) made negative, at
+        full resolution and in the low-res logits a next corrective click starts from (there with one
+        low-res pixel to spare, so that upsampling keeps the edge). The user's box says where the
+        object is: a click inside it must not make the mask spill out (measured on kvasir_polyp: a
+        click on a 110-pixel miss took box Dice 0.982 -> 0.881, 2289 pixels outside the box)."""
+        boxes = np.asarray(box, np.float64).reshape(-1, 4)
+        coords = np.asarray(point_coords, np.float64)
+        labels = np.ones(coords.shape[:-1]) if point_labels is None else np.asarray(point_labels)
+        coords = np.broadcast_to(coords if coords.ndim == 3 else coords[None], (len(boxes),) + coords.shape[-2:])
+        labels = np.broadcast_to(labels if labels.ndim == 2 else labels[None], coords.shape[:2])
+        lo, hi = boxes[:, :2].copy(), boxes[:, 2:].copy()
+        for b in range(len(boxes)):
+            positive = coords[b][labels[b] == 1]
+            if len(positive):
+                lo[b], hi[b] = np.minimum(lo[b], positive.min(0)), np.maximum(hi[b], positive.max(0))
+        lo, hi = np.floor(lo), np.ceil(hi)
+        (h, w), (h_in, w_in) = record.original_size, record.input_size
+        device = full.device
+
+        def inside(ys: torch.Tensor, xs: torch.Tensor, spare: Tuple[float, float]) -> torch.Tensor:
+            lo_t = torch.as_tensor(lo - spare, dtype=torch.float32, device=device)
+            hi_t = torch.as_tensor(hi + spare, dtype=torch.float32, device=device)
+            in_x = (xs[None] >= lo_t[:, :1]) & (xs[None] <= hi_t[:, :1])
+            in_y = (ys[None] >= lo_t[:, 1:]) & (ys[None] <= hi_t[:, 1:])
+            return (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (B, 1, rows, columns)
+
+        out = torch.tensor(-20.0, device=device)
+        full = torch.where(inside(torch.arange(h, device=device, dtype=torch.float32),
+                                  torch.arange(w, device=device, dtype=torch.float32), (0.0, 0.0)),
+                           full, torch.minimum(full, out.to(full.dtype)))
+        n = low_res.shape[-1]
+        step = self.backbone.img_size / n  # one low-res pixel in the model's input frame
+        centres = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) * step
+        sx, sy = w / w_in, h / h_in  # input frame -> original pixels
+        keep = inside(centres * sy, centres * sx, (step * sx, step * sy))
+        low_res = torch.where(keep, low_res, torch.minimum(low_res, out.to(low_res.dtype)))
+        return low_res, full
 
     def _decode(self, z: torch.Tensor, record: ImageRecord, points, boxes, masks, multimask_output: bool,
                 point_search: Optional[bool] = None, click_box: Optional[Sequence[float]] = None):
