@@ -64,6 +64,9 @@ def parse_point(text: str) -> Tuple[List[float], int]:
     return xy, label
 
 
+STOP_WORDS = {"volume edge": "it reached the end of the volume",
+              "met the other annotation's half": "it met the part filled from the next annotated slice"}
+# each stop's "why": the reason in a clinician's words ("reason" keeps the measured numbers)
 DEFAULT_MAX_GROWTH = 1.5  # never past the structure on any volume measured: benchmarks/propagation.py
 
 
@@ -184,6 +187,9 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     total = sum((last - a) * direction for a, direction, last, _ in runs)  # slices still expected
     done = 0
     for a, direction, last, reason in runs:
+        plain = STOP_WORDS.get(reason.split(" at slice")[0], reason)
+        if reason.startswith("annotated as empty"):
+            plain = f"slice {reason.rsplit(' ', 1)[-1]} was annotated as empty"
         first = anchors[a]
         start_area = int(first.sum())
         prev = first
@@ -194,17 +200,22 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
             done += 1
             report(progress, done, total, f"propagating: slice {index}")
             area, prev_area = int(mask.sum()), int(prev.sum())
-            why = None
+            why = words = None
             if area == 0:
                 why = f"mask vanished at slice {index}"
+                words = f"the structure is no longer found at slice {index}"
             elif score < min_score:
                 why = f"predicted IoU {score:.2f} < {min_score} at slice {index}"
+                words = f"the model was unsure of the outline at slice {index}"
             elif area > max_area_ratio * prev_area or area * max_area_ratio < prev_area:
                 why = f"area jumped from {prev_area} to {area} px at slice {index}"
+                words = f"the outline changed size abruptly at slice {index} ({prev_area} to {area} pixels)"
             elif area > max_growth * start_area:
                 why = f"area {area} px > {max_growth} x the start slice's {start_area} px at slice {index}"
+                words = (f"the outline grew to {area / max(start_area, 1):.1f} times its size on the annotated "
+                         f"slice at slice {index}, as when it spills into a neighbouring structure")
             if why is not None:
-                reason = why
+                reason, plain = why, words
                 total -= (last - index) * direction  # the slices this run will not reach
                 report(progress, done, total, f"propagating: stopped at slice {index}")
                 break
@@ -212,7 +223,8 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
             summary["slices"].append(index)
             prev = mask
             index += direction
-        summary["stops"].append({"from": a, "direction": "up" if direction > 0 else "down", "reason": reason})
+        summary["stops"].append({"from": a, "direction": "up" if direction > 0 else "down", "reason": reason,
+                                 "why": plain})
     summary["slices"] = sorted(summary["slices"])
     return out, summary
 

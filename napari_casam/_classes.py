@@ -82,8 +82,11 @@ class ClassPicker:
                 k = max([painted, *self.entries()]) + 1
                 self.add(k, text)
         entry = self.add(k)
-        if self.combo.currentText() != entry:
-            self.combo.setCurrentText(entry)
+        index = self.combo.findText(entry)
+        if self.combo.currentIndex() != index:  # the entry itself chosen (setCurrentText on an editable
+            self.combo.setCurrentIndex(index)  # combo only changed the text: the old class stayed current)
+        elif self.combo.currentText() != entry:
+            self.combo.setEditText(entry)
         self.sync()
         return k
 

@@ -213,6 +213,7 @@ class PromptLayers:
         if pts is not None:
             kind = POSITIVE if positive else NEGATIVE
             pts.feature_defaults["kind"] = kind
+            pts.selected_data = set()  # napari recolours the selected clicks (and failed on a stale selection)
             pts.current_face_color = COLOURS[kind]
 
     def colour_points(self) -> None:
@@ -232,6 +233,7 @@ class PromptLayers:
             layer = self.get(name)
             if layer is not None:
                 layer.events.data.disconnect(self.on_change)
+                layer.selected_data = set()  # a selection of clicks that are gone broke the next T
                 layer.data = np.empty((0, layer.ndim)) if name == POINTS else []
                 layer.events.data.connect(self.on_change)
 

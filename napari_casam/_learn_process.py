@@ -6,8 +6,11 @@ napari started by a user's script that has no ``if __name__ == "__main__":`` gua
 ``multiprocessing`` spawn child re-runs that script and fails while bootstrapping).
 
 - In: ``JOB_DIR/job.json`` (the settings) and ``image.npy`` / ``labels.npy`` (read with
-  ``allow_pickle=False``), written by ``LearnJob.start``; the directory is removed when the
-  job has been reaped.
+  ``allow_pickle=False``), written by ``LearnJob.start`` in a private folder
+  ``$TMPDIR/casam-learn-<viewer pid>-*``. Patient data stays on disk for seconds only: the
+  child deletes the two arrays once it has read them. The folder goes when the job is reaped,
+  when the child ends after its viewer died, or (a viewer killed with its learner) at the next
+  learning job's start, which sweeps folders whose viewer no longer runs.
 - Out: one JSON message per line on the child's standard output: ``["progress", done,
   total, message]``, then one of ``["done", card]``, ``["cancelled"]`` or ``["error",
   message, traceback]``. Anything else the child prints goes to ``JOB_DIR/log.txt``.
@@ -104,24 +107,33 @@ def main(argv=None) -> int:
             out.write(json.dumps(message) + "\n")
             out.flush()
 
-    cancel_event = threading.Event()
+    cancel_event, viewer_gone = threading.Event(), threading.Event()
 
     def watch_stdin() -> None:
         for line in sys.stdin:
             if line.strip() == "cancel":
                 break
-        cancel_event.set()  # "cancel", or the end of input: the viewer closed the pipe or is gone
+        else:
+            viewer_gone.set()  # the end of input: the viewer closed the pipe or died
+        cancel_event.set()
 
     threading.Thread(target=watch_stdin, name="casam-learn-cancel", daemon=True).start()
     try:
-        settings = json.loads((job / "job.json").read_text(encoding="utf-8"))
-        image = np.load(job / "image.npy", allow_pickle=False)
-        labels = np.load(job / "labels.npy", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        put(["error", f"cannot read the learning job in {job}: {exc}", traceback.format_exc()])
-        return 1
-    learn(put, cancel_event, image=image, labels=labels, **settings)
-    return 0
+        try:
+            settings = json.loads((job / "job.json").read_text(encoding="utf-8"))
+            image = np.load(job / "image.npy", allow_pickle=False)
+            labels = np.load(job / "labels.npy", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            put(["error", f"cannot read the learning job in {job}: {exc}", traceback.format_exc()])
+            return 1
+        finally:
+            for name in ("image.npy", "labels.npy"):  # in memory now: no copy of the patient's data on disk
+                (job / name).unlink(missing_ok=True)
+        learn(put, cancel_event, image=image, labels=labels, **settings)
+        return 0
+    finally:
+        if viewer_gone.is_set():  # nobody will reap this job: its folder goes with it
+            shutil.rmtree(job, ignore_errors=True)
 
 
 def _lower_priority(thread_only: bool = False) -> None:
@@ -138,6 +150,38 @@ def _lower_priority(thread_only: bool = False) -> None:
             os.setpriority(os.PRIO_PROCESS, who, NICENESS)
     except (AttributeError, OSError):  # no priorities on this platform, or not allowed
         pass
+
+
+JOB_PREFIX = "casam-learn-"
+
+
+def sweep_stale_jobs(folder: Optional[Path] = None) -> int:
+    """Remove the job folders of viewers that no longer run (killed with their learner: the learner
+    removes its folder itself when its viewer dies, unless it was killed too), and folders of the
+    earlier naming without a process id older than an hour. Returns how many were removed."""
+    import time
+
+    removed = 0
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{JOB_PREFIX}*"):
+        try:
+            if not path.is_dir() or path.is_symlink() or path.stat().st_uid != getattr(os, "getuid", lambda: path.stat().st_uid)():
+                continue
+            owner = path.name[len(JOB_PREFIX):].split("-", 1)[0]
+            if owner.isdigit():
+                try:
+                    os.kill(int(owner), 0)
+                    continue  # its viewer runs: its job
+                except ProcessLookupError:
+                    pass
+                except (PermissionError, OverflowError):
+                    continue
+            elif time.time() - path.stat().st_mtime < 3600:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def _child_environment() -> dict:
@@ -188,7 +232,8 @@ class LearnJob:
         unknown = sorted(set(kw) - set(SETTINGS))
         if unknown:
             raise TypeError(f"unknown learning settings: {', '.join(unknown)}")
-        self.folder = Path(tempfile.mkdtemp(prefix="casam-learn-"))
+        sweep_stale_jobs()
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{JOB_PREFIX}{os.getpid()}-"))  # 0700: this user's alone
         np.save(self.folder / "image.npy", np.asarray(image), allow_pickle=False)
         np.save(self.folder / "labels.npy", np.asarray(labels), allow_pickle=False)
         (self.folder / "job.json").write_text(json.dumps(kw), encoding="utf-8")

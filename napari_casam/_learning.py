@@ -155,3 +155,6 @@ class LearnController:
             bar.set_description(description)
             self._description = description
         bar.refresh()
+        percent = f"learning {self._name}: {100 * done // max(total, 1)} % ({text}); Cancel stops it"
+        if self.w.status_label.text() != percent:  # the dock says it too, not only napari's activity dock
+            self.w.status_label.setText(percent)

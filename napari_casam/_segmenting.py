@@ -51,7 +51,9 @@ class SegmentingMixin:
             return
         k, task, session = self.current_slice(), self.task_choice(), self.session
         generation = session.generation
-        key = (generation, k)
+        # the last result is a corrective click's start only on the same slice with the same boxes: a box
+        # drawn after a click is a new prompt (the click-only result was kept, and the box ignored)
+        key = (generation, k, None if boxes is None else tuple(np.round(np.asarray(boxes, float), 1).ravel()))
         # corrective clicks: the last result on this slice goes along (SAM's mask_input); on a box-only
         # backbone the predictor then searches boxes around it and never trades it for a mask that
         # honours fewer clicks
@@ -142,12 +144,20 @@ class SegmentingMixin:
         return ids
 
     def undo(self) -> None:
-        """Undo the last change of the CA-SAM labels layer (napari's history: a commit or a manual edit)."""
+        """Undo the last change of the CA-SAM labels layer (napari's history: a commit or a manual edit).
+        Ctrl+Z comes here from the viewer, the prompt layers and the labels layer alike."""
         if LABELS not in self.viewer.layers:
             self.error("CA-SAM: there is no CA-SAM labels layer to undo")
             return
-        self.viewer.layers[LABELS].undo()  # nothing happens when its history is empty
-        self.status("undid the last change of the labels")
+        layer = self.viewer.layers[LABELS]
+        history = getattr(layer, "_undo_history", None)  # napari's; absent in another version: undo anyway
+        if history is not None and not len(history):
+            self.status("nothing to undo: the labels are as they were when this image was embedded")
+            return
+        layer.undo()
+        left = len(history) if history is not None else None
+        self.status("undid the last change of the labels" + (f" ({left} more can be undone)" if left else
+                                                              " (nothing more to undo)" if left == 0 else ""))
 
     def clear_prompts(self) -> None:
         self.layers.clear_prompts()
@@ -255,10 +265,12 @@ class SegmentingMixin:
                 self.annotations.mark(label, [k], "drawn")
                 self.layers.clear_preview()
                 self.clear_prompts()
-            stops = [f"{s['direction']}: {s['reason']}" for s in summary["stops"]
+            stops = [f"going {s['direction']} it stopped because {s['why']}" for s in summary["stops"]
                      if not s["reason"].startswith(("volume edge", "met the other", "annotated as empty"))]
-            self.notify(f"CA-SAM: label {label} propagated over {len(summary['slices'])} slices "
-                        f"from {len(summary['annotated'])} annotated" + (f"; stopped {'; '.join(stops)}" if stops else ""))
+            self.notify(f"CA-SAM: label {label} filled on {len(summary['slices'])} slices from "
+                        f"{len(summary['annotated'])} annotated" + (f"; {'; '.join(stops)}. Check the slices "
+                                                                    f"past the stop, annotate one there and "
+                                                                    f"propagate again" if stops else ""))
 
         def failed(exc):
             if isinstance(getattr(exc, "__cause__", None), Cancelled) or isinstance(exc, Cancelled):

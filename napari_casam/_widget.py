@@ -248,6 +248,10 @@ class CASamWidget(SegmentingMixin, QWidget):
         generation = session.new_image(is_volume)
         self._ready = False
         new_image = self.layers.ensure(data.shape[:3] if is_volume else data.shape[:2], layer)
+        try:  # Ctrl+Z on the labels layer too (napari's own undo there left the dock's status stale)
+            self.viewer.layers[LABELS].bind_key("Control-z", lambda _: self.undo(), overwrite=True)
+        except TypeError:  # older napari
+            self.viewer.layers[LABELS].bind_key("Control-z", lambda _: self.undo())
         new_axis, self.layers.axis = axis != self.layers.axis, axis
         if new_axis:  # clicks and boxes lie on the slices of the other view
             self.clear_prompts()

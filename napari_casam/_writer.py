@@ -9,12 +9,25 @@ from typing import List
 import numpy as np
 
 from casam_core.dicom_seg import SUFFIX, save_mask
+from casam_core.errors import CASamError
 from casam_core.io import MedicalImage
 
 from ._reader import geometry_reference
 
 
+class LabelsNotWritten(RuntimeError):
+    """Why the labels could not be written. Not a ValueError: napari takes a writer's ValueError to
+    mean "this writer does not apply" and showed only "not a valid writer", never the reason."""
+
+
 def write_labels(path: str, data, meta: dict) -> List[str]:
+    try:
+        return _write_labels(path, data, meta)
+    except (CASamError, ValueError) as exc:
+        raise LabelsNotWritten(f"CA-SAM: {exc}") from None
+
+
+def _write_labels(path: str, data, meta: dict) -> List[str]:
     data = np.asarray(data)
     metadata = meta.get("metadata") or {}
     names, colours = None, None
