@@ -217,27 +217,36 @@ def _load_state(module: torch.nn.Module, data: bytes, what: str) -> None:
     module.load_state_dict(tensors, strict=True)
 
 
-def task_from_files(card: dict, alignment: bytes, router: bytes, where: str,
+def task_from_files(card: dict, alignment: Optional[bytes], router: bytes, where: str,
                     fingerprint: Optional[str] = None) -> Task:
-    """Build a Task from a card and the two safetensors files' bytes, checking everything."""
+    """Build a Task from a card and the two safetensors files' bytes, checking everything
+    (``alignment`` None: the router only, ``layer`` None; ``layer_from_file`` builds it later)."""
     check_card(card, where)
     files = card["files"]
     for fname, data in ((ALIGNMENT, alignment), (ROUTER, router)):
-        if files.get(fname) != sha256_bytes(data):
+        if data is not None and files.get(fname) != sha256_bytes(data):
             raise TaskLibraryError(f"{where}: {fname} does not match its SHA-256 in task.json (changed or damaged)")
     if fingerprint is not None and card["backbone_fingerprint"] != fingerprint:
         raise TaskLibraryError(
             f"{where}: task {card['name']!r} was learned on backbone {card['backbone_fingerprint']}; "
             f"the current backbone is {fingerprint}. Its Alignment Layer only fits the backbone it was learned on.")
     try:
-        layer = AlignmentLayer.from_config(card["alignment"])
         tau = float(card["router"]["tau"])
     except (KeyError, TypeError, ValueError) as exc:
         raise TaskLibraryError(f"{where}: task.json has a bad alignment/router entry ({exc})") from None
-    _load_state(layer, alignment, f"{where}/{ALIGNMENT}")
+    layer = None if alignment is None else _layer_from_bytes(card, alignment, where)
     vae = TaskVAE()
     _load_state(vae, router, f"{where}/{ROUTER}")
-    return Task(card["name"], layer.eval(), vae.eval(), tau, card)
+    return Task(card["name"], layer, vae.eval(), tau, card)
+
+
+def _layer_from_bytes(card: dict, alignment: bytes, where: str) -> AlignmentLayer:
+    try:
+        layer = AlignmentLayer.from_config(card["alignment"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TaskLibraryError(f"{where}: task.json has a bad alignment/router entry ({exc})") from None
+    _load_state(layer, alignment, f"{where}/{ALIGNMENT}")
+    return layer.eval()
 
 
 def _try_lock(fd: int) -> bool:
@@ -328,14 +337,27 @@ class TaskLibrary:
         path = self._folder(name) / CARD
         return parse_json(read_task_file(path, MAX_CARD_BYTES), str(path))
 
-    def load(self, name: str, fingerprint: Optional[str] = None) -> Task:
+    def load(self, name: str, fingerprint: Optional[str] = None, with_layer: bool = True) -> Task:
+        """The task ``name``, checked (card, hashes, tensors, backbone). ``with_layer=False``: its card
+        and router only (``task.layer`` None), for routing a library of many tasks without reading
+        every Alignment Layer; ``load_layer`` reads one when it is used."""
         folder = self._folder(name)
         card = self.card(name)
-        alignment = read_task_file(folder / ALIGNMENT, MAX_MEMBER_BYTES)
+        alignment = read_task_file(folder / ALIGNMENT, MAX_MEMBER_BYTES) if with_layer else None
         router = read_task_file(folder / ROUTER, MAX_MEMBER_BYTES)
         task = task_from_files(card, alignment, router, str(folder), fingerprint)
         task.name = name  # the folder name is the task's name
         return task
+
+    def load_layer(self, name: str, card: dict) -> AlignmentLayer:
+        """Task ``name``'s Alignment Layer, checked against ``card`` (the card it was registered with:
+        a file changed since then is refused, naming the task)."""
+        folder = self._folder(name)
+        data = read_task_file(folder / ALIGNMENT, MAX_MEMBER_BYTES)
+        if card.get("files", {}).get(ALIGNMENT) != sha256_bytes(data):
+            raise TaskLibraryError(f"{folder}: {ALIGNMENT} does not match its SHA-256 in task.json (changed or "
+                                   f"damaged since the task was loaded)")
+        return _layer_from_bytes(card, data, str(folder))
 
     # -- writing (always atomic, one writer at a time) -------------------------------------
     @contextmanager
