@@ -149,8 +149,12 @@ class SegmentingMixin:
         if LABELS not in self.viewer.layers:
             self.error("CA-SAM: there is no CA-SAM labels layer to undo")
             return
+        import warnings
+
         layer = self.viewer.layers[LABELS]
-        history = getattr(layer, "_undo_history", None)  # napari's; absent in another version: undo anyway
+        with warnings.catch_warnings():  # napari warns plugins off its private attributes: none public says
+            warnings.simplefilter("ignore")  # whether there is anything to undo (absent in another version:
+            history = getattr(layer, "_undo_history", None)  # undo anyway)
         if history is not None and not len(history):
             self.status("nothing to undo: the labels are as they were when this image was embedded")
             return
