@@ -35,27 +35,6 @@ def _series_files(folder: Path, series: Optional[str]):
     return [Path(f) for f in reader.GetGDCMSeriesFileNames(str(folder), series)]
 
 
-SEG_SOURCE_ATTRIBUTES = ("FrameOfReferenceUID", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
-                         "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-
-
-def check_seg_source(series_folder: PathLike, series: Optional[str], path: PathLike) -> None:
-    """Refuse, before any work, a DICOM series a DICOM SEG cannot reference: each slice needs the
-    attributes that place it (Frame of Reference, spacing, orientation, position) and its UIDs."""
-    import pydicom
-
-    files = _series_files(Path(series_folder), series)
-    for f in files:
-        try:
-            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
-        except Exception as exc:  # pydicom's errors are of many kinds
-            raise ImageIOError(f"{path}: cannot read the source slice {f} ({exc})") from None
-        missing = [a for a in SEG_SOURCE_ATTRIBUTES if not str(getattr(ds, a, "") or "").strip()]
-        if missing:
-            raise ImageIOError(f"{path}: a DICOM SEG cannot reference the series in {series_folder}: slice {f.name} "
-                               f"has no {', '.join(missing)}; write the mask as .nii.gz, .mha or .nrrd")
-
-
 def _lab(rgb) -> "object":
     """An RGB colour (0-1 floats) as DICOM's CIELab display colour."""
     from highdicom.color import CIELabColor

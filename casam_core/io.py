@@ -608,8 +608,6 @@ def check_mask_path(path: PathLike, volume: bool, reference: Optional[MedicalIma
         if reference is None or not reference.metadata.get("dicom_series"):
             raise ImageIOError(f"{path}: a .dcm mask is a DICOM SEG, written only for a DICOM series as the "
                                f"source image; write this one as .nii.gz, .mha or .nrrd")
-        from .dicom_seg import check_seg_source  # pydicom: only for a DICOM SEG
-
         check_seg_source(reference.path, reference.metadata["dicom_series"], path)
         return
     if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES or suffix in (".jpg", ".jpeg"):
@@ -618,6 +616,28 @@ def check_mask_path(path: PathLike, volume: bool, reference: Optional[MedicalIma
     if volume and suffix not in VOLUME_SUFFIXES:
         raise ImageIOError(f"{path}: a {suffix} file holds a 2D mask; write a volume as .nii.gz, .nii, .mha "
                            f"or .nrrd")
+
+
+SEG_SOURCE_ATTRIBUTES = ("FrameOfReferenceUID", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
+                         "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def check_seg_source(series_folder: PathLike, series: str, path: PathLike) -> None:
+    """Refuse, before any work, a DICOM series a DICOM SEG (``path``) cannot reference: each slice
+    needs the attributes that place it (Frame of Reference, spacing, orientation, position) and
+    its UIDs (highdicom failed on them after the work, with a traceback)."""
+    import pydicom
+
+    files = _sitk().ImageSeriesReader().GetGDCMSeriesFileNames(str(series_folder), series)
+    for f in map(Path, files):
+        try:
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        except Exception as exc:  # pydicom's errors are of many kinds
+            raise ImageIOError(f"{path}: cannot read the source slice {f} ({exc})") from None
+        missing = [a for a in SEG_SOURCE_ATTRIBUTES if not str(getattr(ds, a, "") or "").strip()]
+        if missing:
+            raise ImageIOError(f"{path}: a DICOM SEG cannot reference the series in {series_folder}: slice {f.name} "
+                               f"has no {', '.join(missing)}; write the mask as .nii.gz, .mha or .nrrd")
 
 
 def write_mask(mask: np.ndarray, path: PathLike, reference: Optional[MedicalImage] = None) -> Path:

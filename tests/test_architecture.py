@@ -16,7 +16,7 @@ PACKAGES = ("casam_core", "napari_casam", "training")
 # casam_core's layers, lowest first: a module imports only from its own layer or below
 # (README, "Architecture"). The package __init__ is a lazy facade and sits above all.
 CORE_LAYERS = (
-    ("errors", "config", "progress", "metrics", "samples", "distributed"),
+    ("errors", "config", "progress", "metrics", "samples", "distributed", "_ov_check"),
     ("io", "dicom_seg", "cache", "overlay", "prompts", "alignment", "router", "runtimes", "backbones"),
     ("tasks",),
     ("predictor",),
