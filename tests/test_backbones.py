@@ -238,7 +238,12 @@ def test_the_openvino_encoder_and_decoder_match_eager_pytorch_on_a_real_image(tm
                     predictor.predict(point_coords=click, point_labels=np.array([1]), return_logits=True)[0]))
     assert float((out[0][0] - out[1][0]).abs().max()) < 1e-3
     for a, b in zip(out[0][1:], out[1][1:]):
-        assert a.shape == b.shape and np.abs(a - b).max() < 1e-2 and np.array_equal(a > 0, b > 0)
+        # masks agree wherever a logit is clear of 0 by more than float rounding: on an AVX2-only EPYC a
+        # pixel at -2e-7 flipped (largest difference 2.4e-5); with AVX-512 kernels none did
+        confident = np.abs(a) > 1e-3
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-2 and np.array_equal((a > 0)[confident],
+                                                                                   (b > 0)[confident])
+        assert (~confident).mean() < 1e-4
     z = predictor.embedding().float().clone().requires_grad_(True)  # learning: gradients reach the features
     logits, _ = fast.decode(z, None, torch.tensor([[10.0, 10.0, 100.0, 100.0]]))
     logits.sum().backward()

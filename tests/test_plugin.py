@@ -24,7 +24,7 @@ def test_manifest_is_valid():
 
 def test_reader_writer_round_trip_keeps_geometry(tmp_path):
     from napari_casam._reader import get_reader
-    from napari_casam._writer import write_labels
+    from napari_casam._writer import LabelsNotWritten, write_labels
 
     path = SAMPLES / "brats_glioma" / "brats_2013_pat0005_1.nii.gz"
     source = read_image(path)
@@ -44,7 +44,7 @@ def test_reader_writer_round_trip_keeps_geometry(tmp_path):
     assert np.array_equal(back.array, ldata)
     assert np.allclose(back.spacing, source.spacing) and np.allclose(back.origin, source.origin)
     assert np.allclose(back.direction, source.direction)
-    with pytest.raises(ValueError, match="do not match the source image"):
+    with pytest.raises(LabelsNotWritten, match="do not match the source image"):  # napari shows it (issue 30)
         write_labels(str(tmp_path / "bad.nii.gz"), ldata[:10], {"metadata": lkwargs["metadata"]})
 
 
@@ -368,7 +368,7 @@ def test_labels_drawn_on_a_dicom_series_save_as_dicom_seg_with_names_and_colours
 
     from casam_core.dicom_seg import read_dicom_seg
     from napari_casam._reader import get_reader
-    from napari_casam._writer import write_labels
+    from napari_casam._writer import LabelsNotWritten, write_labels
     from test_io import _dicom_series
 
     folder, arr = _dicom_series(tmp_path)
@@ -385,5 +385,5 @@ def test_labels_drawn_on_a_dicom_series_save_as_dicom_seg_with_names_and_colours
     assert len(description.RecommendedDisplayCIELabValue) == 3  # the layer's colour for label 2
     nifti = write_labels(str(tmp_path / "result.nii.gz"), labels, {"metadata": metadata})  # geometry kept
     assert read_labels(nifti[0], like=read_image(folder)).array.shape == labels.shape
-    with pytest.raises(ValueError, match="only for labels drawn on a DICOM series"):
+    with pytest.raises(LabelsNotWritten, match="only for labels drawn on a DICOM series"):
         write_labels(str(tmp_path / "other.dcm"), labels, {"metadata": {}})
