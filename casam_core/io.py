@@ -336,8 +336,10 @@ def _pillow_only(path: Path) -> bool:
     try:
         from PIL import Image
 
-        with Image.open(path) as im:
-            return im.mode in ("LA", "La", "PA")
+        with warnings.catch_warnings():  # Pillow's decompression-bomb note: the size is checked by us
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                return im.mode in ("LA", "La", "PA")
     except Exception:  # not an image Pillow knows: SimpleITK reads it, or says why not
         return False
 
@@ -347,7 +349,10 @@ def _read_with_pillow(path: Path) -> MedicalImage:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # Pillow's decompression-bomb note: the size is checked here
+            warnings.simplefilter("ignore")
+            im = Image.open(path)
+        with im:
             check_image_size(path, (im.height, im.width), len(im.getbands()), 1)
             array = np.asarray(im.convert(_PILLOW_MODES[im.mode]))
     except (OSError, ValueError, Image.DecompressionBombError) as exc:

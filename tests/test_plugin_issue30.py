@@ -117,7 +117,7 @@ def test_closing_the_dock_while_a_second_volume_embeds_stops_everything(make_nap
     viewer.window.remove_dock_widget(w)
     qtbot.waitUntil(lambda: not w.workers.alive, timeout=5000)
     qtbot.waitUntil(lambda: w.workers.running() == 0, timeout=15000)
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 25  # before: 30 s, the shutdown's own limit
     calls = w.predictor.encoder_calls
     qtbot.wait(2000)
     assert w.predictor.encoder_calls == calls

@@ -271,6 +271,9 @@ def test_a_bfloat16_learning_step_moves_the_layer_as_a_float32_step_does(backbon
 
     native = getattr(backbone._fast_decoder, "precision", "f32") == "bf16"
     assert learning_arithmetic(backbone) == ("bfloat16" if native else "float32")
+    if not native:  # emulated bfloat16 (measured on an AVX2-only EPYC: cosine 0.974, relative difference
+        # 0.83 against float32) is never used for learning there, as asserted just above
+        pytest.skip("this CPU does not compute bfloat16 natively: learning runs in float32 here (asserted)")
     predictor = CASamPredictor(backbone)
     z_all, per_image = [], {}
     for k in range(3):
@@ -293,9 +296,7 @@ def test_a_bfloat16_learning_step_moves_the_layer_as_a_float32_step_does(backbon
         backbone.learning_dtype = saved
     a, b = moved["float32"], moved["bfloat16"]
     assert float(a.abs().mean()) > 0.01  # five steps change the features (values average about 0.07) ...
-    # ... the same way: measured 0.999 where the CPU computes bfloat16 natively (AVX512-BF16); 0.974 where
-    # PyTorch emulates it (an AVX2-only EPYC), and there learning never runs in bfloat16 (asserted above)
-    assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0)) > (0.98 if native else 0.95)
+    assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0)) > 0.98  # ... the same way
     assert float((a - b).norm() / a.norm()) < 0.2  # measured 0.045
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.1)  # measured 2 % apart
 
@@ -315,7 +316,7 @@ def test_a_crash_while_saving_leaves_no_partial_task(kvasir_task, tmp_path, monk
         real(tensors, path)
 
     monkeypatch.setattr(lib, "save_file", crash_on_second)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(TaskLibraryError, match=r"cannot save task 'kvasir' \(disk full\); the library is as it was"):
         library.save(task)
     assert library.names() == [] and [p.name for p in library.root.iterdir()] == [".lock"]
 
