@@ -110,9 +110,13 @@ def test_learn_on_two_processes_matches_one_process_with_the_same_global_batch(t
     torch.manual_seed(0)
     start = AlignmentLayer(n_blocks=3, form="residual").state_dict()
     moved = max(float((a[k] - start[k]).abs().max()) for k in a)
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert moved > 1e-5  # the two steps changed the layer ...
-    assert diff < 1e-5 and diff < 0.1 * moved  # ... and both runs changed it the same way
+    # ... and both runs changed it the same way. Adam moves a weight whose gradient is nearly 0 by about
+    # lr either way, so the order of the sum over two processes can flip a few such weights (seen on an
+    # AVX2-only EPYC: the largest difference 9.4e-5); every other weight agrees within 1e-5
+    assert float((diffs > 1e-5).float().mean()) < 1e-3, (float(diffs.max()), float((diffs > 1e-5).float().mean()))
+    assert float(diffs.max()) < 0.1 * moved + 2e-4
 
 
 def test_a_killed_rank_ends_the_learning_job_with_an_error_and_no_task(tmp_path):
