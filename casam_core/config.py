@@ -46,6 +46,16 @@ def checkpoint_dirs() -> List[Path]:
     return found + [Path.home() / ".cache" / "casam" / "checkpoints"]
 
 
+def child_environment() -> dict:
+    """This process's environment for a child Python (the learning process, OpenVINO's first-run
+    check), with CA-SAM importable even when it was found through the caller's working folder or
+    ``sys.path`` rather than an installation (``casam_core`` and ``napari_casam`` sit side by side)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
 def cache_limit_bytes(explicit: Optional[float] = None) -> int:
     """The on-disk embedding cache's size bound in bytes (``explicit`` in bytes wins)."""
     if explicit is not None:

@@ -49,7 +49,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from .config import cache_dir
+from .config import cache_dir, child_environment
 from .errors import look_up_option
 from .io import write_json
 
@@ -265,11 +265,8 @@ class _OpenVINOModel:
         spec = {"config": self._config, "cache": str(self._xml.parent / "compiled"),
                 "models": [{"xml": str(self._xml), "reshape": False, "inputs": [list(v) for v in inputs]}]
                 + [{"xml": str(self._xml), "reshape": True, "inputs": [list(v) for v in shape]} for shape in static]}
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)  # this casam_core, however it was found
-        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        proc = subprocess.run([*CHECK_COMMAND, json.dumps(spec)], capture_output=True, text=True, env=env,
-                              timeout=CHECK_TIMEOUT_S)
+        proc = subprocess.run([*CHECK_COMMAND, json.dumps(spec)], capture_output=True, text=True,
+                              env=child_environment(), timeout=CHECK_TIMEOUT_S)
         if proc.returncode != 0:
             how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
             last = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()][-1:]

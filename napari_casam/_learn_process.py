@@ -38,6 +38,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from casam_core.config import child_environment  # light: no torch
+
 SETTINGS = ("name", "backbone", "checkpoint", "device", "library", "cache_dir", "profile", "steps", "label_names",
             "modality", "axis")
 NICENESS = 10
@@ -184,15 +186,6 @@ def sweep_stale_jobs(folder: Optional[Path] = None) -> int:
     return removed
 
 
-def _child_environment() -> dict:
-    """The viewer's environment, with this package importable even when it was found through
-    the caller's working folder or ``sys.path`` rather than an installation."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
-
-
 class LearnJob:
     """One learning process: its job folder, its messages and its cancel line.
 
@@ -247,7 +240,7 @@ class LearnJob:
             try:
                 self.process = subprocess.Popen(
                     [sys.executable, "-m", "napari_casam._learn_process", str(self.folder)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=_child_environment())
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=child_environment())
             finally:
                 log.close()
         self._reader = threading.Thread(target=self._read, name="casam-learn-read", daemon=True)
