@@ -113,8 +113,11 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     says "the structure is not here" and nothing is carried across it.
 
     - Between two annotated slices with a mask, each end is carried towards the other and they
-      meet half-way: every slice is decided by its nearer annotation, and the growth limit is
-      relative to that end's area.
+      meet half-way: every slice is decided by its nearer annotation. The structure is known to
+      run between them, so the growth limit is relative to the larger of the two ends' areas, and
+      no slice between them is left empty: a slice that neither carry reached (a stop) is
+      segmented with the box interpolated between the two annotations' boxes (``summary
+      ["bridged"]`` lists them).
     - Below the lowest and above the highest annotated slice, the mask is carried outwards.
 
     Carrying: each next slice gets the box of the previous slice's mask, grown by 5 % of its
@@ -169,12 +172,17 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     # the runs to carry: (from slice, direction, last slice it may fill, why it ends there)
     keys = sorted(anchors)
     runs = []
+    bridges = []  # (a, b): two annotated slices with a mask, every slice between them to be filled
+    growth_base: Dict[Tuple[int, int], int] = {}  # a run's area for the growth limit (between two ends: the larger)
     if anchors[keys[0]].any():
         runs.append((keys[0], -1, 0, "volume edge"))
     for a, b in zip(keys, keys[1:]):
         if anchors[a].any() and anchors[b].any():
             middle = (a + b) // 2
             runs += [(a, 1, middle, "met the other annotation's half"), (b, -1, middle + 1, "met the other annotation's half")]
+            bridges.append((a, b))
+            larger = max(int(anchors[a].sum()), int(anchors[b].sum()))
+            growth_base[(a, 1)] = growth_base[(b, -1)] = larger
         elif anchors[a].any():
             runs.append((a, 1, b - 1, f"annotated as empty at slice {b}"))
         elif anchors[b].any():
@@ -186,12 +194,13 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     summary: Dict[str, object] = {"annotated": keys, "slices": [k for k in keys if anchors[k].any()], "stops": []}
     total = sum((last - a) * direction for a, direction, last, _ in runs)  # slices still expected
     done = 0
+    filled = set(summary["slices"])
     for a, direction, last, reason in runs:
         plain = STOP_WORDS.get(reason.split(" at slice")[0], reason)
         if reason.startswith("annotated as empty"):
             plain = f"slice {reason.rsplit(' ', 1)[-1]} was annotated as empty"
         first = anchors[a]
-        start_area = int(first.sum())
+        start_area = growth_base.get((a, direction), int(first.sum()))
         prev = first
         index = a + direction
         while (index - last) * direction <= 0:
@@ -221,10 +230,24 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
                 break
             put(index, mask)
             summary["slices"].append(index)
+            filled.add(index)
             prev = mask
             index += direction
         summary["stops"].append({"from": a, "direction": "up" if direction > 0 else "down", "reason": reason,
                                  "why": plain})
+    summary["bridged"] = []
+    for a, b in bridges:  # slices between two annotations that neither carry reached
+        box_a, box_b = box_from_mask(anchors[a]), box_from_mask(anchors[b])
+        for index in range(a + 1, b):
+            if index in filled:
+                continue
+            check_cancel(cancel)
+            t = (index - a) / (b - a)
+            mask, _ = segment(index, expand_box((1 - t) * box_a + t * box_b, anchors[a].shape))
+            if mask.any():
+                put(index, mask)
+                summary["slices"].append(index)
+                summary["bridged"].append(index)
     summary["slices"] = sorted(summary["slices"])
     return out, summary
 
