@@ -267,14 +267,23 @@ def _coarse_slice(predictor: CASamPredictor, coarse: np.ndarray, task: Optional[
 def segment_item(predictor: CASamPredictor, item: Item, out_dir: Path, task: Optional[str],
                  prompts_dir: Optional[Path] = None, coarse_dir: Optional[Path] = None,
                  reference_dir: Optional[Path] = None, axis: int = 0, window=None,
-                 cancel: Optional[CancelFn] = None) -> dict:
-    """Segment one input from its prompt file (``prompts_dir/<stem>.json``) or its coarse mask
-    (``coarse_dir/<stem>.<mask suffix>``) and write its mask; returns its summary row."""
+                 cancel: Optional[CancelFn] = None, auto: bool = False) -> dict:
+    """Segment one input from its prompt file (``prompts_dir/<stem>.json``), its coarse mask
+    (``coarse_dir/<stem>.<mask suffix>``) or (``auto``) with no prompt, by the task's finder
+    (``CASamPredictor.segment_auto``), and write its mask; returns its summary row."""
     t0 = time.perf_counter()
     stem = file_stem(item.path)
     image = read_image(item.path)
     out = output_path(item, out_dir, image.is_volume)
-    if prompts_dir is not None:
+    spec = coarse = None
+    if auto:
+        if image.is_volume:
+            predictor.set_volume(image.array, axis=axis, window=window)
+        else:
+            predictor.set_image(image.array, window=window)
+        found = predictor.segment_auto(task, cancel=cancel)
+        choice, result = found.choice, auto_label_map(found.labels)
+    elif prompts_dir is not None:
         prompt_path = _find_by_stem(prompts_dir, stem, (".json",))
         if prompt_path is None:
             raise PromptError(f"{item.path}: no prompt file {prompts_dir / (stem + '.json')}")
@@ -285,8 +294,9 @@ def segment_item(predictor: CASamPredictor, item: Item, out_dir: Path, task: Opt
         if coarse_path is None:
             raise PromptError(f"{item.path}: no coarse mask named {stem}.* in {coarse_dir}")
         coarse = read_labels(coarse_path, like=image).array
-        spec = None
-    if image.is_volume:
+    if auto:
+        pass
+    elif image.is_volume:
         predictor.set_volume(image.array, axis=axis, window=window)
         choice = predictor.choose_task(task)
         n = image.array.shape[axis]
@@ -333,10 +343,19 @@ def segment_item(predictor: CASamPredictor, item: Item, out_dir: Path, task: Opt
     return row
 
 
-def check_prompt_sources(prompts_dir, coarse_dir, reference_dir=None) -> None:
-    """Exactly one source of prompts, and every folder named exists (checked before any work)."""
-    if (prompts_dir is None) == (coarse_dir is None):
-        raise BatchInputError("give the prompts as prompt files (--prompts DIR) or as coarse masks (--coarse DIR)")
+def auto_label_map(labels: np.ndarray) -> np.ndarray:
+    """A zero-click label map in the smallest unsigned type that holds it."""
+    return labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16)
+
+
+def check_prompt_sources(prompts_dir, coarse_dir, reference_dir=None, auto: bool = False) -> None:
+    """Exactly one source of prompts (or none with ``auto``), and every folder named exists
+    (checked before any work)."""
+    if auto and (prompts_dir is not None or coarse_dir is not None):
+        raise BatchInputError("--auto segments without prompts: leave out --prompts and --coarse")
+    if not auto and (prompts_dir is None) == (coarse_dir is None):
+        raise BatchInputError("give the prompts as prompt files (--prompts DIR) or as coarse masks (--coarse DIR), "
+                              "or segment with the learned task alone (--auto)")
     for folder in (prompts_dir, coarse_dir, reference_dir):
         if folder is not None and not Path(folder).is_dir():
             raise BatchInputError(f"{folder}: no such folder")
@@ -345,10 +364,11 @@ def check_prompt_sources(prompts_dir, coarse_dir, reference_dir=None) -> None:
 def segment_inputs(predictor: CASamPredictor, items: Sequence[Item], out_dir: Path, task: Optional[str] = "auto",
                    prompts_dir: Optional[Path] = None, coarse_dir: Optional[Path] = None,
                    reference_dir: Optional[Path] = None, dist: Optional[Dist] = None, axis: int = 0, window=None,
-                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> List[dict]:
+                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
+                   auto: bool = False) -> List[dict]:
     """Segment this process's share of ``items`` (balanced by size) into ``out_dir``; an input
     whose output exists is skipped. Returns one row per input of the share."""
-    check_prompt_sources(prompts_dir, coarse_dir, reference_dir)
+    check_prompt_sources(prompts_dir, coarse_dir, reference_dir, auto)
     dist = dist or Dist()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -362,7 +382,7 @@ def segment_inputs(predictor: CASamPredictor, items: Sequence[Item], out_dir: Pa
         else:
             try:
                 rows.append(segment_item(predictor, item, out_dir, task, prompts_dir, coarse_dir, reference_dir,
-                                         axis, window, cancel))
+                                         axis, window, cancel, auto))
             except (CASamError, OSError, LookupError) as exc:
                 predictor.reset_image()
                 rows.append({"input": str(item.path), "status": "error", "error": str(exc)})

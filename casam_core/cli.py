@@ -19,8 +19,8 @@ try:  # the libraries load for seconds: Ctrl+C meanwhile is a cancel, said in on
 
     from . import __version__
     from .alignment import FORMS
-    from .batch import (SPLITS, batch_summary, check_prompt_sources, embed_inputs, label_prompts, list_inputs,
-                        merge_embed_reports, segment_inputs)
+    from .batch import (SPLITS, auto_label_map, batch_summary, check_prompt_sources, embed_inputs, label_prompts,
+                        list_inputs, merge_embed_reports, segment_inputs)
     from .backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
     from .build import build_predictor
     from .config import cache_dir as default_cache_dir, library_dir
@@ -114,15 +114,19 @@ def _echo(args, text: str) -> None:
 def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: List[List[float]],
                  points: List, slice_index: Optional[int] = None, axis: int = 0, window=None,
                  propagate: bool = True, overlay_path: Optional[str] = None, progress=None,
-                 task: Optional[str] = None, image: Optional[MedicalImage] = None) -> dict:
-    """Segment one 2D image or volume with box/point prompts and write the mask (+ overlay).
+                 task: Optional[str] = None, image: Optional[MedicalImage] = None, auto: bool = False) -> dict:
+    """Segment one 2D image or volume with box/point prompts, or (``auto``) with none: the learned
+    task's finder places them (``CASamPredictor.segment_auto``); write the mask (+ overlay).
 
     ``task``: "auto" (the router decides; one route per image or volume), "none"/None
     (frozen model) or a task name. The report's ``route`` says what was used. ``image``: the
     input already read (the CLI reads it before it builds a model, so a bad file costs nothing).
     """
-    if not boxes and not points:
-        raise CLIError("give a prompt: --box x0,y0,x1,y1 and/or --point x,y[,label]")
+    if auto and (boxes or points or slice_index is not None):
+        raise CLIError("--auto segments without prompts: leave out --box, --point and --slice")
+    if not auto and not boxes and not points:
+        raise CLIError("give a prompt: --box x0,y0,x1,y1 and/or --point x,y[,label], or --auto (a learned task "
+                       "finds its structures)")
     image = read_image(input_path) if image is None else image
     check_mask_path(out, volume=image.is_volume, reference=image)
     if not image.is_volume and slice_index is not None:
@@ -132,7 +136,15 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
     box = np.array(boxes) if boxes else None
     info = {"input": str(input_path), "out": str(out)}
     t0 = time.perf_counter()
-    if not image.is_volume:
+    if auto:
+        if image.is_volume:
+            predictor.set_volume(image.array, axis=axis, window=window)
+        else:
+            predictor.set_image(image.array, window=window)
+        found = predictor.segment_auto(task, progress=progress)
+        choice, result = found.choice, auto_label_map(found.labels)
+        info["objects"] = found.objects
+    elif not image.is_volume:
         predictor.set_image(image.array, window=window)
         choice = _route(predictor, task)
         result, info["scores"] = label_prompts(predictor, coords, labels, box, choice.layer)
@@ -177,7 +189,7 @@ def cmd_segment(args) -> dict:
     predictor = _predictor(args, with_tasks=task_mode(args.task) != "frozen")
     progress = None if args.json else TqdmProgress()
     info = segment_file(predictor, args.input, args.out, boxes, points, args.slice, args.axis, args.window,
-                        not args.no_propagate, args.overlay, progress, task=args.task, image=image)
+                        not args.no_propagate, args.overlay, progress, task=args.task, image=image, auto=args.auto)
     _echo(args, f"route: {info['route_text']}")
     _echo(args, f"wrote {info['out']} ({info['mask_voxels']} foreground pixels/voxels)")
     return {"out": info["out"], "route": info["route"], "mask_voxels": info["mask_voxels"], "details": info}
@@ -283,6 +295,8 @@ def cmd_learn(args) -> dict:
               f"aligned {v['dice_aligned']:.4f}")
         if "warning" in card:
             print(f"    WARNING: {card['warning']}")
+        f = card["finder"]["validation"]
+        print(f"    no prompts (--auto): held-out Dice {f['dice_auto']:.4f} vs {f['dice_box']:.4f} with the true box")
         print(f"    router threshold tau {card['router']['tau']:.4g}; {card['seconds']['total']:.0f} s")
     return card
 
@@ -319,7 +333,7 @@ def cmd_segment_batch(args) -> Optional[dict]:
     coarse mask; under torchrun each process takes a share; one summary JSON."""
     dist = _dist(args)
     items = list_inputs(args.inputs, args.split)
-    check_prompt_sources(args.prompts, args.coarse, args.reference)
+    check_prompt_sources(args.prompts, args.coarse, args.reference, args.auto)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file: give a folder for the masks")
@@ -331,7 +345,7 @@ def cmd_segment_batch(args) -> Optional[dict]:
     t0 = time.perf_counter()
     rows = segment_inputs(predictor, items, out, args.task, args.prompts and Path(args.prompts),
                           args.coarse and Path(args.coarse), args.reference and Path(args.reference), dist,
-                          axis=args.axis, window=args.window, progress=progress)
+                          axis=args.axis, window=args.window, progress=progress, auto=args.auto)
     rows = [r for part in dist.gather_json(rows) for r in part]
     if not dist.is_main:
         return None
@@ -483,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-propagate", action="store_true", help="volumes: segment the prompted slice only")
     p.add_argument("--overlay", default=None, help="also write an overlay PNG here")
     p.add_argument("--task", default=AUTO, help="auto (the router decides), none (frozen model) or a task name")
+    p.add_argument("--auto", action="store_true",
+                   help="no prompts: the learned task (routed or --task) finds its structures; a label map")
     p.add_argument("--json", action="store_true")
     _add_backbone_args(p)
     _add_library_args(p)
@@ -579,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", default=None, help="summary JSON (default OUT/summary.json)")
     p.add_argument("--split", default="test", choices=SPLITS, help="dataset folders: which cases (default test)")
     p.add_argument("--task", default=AUTO, help="auto (the router decides), none (frozen model) or a task name")
+    p.add_argument("--auto", action="store_true",
+                   help="no prompts: each input segmented by its learned task's finder (routed or --task)")
     p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="volumes: slicing axis of the array")
     p.add_argument("--window", default=None, choices=sorted(WINDOWS), help="CT window preset")
     p.add_argument("--json", action="store_true")

@@ -4,6 +4,8 @@
                                                  labels, validation Dice, file hashes, ...)
     <library>/<task name>/alignment.safetensors  the Alignment Layer's weights
     <library>/<task name>/router.safetensors     the task's router VAE
+    <library>/<task name>/finder.safetensors     its structure finder (zero-click; tasks learned
+                                                 before version 2 of the format have none)
 
 The library folder is ``--library``, else ``$CASAM_LIBRARY``, else ``~/.casam/tasks``.
 
@@ -14,7 +16,7 @@ writers left. Loading checks the backbone
 fingerprint, the files' SHA-256 and every tensor's name and shape. Nothing is unpickled.
 
 A task pack is one zip file holding ``manifest.json`` (format, task name, SHA-256 of each
-file) and the three files above: how two hospitals share what was learned without sharing
+file) and the task's files above (version 1 packs, without a finder, still import): how two hospitals share what was learned without sharing
 data. Import refuses unexpected members (so no path traversal and no pickles), bad hashes,
 unknown manifest keys, tensors that do not fit, another backbone's task, and name clashes
 (unless the task is renamed on import).
@@ -45,6 +47,7 @@ from safetensors.torch import save_file
 from .alignment import FORMS, MAX_BLOCKS, AlignmentLayer
 from .config import library_dir
 from .errors import CASamError, TaskLibraryError, TaskNameClash, check_number
+from .finder import Finder
 from .io import atomic_write, honour_umask
 from .router import TaskVAE
 from .tasks import Task, check_task_name
@@ -53,10 +56,12 @@ PathLike = Union[str, os.PathLike]
 CARD = "task.json"
 ALIGNMENT = "alignment.safetensors"
 ROUTER = "router.safetensors"
+FINDER = "finder.safetensors"
 MANIFEST = "manifest.json"
 PACK_FORMAT = "casam-task-pack"
-PACK_VERSION = 1
-PACK_MEMBERS = {MANIFEST, CARD, ALIGNMENT, ROUTER}
+PACK_VERSION = 2  # 2: a task may hold a structure finder (finder.safetensors)
+PACK_VERSIONS = (1, 2)  # what import reads
+PACK_MEMBERS = {MANIFEST, CARD, ALIGNMENT, ROUTER}  # every pack; FINDER where the card has a finder
 MANIFEST_KEYS = {"format", "version", "task", "files", "casam_version"}
 MAX_MEMBER_BYTES = 256 * 1024**2
 MAX_PACK_BYTES = 320 * 1024**2  # all members unpacked (a task is about 15 MB)
@@ -64,6 +69,7 @@ MAX_CARD_BYTES = 4 * 1024**2  # task.json / manifest.json
 MAX_JSON_DEPTH = 32
 LOCK = ".lock"  # the writers' lock file in the library folder
 LOCK_TIMEOUT_S = 30.0
+MAX_FINDER_OUTPUTS = 64
 LAYER_CHANNELS = 256  # the prompt decoder's width, the same for every registered backbone
 MAX_SAFETENSORS_HEADER = 1024**2
 POINT_PROMPTS = ("default", "direct", "click_box")  # how a task decodes clicks (predictor.click_decoding)
@@ -158,6 +164,17 @@ def check_card(card: dict, where: str) -> None:
                                f"got {card.get('point_prompts')!r}")
     if not isinstance(card.get("use_alignment", True), bool):
         raise TaskLibraryError(f"{where}: task.json use_alignment must be true or false")
+    if "finder" in card:
+        finder = card["finder"]
+        outputs = finder.get("outputs") if isinstance(finder, dict) else None
+        if not (isinstance(outputs, list) and 1 <= len(outputs) <= MAX_FINDER_OUTPUTS):
+            raise TaskLibraryError(f"{where}: task.json finder.outputs must list 1-{MAX_FINDER_OUTPUTS} label values")
+        for v in outputs:
+            check_number(v, f"{where}: task.json finder.outputs", 1, 65535, integer=True, error=TaskLibraryError)
+        check_number(finder.get("threshold"), f"{where}: task.json finder.threshold", 0.0, 1.0, low_open=True,
+                     error=TaskLibraryError)
+        if finder.get("objects", "class") not in ("class", "instance"):
+            raise TaskLibraryError(f"{where}: task.json finder.objects must be 'class' or 'instance'")
 
 
 def _check_header(data: bytes, expected: Dict[str, torch.Tensor], what: str) -> None:
@@ -218,12 +235,15 @@ def _load_state(module: torch.nn.Module, data: bytes, what: str) -> None:
 
 
 def task_from_files(card: dict, alignment: Optional[bytes], router: bytes, where: str,
-                    fingerprint: Optional[str] = None) -> Task:
-    """Build a Task from a card and the two safetensors files' bytes, checking everything
-    (``alignment`` None: the router only, ``layer`` None; ``layer_from_file`` builds it later)."""
+                    fingerprint: Optional[str] = None, finder: Optional[bytes] = None) -> Task:
+    """Build a Task from a card and its safetensors files' bytes, checking everything
+    (``alignment`` None: the router only, ``layer`` None; ``load_layer`` builds it later;
+    ``finder``: the finder's file, needed exactly when the card has a finder)."""
     check_card(card, where)
     files = card["files"]
-    for fname, data in ((ALIGNMENT, alignment), (ROUTER, router)):
+    if ("finder" in card) != (finder is not None) or ("finder" in card) != (FINDER in files):
+        raise TaskLibraryError(f"{where}: task.json and {FINDER} disagree (a finder in one and not the other)")
+    for fname, data in ((ALIGNMENT, alignment), (ROUTER, router), (FINDER, finder)):
         if data is not None and files.get(fname) != sha256_bytes(data):
             raise TaskLibraryError(f"{where}: {fname} does not match its SHA-256 in task.json (changed or damaged)")
     if fingerprint is not None and card["backbone_fingerprint"] != fingerprint:
@@ -237,7 +257,12 @@ def task_from_files(card: dict, alignment: Optional[bytes], router: bytes, where
     layer = None if alignment is None else _layer_from_bytes(card, alignment, where)
     vae = TaskVAE()
     _load_state(vae, router, f"{where}/{ROUTER}")
-    return Task(card["name"], layer, vae.eval(), tau, card)
+    found = None
+    if finder is not None:
+        found = Finder(len(card["finder"]["outputs"]))
+        _load_state(found, finder, f"{where}/{FINDER}")
+        found.eval()
+    return Task(card["name"], layer, vae.eval(), tau, card, found)
 
 
 def _layer_from_bytes(card: dict, alignment: bytes, where: str) -> AlignmentLayer:
@@ -345,7 +370,8 @@ class TaskLibrary:
         card = self.card(name)
         alignment = read_task_file(folder / ALIGNMENT, MAX_MEMBER_BYTES) if with_layer else None
         router = read_task_file(folder / ROUTER, MAX_MEMBER_BYTES)
-        task = task_from_files(card, alignment, router, str(folder), fingerprint)
+        finder = read_task_file(folder / FINDER, MAX_MEMBER_BYTES) if "finder" in card else None
+        task = task_from_files(card, alignment, router, str(folder), fingerprint, finder)
         task.name = name  # the folder name is the task's name
         return task
 
@@ -452,8 +478,15 @@ class TaskLibrary:
                           str(staging / ALIGNMENT))
                 save_file({k: v.detach().cpu().contiguous() for k, v in task.vae.state_dict().items()},
                           str(staging / ROUTER))
+                files = [ALIGNMENT, ROUTER]
                 card = dict(task.card, name=name)
-                card["files"] = {f: sha256_bytes((staging / f).read_bytes()) for f in (ALIGNMENT, ROUTER)}
+                if task.finder is not None:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in task.finder.state_dict().items()},
+                              str(staging / FINDER))
+                    files.append(FINDER)
+                elif "finder" in card:
+                    raise TaskLibraryError(f"task {name!r}: its card describes a finder but the task has none")
+                card["files"] = {f: sha256_bytes((staging / f).read_bytes()) for f in files}
                 (staging / CARD).write_text(json.dumps(card, indent=2) + "\n")
                 return self._commit(staging, name, replace)
             except (OSError, SafetensorError) as exc:  # a full disk, a folder gone read-only: one line
@@ -504,8 +537,9 @@ class TaskLibrary:
         """Write task ``name`` as one pack file (zip + SHA-256 manifest), atomically."""
         folder = self._folder(name)
         out = Path(out)
+        members = (CARD, ALIGNMENT, ROUTER) + ((FINDER,) if "finder" in self.card(name) else ())
         files = {f: read_task_file(folder / f, MAX_CARD_BYTES if f == CARD else MAX_MEMBER_BYTES)
-                 for f in (CARD, ALIGNMENT, ROUTER)}
+                 for f in members}
         self.load(name)  # refuse to export a damaged task
         from . import __version__
 
@@ -546,11 +580,12 @@ def read_pack(pack: PathLike, fingerprint: Optional[str] = None) -> Task:
         infos = zf.infolist()
         names = [i.filename for i in infos]
         for n in names:
-            if n not in PACK_MEMBERS:
+            if n not in PACK_MEMBERS | {FINDER}:
                 why = "a path outside the pack" if (".." in n or n.startswith("/") or "\\" in n) else "not part of a task pack"
                 raise TaskLibraryError(f"{pack}: refused member {n!r} ({why})")
-        if len(names) != len(set(names)) or set(names) != PACK_MEMBERS:
-            raise TaskLibraryError(f"{pack}: a task pack holds exactly {sorted(PACK_MEMBERS)}; found {sorted(names)}")
+        if len(names) != len(set(names)) or set(names) - {FINDER} != PACK_MEMBERS:
+            raise TaskLibraryError(f"{pack}: a task pack holds exactly {sorted(PACK_MEMBERS)} (and {FINDER} if "
+                                   f"the task has a finder); found {sorted(names)}")
         for info in infos:  # sizes as declared: a member is never read past its declared size
             limit = MAX_CARD_BYTES if info.filename in (CARD, MANIFEST) else MAX_MEMBER_BYTES
             if info.file_size > limit:
@@ -568,12 +603,14 @@ def read_pack(pack: PathLike, fingerprint: Optional[str] = None) -> Task:
     unknown = sorted(set(manifest) - MANIFEST_KEYS)
     if unknown:
         raise TaskLibraryError(f"{pack}: unknown manifest keys {unknown}")
-    if manifest.get("format") != PACK_FORMAT or manifest.get("version") != PACK_VERSION:
-        raise TaskLibraryError(f"{pack}: not a {PACK_FORMAT} version {PACK_VERSION} file")
+    if manifest.get("format") != PACK_FORMAT or manifest.get("version") not in PACK_VERSIONS:
+        raise TaskLibraryError(f"{pack}: not a {PACK_FORMAT} file of version {' or '.join(map(str, PACK_VERSIONS))}")
+    if FINDER in data and manifest.get("version") < 2:
+        raise TaskLibraryError(f"{pack}: refused member {FINDER!r} (not part of a version 1 task pack)")
     hashes = manifest.get("files")
-    if not isinstance(hashes, dict) or set(hashes) != PACK_MEMBERS - {MANIFEST}:
-        raise TaskLibraryError(f"{pack}: the manifest must list the SHA-256 of {sorted(PACK_MEMBERS - {MANIFEST})}")
+    if not isinstance(hashes, dict) or set(hashes) != set(data) - {MANIFEST}:
+        raise TaskLibraryError(f"{pack}: the manifest must list the SHA-256 of {sorted(set(data) - {MANIFEST})}")
     for n, h in hashes.items():
         if sha256_bytes(data[n]) != h:
             raise TaskLibraryError(f"{pack}: {n} does not match its SHA-256 in the manifest (changed or damaged)")
-    return task_from_files(card, data[ALIGNMENT], data[ROUTER], str(pack), fingerprint)
+    return task_from_files(card, data[ALIGNMENT], data[ROUTER], str(pack), fingerprint, data.get(FINDER))

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import auto
+from .auto import AutoResult
 from .backbones import Backbone, preprocess_shape
 from .cache import DiskEmbeddingCache, TensorLRU, data_signature
 from .io import normalize_intensity, take_slice, to_rgb
@@ -110,6 +112,7 @@ class CASamPredictor:
         self.disk_error: Optional[str] = None  # why the on-disk cache was given up (``_save_to_disk``)
         self.layers: Dict[str, Optional[nn.Module]] = {}
         self.cards: Dict[str, dict] = {}
+        self.finders: Dict[str, nn.Module] = {}  # tasks' structure finders (zero-click: ``segment_auto``)
         self.router = Router()
         self._features: Dict[str, torch.Tensor] = {}
         self.encoder_calls = 0  # how many slices went through the image encoder
@@ -125,12 +128,13 @@ class CASamPredictor:
 
     # -- tasks ----------------------------------------------------------------------
     def add_task(self, name: str, layer: Optional[nn.Module], vae: Optional[TaskVAE] = None,
-                 tau: Optional[float] = None, card: Optional[dict] = None) -> None:
+                 tau: Optional[float] = None, card: Optional[dict] = None, finder: Optional[nn.Module] = None) -> None:
         """Register (or replace) a task.
 
         ``layer`` is the Alignment Layer used by ``predict(task=name)``; ``None`` means the
         task's images are segmented by the frozen model (a task whose layer did not beat
         the frozen model on validation). With ``vae`` and ``tau`` the task joins the router.
+        ``finder`` (with ``card["finder"]``) lets ``segment_auto`` segment its images without prompts.
         """
         check_task_name(name)
         if layer is not None and not isinstance(layer, DeferredLayer):
@@ -144,12 +148,17 @@ class CASamPredictor:
         else:
             self.router.remove(name)
         self.cards[name] = dict(card or {})
+        if finder is not None and "finder" in self.cards[name]:
+            self.finders[name] = finder.to(self.device).eval()
+        else:
+            self.finders.pop(name, None)
         self.aligned.discard_where(lambda k: k[1] == name)
         self._forget_routes()
 
     def remove_task(self, name: str) -> None:
         self.layers.pop(name, None)
         self.cards.pop(name, None)
+        self.finders.pop(name, None)
         self.router.remove(name)
         self.aligned.discard_where(lambda k: k[1] == name)
         self._forget_routes()
@@ -166,7 +175,7 @@ class CASamPredictor:
                 skipped[name] = str(exc)
                 continue
             layer = DeferredLayer(library, task.name, task.card) if task.use_alignment else None
-            self.add_task(task.name, layer, task.vae, task.tau, task.card)
+            self.add_task(task.name, layer, task.vae, task.tau, task.card, task.finder)
         return skipped
 
     def _forget_routes(self) -> None:
@@ -505,6 +514,21 @@ class CASamPredictor:
                                     multimask_output, **self.click_decoding(choice.layer))
         full = self.backbone.postprocess_masks(low_res, record.input_size, record.original_size)
         return (full if return_logits else full > 0.0), iou, low_res
+
+    # -- prediction: CA-SAM's zero-click ------------------------------------------------
+    @torch.inference_mode()
+    def segment_auto(self, task: Optional[str] = "auto", progress: Optional[ProgressFn] = None,
+                     cancel: Optional[CancelFn] = None) -> AutoResult:
+        """Segment the current image, or the whole current volume, with a learned task and no
+        prompts: the task's finder says where each of its structures is (a volume's are linked
+        through its slices, one object each) and its decoder draws them. ``task``: "auto" (the
+        router; one decision per volume) or a task's name. Returns an ``AutoResult`` (label map,
+        objects, task choice); ``NoAutoSegmentation`` (one line: why) for the frozen model, an
+        image no task recognises, or a task without a finder."""
+        if self._volume is not None:
+            return auto.segment_volume(self, self.choose_task(task, progress=progress, cancel=cancel), cancel, progress)
+        record = self._require_current()
+        return auto.segment_image(self, self.choose_task(task, record), record, cancel, progress)
 
     # -- prediction: CA-SAM's batches --------------------------------------------------
     @torch.inference_mode()

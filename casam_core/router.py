@@ -9,7 +9,8 @@ Following method.md ("Routing"):
   ``mean_d (f^ - f)^2 + beta * KL`` with beta = 16.5, computed with the posterior mean
   so that the same image always gets the same score;
 * the task's threshold tau is the 97th percentile of 5-fold cross-validated held-out
-  scores (permutation seed 2025);
+  scores (permutation seed 2025); our change: the folds hold out whole files (patients),
+  and slabs of a single volume (``fit_threshold``), so that tau holds for the next patient;
 * route = argmin over tasks; above that task's tau the image is out of distribution and
   goes to the frozen model.
 
@@ -25,7 +26,7 @@ slices (the empty ends of a scan) that would dominate a mean or a max.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -127,24 +128,52 @@ def train_vae(features: torch.Tensor, epochs: int = VAE_EPOCHS, batch: int = VAE
 
 
 def fit_threshold(features: torch.Tensor, folds: int = TAU_FOLDS, percentile: float = TAU_PERCENTILE,
-                  seed: int = TAU_SEED, cancel: Optional[CancelFn] = None, **train_kwargs) -> float:
+                  seed: int = TAU_SEED, cancel: Optional[CancelFn] = None, groups: Optional[Sequence[str]] = None,
+                  **train_kwargs) -> float:
     """tau = the given percentile of k-fold cross-validated held-out scores.
 
-    With fewer features than folds, leave-one-out is used (every feature is held out once).
+    Folds never split a patient: with ``groups`` (the file each feature came from, e.g. the
+    volume of a slice), whole files are held out (k = the number of files, at most ``folds``).
+    The neighbouring slices of one volume are nearly the same image, so holding out single
+    slices measures how well the VAE remembers that patient, and the next patient's volume
+    scored far above such a tau (issue 31: a task learned from one hippocampus volume sent
+    every other patient to the frozen model). From ONE volume, its slices are held out as
+    ``SLABS`` contiguous slabs (unseen levels of the anatomy), features in slice order.
+    Without groups, or with one image per file, the folds are random (permutation ``seed``);
+    with fewer features than folds, leave-one-out.
     """
     features = features.detach().float().cpu()
     n = features.shape[0]
     if n < 2:
         raise ValueError("the router needs at least 2 images of the task to set its threshold")
-    k = min(folds, n)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    parts = _folds(n, folds, seed, groups)
     held_out = []
-    for i, part in enumerate(torch.tensor_split(perm, k)):
+    for i, part in enumerate(parts):
         check_cancel(cancel)
-        train_idx = torch.cat([p for j, p in enumerate(torch.tensor_split(perm, k)) if j != i])
+        train_idx = torch.cat([p for j, p in enumerate(parts) if j != i])
         vae = train_vae(features[train_idx], seed=seed + i + 1, cancel=cancel, **train_kwargs)
         held_out.append(vae_scores(vae, features[part]))
     return float(np.percentile(torch.cat(held_out).numpy(), percentile))
+
+
+SLABS = 3  # one volume's folds: chosen on hippocampus training volumes (benchmarks/route_patients.py)
+
+
+def _folds(n: int, folds: int, seed: int, groups: Optional[Sequence[str]]) -> List[torch.Tensor]:
+    """The held-out index sets of ``fit_threshold``."""
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"{len(groups)} groups for {n} router features")
+        names = list(dict.fromkeys(groups))  # in order of appearance
+        if len(names) == 1 and n >= 2 * SLABS:
+            return [torch.arange(k * n // SLABS, (k + 1) * n // SLABS) for k in range(SLABS)]
+        if 2 <= len(names) < n:
+            k = min(folds, len(names))
+            fold_of = {g: j % k for j, g in enumerate(names)}
+            return [torch.tensor([i for i, g in enumerate(groups) if fold_of[g] == f]) for f in range(k)]
+    k = min(folds, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return list(torch.tensor_split(perm, k))
 
 
 @dataclass

@@ -21,6 +21,7 @@ from .errors import TaskNameError
 
 if TYPE_CHECKING:  # types only: the modules holding torch are imported by those who build tasks
     from .alignment import AlignmentLayer
+    from .finder import Finder
     from .router import TaskVAE
 
 AUTO = "auto"
@@ -49,13 +50,15 @@ def task_mode(task: Optional[str]) -> str:
 
 @dataclass
 class Task:
-    """A learned task as the library holds it: its layer, its router VAE and threshold, its card."""
+    """A learned task as the library holds it: its layer, its router VAE and threshold, its card,
+    and its structure finder (zero-click; None for a task learned before there were finders)."""
 
     name: str
     layer: "AlignmentLayer"
     vae: "TaskVAE"
     tau: float
     card: dict
+    finder: Optional["Finder"] = None
 
     @property
     def use_alignment(self) -> bool:
@@ -143,4 +146,13 @@ def describe_card(card: Mapping) -> str:
             f"{card.get('training_data', {}).get('annotated')} annotated images\n"
             f"validation Dice frozen {v.get('dice_zero_shot')} vs aligned {v.get('dice_aligned')}"
             f"{'' if card.get('use_alignment', True) else ' (uses the frozen model)'}; created {card.get('created')}\n"
-            f"clicks: {CLICK_TEXT.get(card.get('point_prompts'), CLICK_TEXT['default'])}")
+            f"clicks: {CLICK_TEXT.get(card.get('point_prompts'), CLICK_TEXT['default'])}\n"
+            f"{_describe_finder(card.get('finder'))}")
+
+
+def _describe_finder(finder) -> str:
+    if not isinstance(finder, Mapping):
+        return "no prompts: not available (learned before tasks had a structure finder; learn it again)"
+    v = finder.get("validation", {})
+    return (f"no prompts (Segment with task): held-out Dice {v.get('dice_auto')} vs {v.get('dice_box')} with the "
+            f"true box")

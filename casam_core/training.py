@@ -34,7 +34,10 @@ import torch.nn.functional as F
 from . import __version__
 from .alignment import FORMS, MAX_BLOCKS, PAPER, RESIDUAL, AlignmentLayer, count_parameters
 from .distributed import Dist
+from .auto import auto_dice
 from .evaluate import object_metrics
+from .finder import HIDDEN as FINDER_HIDDEN, STEPS as FINDER_STEPS, THRESHOLDS as FINDER_THRESHOLDS
+from .finder import grid_targets, outputs_for, train_finder
 from .errors import OptionError, TaskDataError, check_number, look_up_option
 from .io import (file_stem, read_dataset, read_image, read_labels, normalize_intensity, path_suffix, take_slice,
                  to_rgb, VOLUME_SUFFIXES, is_dicom_folder)
@@ -225,6 +228,7 @@ class LearnConfig:
     val_every: int = 25
     val_max_objects: int = 16  # per held-out image, for the checks during training
     val_final_max_objects: int = 64  # per held-out image, for frozen vs learned (decoding is ~80 ms an object on a CPU)
+    finder_steps: Optional[int] = None  # the structure finder's steps; None: as many as the layer took, 25..200
 
     def check(self) -> "LearnConfig":
         """Every field within its range (an ``OptionError`` naming it otherwise); returns self."""
@@ -233,7 +237,7 @@ class LearnConfig:
         look_up_option(self.click_prompt, CLICK_PROMPTS, "click prompt")
         for name, low, high, low_open in _LIMITS:
             value = getattr(self, name)
-            if value is None and name in ("steps", "time_budget_s"):  # no step / time budget
+            if value is None and name in ("steps", "time_budget_s", "finder_steps"):  # no step / time budget
                 continue
             check_number(value, _LIMIT_NAMES.get(name, name), low, high,
                          integer=isinstance(low, int) and isinstance(high, int), low_open=low_open)
@@ -256,7 +260,8 @@ _LIMITS = (("epochs", 1, 10_000, False), ("steps", 1, 1_000_000, False), ("time_
            ("augment_copies", 0, 16, False), ("batch_images", 1, 64, False), ("masks_per_image", 1, 64, False),
            ("seed", 0, 2**32 - 1, False), ("point_fraction", 0.0, 1.0, False), ("jitter_px", 0.0, 1024.0, False),
            ("vae_epochs", 1, 10_000, False), ("warmup_steps", 0, 1_000_000, False), ("val_every", 0, 1_000_000, False),
-           ("val_max_objects", 1, 100_000, False), ("val_final_max_objects", 1, 100_000, False))
+           ("val_max_objects", 1, 100_000, False), ("val_final_max_objects", 1, 100_000, False),
+           ("finder_steps", 1, 1_000_000, False))
 _LIMIT_NAMES = {"time_budget_s": "the time budget (seconds)", "lr": "the learning rate", "n_blocks": "blocks",
                 "val_fraction": "the validation fraction", "augment_copies": "augmented copies"}
 CLICK_PROMPTS = ("box", "point")
@@ -694,8 +699,18 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     # 5. the router: a VAE on every image's feature (annotated or not), tau by 5-fold CV
     report(progress, 0, 1, "router: training the VAE and its threshold")
     vae = train_vae(router_features, epochs=config.vae_epochs, seed=config.seed, cancel=cancel)
-    tau = fit_threshold(router_features, cancel=cancel, epochs=config.vae_epochs)
+    tau = fit_threshold(router_features, cancel=cancel, epochs=config.vae_epochs,
+                        groups=[_group(s.source) for s in data.slices])
     report(progress, 1, 1, "router: done")
+
+    # 6. the structure finder (zero-click): trained on the frozen embeddings of the training
+    #    slices (with those annotated as empty), its threshold chosen on the held-out images
+    t_finder = time.perf_counter()
+    finder_steps = config.finder_steps or min(FINDER_STEPS, max(25, fitted.steps))
+    finder, finder_card = _learn_finder(predictor, data, records, z_all, train_idx, val_idx,
+                                        layer if use_alignment else None, config.seed, finder_steps, cancel, progress)
+    t_finder = time.perf_counter() - t_finder
+    finder_card["validation"]["dice_box"] = round(aligned if use_alignment else zero_shot, 4)
 
     card = {
         "name": name,
@@ -723,7 +738,8 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
                      "kept_step": fitted.best_step, "stopped_by_time": fitted.stopped_by_time,
                      "device": str(device), "arithmetic": learning_arithmetic(backbone),
                      "embeddings": backbone.embedding_arithmetic},
-        "seconds": {"embedding": round(t_embed, 1), "training": round(t_train, 1),
+        "finder": finder_card,
+        "seconds": {"embedding": round(t_embed, 1), "training": round(t_train, 1), "finder": round(t_finder, 1),
                     "total": round(time.perf_counter() - t_start, 1)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "casam_version": __version__,
@@ -732,4 +748,46 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
         card["warning"] = (f"the Alignment Layer did not beat the frozen model on the held-out images "
                            f"(Dice {aligned:.3f} vs {zero_shot:.3f}): images routed to this task are "
                            f"segmented by the frozen model")
-    return Task(name, layer.cpu(), vae, tau, card)
+    return Task(name, layer.cpu(), vae, tau, card, finder)
+
+
+def _learn_finder(predictor: CASamPredictor, data: TaskData, records: List[ImageRecord], z_all, train_idx: List[int],
+                  val_idx: List[int], layer: Optional[AlignmentLayer], seed: int, steps: int, cancel, progress):
+    """The task's structure finder and its card entry (``casam_core.finder``). Trained on the
+    training images and every slice annotated as empty of the same files (held-out files stay
+    out); its threshold is the one of ``finder.THRESHOLDS`` with the best zero-click Dice on the
+    held-out images, decoded the way the task decodes (its layer, when it won)."""
+    backbone = predictor.backbone
+    values = outputs_for(data.objects, data.label_names)
+    train_files = {_group(data.slices[i].source) for i in train_idx}
+    held = set(val_idx)
+    fit_idx = sorted(set(train_idx) | {i for i, s in enumerate(data.slices) if s.labels is not None and i not in held
+                                       and not s.annotated and _group(s.source) in train_files})
+    grid = backbone.embedding_shape[1]
+
+    def target(i: int) -> torch.Tensor:
+        return grid_targets(data.slices[i].labels, values, data.objects, records[i].input_size, backbone.img_size, grid)
+
+    report(progress, 0, 1, "finder: learning where the structures are")
+    finder = train_finder([z_all[i].cpu() for i in fit_idx], [target(i) for i in fit_idx], len(values), steps=steps,
+                          seed=seed, cancel=cancel)
+    z_task = {}
+    for i in val_idx:
+        z = z_all[i][None].to(predictor.device)
+        if layer is not None:
+            with torch.inference_mode():
+                z = layer(z)
+        z_task[i] = z
+    by_threshold = {}
+    for t in FINDER_THRESHOLDS:
+        check_cancel(cancel)
+        spec = {"outputs": values, "threshold": t, "objects": data.objects}
+        by_threshold[t] = float(np.mean([auto_dice(predictor, finder, spec, z_all[i], z_task[i], records[i],
+                                                   data.slices[i].labels) for i in val_idx]))
+    best = max(by_threshold, key=by_threshold.get)
+    report(progress, 1, 1, "finder: done")
+    card = {"outputs": values, "objects": data.objects, "threshold": best, "hidden": FINDER_HIDDEN,
+            "parameters": sum(p.numel() for p in finder.parameters()), "training_images": len(fit_idx), "steps": steps,
+            "validation": {"dice_auto": round(by_threshold[best], 4),
+                           "by_threshold": {str(k): round(v, 4) for k, v in by_threshold.items()}}}
+    return finder, card

@@ -477,7 +477,7 @@ PACKS: List[Case] = [
     Case("pack", "unknown manifest key", _imp(_edited("key", _manifest(lambda m: m.update(run="rm -rf /")))),
          "unknown manifest keys ['run']"),
     Case("pack", "another format", _imp(_edited("fmt", _manifest(lambda m: m.update(format="zip")))),
-         "not a casam-task-pack version 1 file"),
+         "not a casam-task-pack file of version 1 or 2"),
     Case("pack", "pickled weights under the right name", _imp(_forged(
         "pickled", alignment=lambda ws: pickle.dumps({"w": [0.0]}))), "not a valid safetensors file"),
     Case("pack", "8-channel layer, self-consistent", _imp(_forged(

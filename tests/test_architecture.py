@@ -17,8 +17,8 @@ PACKAGES = ("casam_core", "napari_casam", "training")
 # (README, "Architecture"). The package __init__ is a lazy facade and sits above all.
 CORE_LAYERS = (
     ("errors", "config", "progress", "metrics", "samples", "distributed", "_ov_check"),
-    ("io", "dicom_seg", "cache", "overlay", "prompts", "alignment", "router", "runtimes", "backbones"),
-    ("tasks",),
+    ("io", "dicom_seg", "cache", "overlay", "prompts", "alignment", "router", "finder", "runtimes", "backbones"),
+    ("tasks", "auto"),
     ("predictor",),
     ("library", "evaluate", "training", "batch"),
     ("build",),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from casam_core.library import ALIGNMENT, CARD, MANIFEST, ROUTER, TaskLibrary, TaskLibraryError
+from casam_core.library import ALIGNMENT, CARD, FINDER, MANIFEST, ROUTER, TaskLibrary, TaskLibraryError
 from casam_core.progress import Cancelled
 from casam_core.training import LearnConfig, TaskDataError, learn_task, load_task_data
 
@@ -128,8 +128,11 @@ def test_library_round_trip(kvasir_task, tmp_path):
     assert (tmp_path / "lib" / "kvasir").stat().st_mode & 0o777 == 0o775
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "lib" / "kvasir").iterdir()} == {0o664}
     assert library.names() == ["kvasir"]
-    assert sorted(p.name for p in (tmp_path / "lib" / "kvasir").iterdir()) == sorted([CARD, ALIGNMENT, ROUTER])
+    assert sorted(p.name for p in (tmp_path / "lib" / "kvasir").iterdir()) == sorted([CARD, ALIGNMENT, ROUTER,
+                                                                                       FINDER])
     loaded = library.load("kvasir", task.card["backbone_fingerprint"])
+    for a, b in zip(task.finder.state_dict().values(), loaded.finder.state_dict().values()):
+        assert torch.equal(a, b)
     for a, b in zip(task.layer.state_dict().values(), loaded.layer.state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(task.vae.state_dict().values(), loaded.vae.state_dict().values()):
@@ -182,7 +185,7 @@ def test_a_rename_killed_midway_leaves_one_whole_task_and_no_stray_file(kvasir_t
     assert proc.returncode == -9, proc.stderr[-2000:]
     names = library.names()
     assert names == (["kvasir"] if crash_at == "rename" else ["polyps"])
-    assert sorted(p.name for p in (library.root / names[0]).iterdir()) == sorted([ALIGNMENT, CARD, ROUTER])
+    assert sorted(p.name for p in (library.root / names[0]).iterdir()) == sorted([ALIGNMENT, CARD, ROUTER, FINDER])
     assert library.load(names[0]).name == names[0]
     library.rename(names[0], "again")  # the next writer sweeps what the killed one left
     assert sorted(p.name for p in library.root.iterdir()) == [".lock", "again"]
@@ -196,8 +199,8 @@ def test_pack_export_and_import(kvasir_task, tmp_path):
     with zipfile.ZipFile(pack) as zf:
         names = set(zf.namelist())
         manifest = json.loads(zf.read(MANIFEST))
-    assert names == {MANIFEST, CARD, ALIGNMENT, ROUTER}
-    assert set(manifest["files"]) == {CARD, ALIGNMENT, ROUTER}
+    assert names == {MANIFEST, CARD, ALIGNMENT, ROUTER, FINDER}
+    assert set(manifest["files"]) == {CARD, ALIGNMENT, ROUTER, FINDER} and manifest["version"] == 2
     other = TaskLibrary(tmp_path / "hospital_b")
     imported = other.import_pack(pack, fingerprint=task.card["backbone_fingerprint"])
     assert other.names() == ["kvasir"] and imported.tau == task.tau
@@ -205,6 +208,47 @@ def test_pack_export_and_import(kvasir_task, tmp_path):
         other.import_pack(pack)
     other.import_pack(pack, name="kvasir_b")
     assert other.names() == ["kvasir", "kvasir_b"] and other.card("kvasir_b")["name"] == "kvasir_b"
+
+
+def test_a_version_1_pack_without_a_finder_still_imports_and_says_it_cannot_segment_alone(kvasir_task, backbone,
+                                                                                          tmp_path):
+    """Packs written before tasks had structure finders (format version 1) still import; such a
+    task segments with prompts as before and says, in one line, why it cannot without them. A
+    finder member in a version 1 pack is refused."""
+    from casam_core import CASamPredictor
+    from casam_core.auto import NoAutoSegmentation
+    from casam_core.library import sha256_bytes
+
+    from conftest import dataset_case
+
+    library = _saved(kvasir_task[0], tmp_path)
+    pack = library.export("kvasir", tmp_path / "new.casam-task")
+    with zipfile.ZipFile(pack) as zf:
+        data = {n: zf.read(n) for n in zf.namelist()}
+
+    def write(path, members, version):
+        manifest = {"format": "casam-task-pack", "version": version, "task": "kvasir", "casam_version": "0.1.0",
+                    "files": {n: sha256_bytes(b) for n, b in members.items()}}
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(MANIFEST, json.dumps(manifest))
+            for n, b in members.items():
+                zf.writestr(n, b)
+        return path
+
+    card = json.loads(data[CARD])
+    del card["finder"], card["files"][FINDER]
+    old = {CARD: json.dumps(card).encode(), ALIGNMENT: data[ALIGNMENT], ROUTER: data[ROUTER]}
+    other = TaskLibrary(tmp_path / "b")
+    imported = other.import_pack(write(tmp_path / "old.casam-task", old, 1))
+    assert imported.finder is None and sorted(p.name for p in (other.root / "kvasir").iterdir()) == sorted(old)
+    predictor = CASamPredictor(backbone)
+    assert predictor.load_tasks(other) == {}
+    predictor.set_image(dataset_case("kvasir_polyp")[0])
+    with pytest.raises(NoAutoSegmentation, match="task kvasir has no structure finder"):
+        predictor.segment_auto("kvasir")
+    smuggled = dict(old, **{FINDER: data[FINDER]})
+    with pytest.raises(TaskLibraryError, match="not part of a version 1 task pack"):
+        other.import_pack(write(tmp_path / "smuggled.casam-task", smuggled, 1), name="k2")
 
 
 # Hostile and damaged packs: tests/fault_cases.py (run by tests/test_inputs.py)

@@ -1,0 +1,123 @@
+"""Issue 31, the next case is cheaper: a task learned from ONE annotated volume recognises the
+next patient's volume, and segments it with no prompt (its structure finder), on real MRI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from casam_core.auto import NoAutoSegmentation
+from casam_core.io import read_image, read_labels
+from casam_core.metrics import dice
+from casam_core.router import Router, fit_threshold, router_feature, train_vae
+
+from conftest import dataset_case, dataset_root
+
+
+def _case(split: str, index: int):
+    root = dataset_root("hippocampus_mri")
+    case = json.loads((root / "dataset.json").read_text())[split][index]
+    return root / case["image"], root / case["mask"]
+
+
+@pytest.fixture(scope="module")
+def hippo(backbone, tmp_path_factory):
+    """(predictor, task learned from training volume 0, its learning data) on a module cache."""
+    from casam_core import CASamPredictor
+    from casam_core.training import LearnConfig, learn_task, load_task_data
+
+    predictor = CASamPredictor(backbone, disk_cache=tmp_path_factory.mktemp("embeddings-next-case"))
+    image, mask = _case("train", 0)
+    data = load_task_data([image], [mask])
+    task = learn_task(predictor, "hippo", data, LearnConfig(steps=30, val_every=10, time_budget_s=None))
+    return predictor, task, data
+
+
+def _volume_features(predictor, path):
+    predictor.set_volume(read_image(path).array)
+    return torch.stack([predictor.router_feature(r) for r in predictor.embed_slices()])
+
+
+def test_a_task_learned_from_one_volume_recognises_the_next_patient(hippo):
+    """The issue's case: the router fitted on one volume's slices (folds of single slices) set a
+    threshold that the next patient's volume scored far above (all grey). Folds of whole slabs
+    of the volume give a threshold that holds for the next patient; foreign images stay out."""
+    predictor, task, data = hippo
+    own = torch.stack([router_feature(predictor.embedding(predictor.record_of(s.rgb))) for s in data.slices])
+    other = _volume_features(predictor, _case("test", 0)[0])
+    kvasir, _ = dataset_case("kvasir_polyp")
+    foreign = predictor.router_feature(predictor.set_image(kvasir))
+
+    old = Router()
+    old.add("hippo", train_vae(own), fit_threshold(own))  # the old rule: random folds of slices
+    assert old.route_volume(other).decision is None  # what the issue saw
+
+    assert task.tau > old.taus["hippo"]
+    predictor.add_task("hippo", task.layer, task.vae, task.tau, task.card, task.finder)
+    assert predictor.router.route_volume(other).decision == "hippo"
+    assert predictor.router.route(foreign).decision is None
+
+
+def test_the_learned_task_segments_a_new_patient_with_no_prompt(hippo):
+    predictor, task, _ = hippo
+    finder = task.card["finder"]
+    assert finder["outputs"] == [1, 2] and 0 < finder["threshold"] < 1
+    assert 0 < finder["validation"]["dice_auto"] <= 1 and finder["parameters"] == sum(
+        p.numel() for p in task.finder.parameters())
+    predictor.add_task("hippo", task.layer, task.vae, task.tau, task.card, task.finder)
+    image_path, mask_path = _case("test", 0)
+    image = read_image(image_path)
+    gt = read_labels(mask_path, like=image).array
+    predictor.set_volume(image.array)
+    seen = []
+    result = predictor.segment_auto("auto", progress=lambda d, t, m: seen.append(m))
+    assert result.choice.decision == "hippo"
+    assert result.labels.shape == gt.shape and set(np.unique(result.labels)) <= {0, 1, 2}
+    # one object per structure, linked through the slices
+    assert sorted(o["label"] for o in result.objects) == [1, 2]
+    for o in result.objects:
+        assert o["slices"] == list(range(o["slices"][0], o["slices"][-1] + 1))
+    assert any(m.startswith("segmenting") for m in seen)
+    assert dice(result.labels > 0, gt > 0) > 0.4  # measured 0.55 (one training volume, 30 steps)
+
+
+def test_no_zero_click_result_without_a_task_that_recognises_the_image(hippo):
+    predictor, task, _ = hippo
+    predictor.add_task("hippo", task.layer, task.vae, task.tau, task.card, task.finder)
+    kvasir, _ = dataset_case("kvasir_polyp")
+    predictor.set_image(kvasir)
+    with pytest.raises(NoAutoSegmentation, match="no learned task recognises this image"):
+        predictor.segment_auto("auto")
+    with pytest.raises(NoAutoSegmentation, match="frozen model cannot find structures"):
+        predictor.segment_auto("none")
+    predictor.add_task("old", task.layer, task.vae, task.tau, {k: v for k, v in task.card.items() if k != "finder"})
+    with pytest.raises(NoAutoSegmentation, match="task old has no structure finder"):
+        predictor.segment_auto("old")
+
+
+def test_casam_segment_auto_writes_the_label_map_and_refuses_prompts(hippo, tmp_path, capsys):
+    from casam_core.cli import main
+    from casam_core.library import TaskLibrary
+
+    predictor, task, _ = hippo
+    library = TaskLibrary(tmp_path / "lib")
+    library.save(task)
+    image_path, mask_path = _case("test", 0)
+    common = ["--library", str(library.root), "--cache-dir", str(predictor.disk.root), "--device", "cpu"]
+    out = tmp_path / "auto.nii.gz"
+    assert main(["segment", str(image_path), "--out", str(out), "--auto", "--json"] + common) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["route"]["decision"] == "hippo"
+    labels = read_labels(out, like=read_image(image_path)).array
+    assert set(np.unique(labels)) == {0, 1, 2}
+    assert main(["segment", str(image_path), "--out", str(tmp_path / "x.nii.gz"), "--auto", "--box", "1,1,5,5"]
+                + common) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--auto segments without prompts" in err[0]
+    assert not (tmp_path / "x.nii.gz").exists()
+    # a batch: every input by its routed task's finder
+    batch = tmp_path / "batch"
+    assert main(["segment-batch", str(image_path), "--out", str(batch), "--auto", "--json"] + common) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["done"] == 1 and summary["images"][0]["task"] == "hippo"
