@@ -36,6 +36,7 @@ from ._layers import (BOXES, LABELS, POINTS, PREVIEW, Annotations, PromptLayers,
                       slicing_axis)
 from ._learning import LearnController  # noqa: E402
 from ._panels import build_panels  # noqa: E402
+from ._auto import AutoMixin  # noqa: E402
 from ._segmenting import SegmentingMixin  # noqa: E402
 from ._session import ModelSession  # noqa: E402
 from ._task_library import TaskLibraryPanel, task_from_text  # noqa: E402
@@ -45,7 +46,7 @@ __all__ = ["CASamWidget", "POINTS", "BOXES", "PREVIEW", "LABELS"]  # the layer n
 DEBOUNCE_MS = 150
 
 
-class CASamWidget(SegmentingMixin, QWidget):
+class CASamWidget(SegmentingMixin, AutoMixin, QWidget):
     def __init__(self, napari_viewer, library: Optional[str] = None, cache_dir: Optional[str] = None):
         super().__init__()
         from qtpy.QtCore import QThreadPool
@@ -363,6 +364,8 @@ class CASamWidget(SegmentingMixin, QWidget):
             return
         self.route_strip.set_current(self.current_slice())
         self._prompt_version += 1  # the preview shows another slice's prompts
+        if self.auto_preview is not None:  # a zero-click preview covers every slice: still the one to commit
+            self._preview_version = self._prompt_version
         if self.predictor is not None and self._prompts_present() and self.auto_check.isChecked():
             self._debounce.start(DEBOUNCE_MS)
 
