@@ -26,8 +26,8 @@ bench: $(STAMP) sysdeps
 
 # the workflow GUI tests, saving what they show into docs/screenshots/
 screenshots: $(STAMP) sysdeps
-	CASAM_SCREENSHOTS=docs/screenshots xvfb-run -a $(BIN)/python -m pytest -q tests/test_plugin_workflow.py \
-	  tests/test_plugin.py -k "workflow or auto_routes"
+	CASAM_SCREENSHOTS=docs/screenshots xvfb-run -a $(BIN)/python -m pytest -q tests/test_plugin_workflow.py tests/test_plugin_issue31.py \
+	  tests/test_plugin.py -k "workflow or auto_routes or next_patient"
 
 install: $(STAMP)
 

@@ -70,7 +70,7 @@ def decode_objects(predictor, found: List[FoundObject], layer: Optional[str], re
     ((H, W) for one image with slice key 0, else (S, H, W) in slice order along axis 0)."""
     out = np.zeros(shape, dtype=np.int32)
     per_slice: Dict[int, List[tuple]] = {}
-    for n, obj in enumerate(sorted(found, key=lambda o: o.heat), start=1):  # the surest drawn last
+    for n, obj in enumerate(sorted(found, key=lambda o: o.heat), start=1):  # instances numbered surest last
         value = n if objects == "instance" else obj.label
         for k, box in obj.boxes.items():
             per_slice.setdefault(k, []).append((value, box))
@@ -78,12 +78,21 @@ def decode_objects(predictor, found: List[FoundObject], layer: Optional[str], re
         check_cancel(cancel)
         record = record_of(k)
         z = predictor.task_features(layer, record)
-        masks, _, _ = predictor.predict_features(z, record, box=np.stack([b for _, b in items]))
+        logits, _, _ = predictor.predict_features(z, record, box=np.stack([b for _, b in items]), return_logits=True)
         target = out if len(shape) == 2 else out[k]
-        for (value, _), m in zip(items, masks[:, 0]):
-            target[m] = value
+        _paint(target, [v for v, _ in items], logits[:, 0])
         report(progress, done, len(per_slice), f"segmenting: slice {k}" if len(shape) == 3 else "segmenting")
     return out
+
+
+def _paint(target: np.ndarray, values: List[int], logits: np.ndarray) -> None:
+    """Each pixel where some object's logit is positive gets the value of the object whose logit is
+    highest there: neighbouring structures (e.g. anterior and posterior hippocampus), whose boxes
+    overlap, split the pixels they both claim instead of the last one taking them all."""
+    best = logits.argmax(0)
+    inside = logits.max(0) > 0
+    for j, value in enumerate(values):
+        target[inside & (best == j)] = value
 
 
 def heat_of(predictor, finder, record) -> np.ndarray:
@@ -127,9 +136,9 @@ def auto_dice(predictor, finder, spec: dict, z_frozen: torch.Tensor, z_task: tor
     out = np.zeros(labels.shape, dtype=np.int32)
     boxes = [(o.label, o.boxes[0]) for o in found]
     if boxes:
-        masks, _, _ = predictor.predict_features(z_task, record, box=np.stack([b for _, b in boxes]))
-        for (value, _), m in zip(boxes, masks[:, 0]):
-            out[m] = value
+        logits, _, _ = predictor.predict_features(z_task, record, box=np.stack([b for _, b in boxes]),
+                                                  return_logits=True)
+        _paint(out, [v for v, _ in boxes], logits[:, 0])
     if spec.get("objects", "class") == "instance":
         return float(dice(out > 0, labels > 0))
     values = sorted(({int(v) for v in np.unique(labels) if v} | {o.label for o in found}) & set(spec["outputs"]))

@@ -252,9 +252,11 @@ class PromptLayers:
             view[m] = i + 1
         preview.data = data
 
-    def write_label(self, preview: np.ndarray, labels=None, label_id: Optional[int] = None) -> Tuple[List[int], int]:
+    def write_label(self, preview: np.ndarray, labels=None, label_id: Optional[int] = None,
+                    keep_values: bool = False) -> Tuple[List[int], int]:
         """Write the preview's objects (its values 1, 2, ...) into the labels: each gets ``label_id``
-        (a class) or, with None, its own next free id; one step of the Labels layer's own undo
+        (a class) or, with None, its own next free id (``keep_values``: its own value, a task's class
+        of a zero-click segmentation); one step of the Labels layer's own undo
         history (the dock's Undo and napari's Ctrl+Z are the same history). The preview is cleared.
         Returns (label ids, voxels)."""
         labels = labels if labels is not None else self.viewer.layers[LABELS]
@@ -262,7 +264,9 @@ class PromptLayers:
         objects = [int(v) for v in np.unique(preview) if v > 0]
         index = np.nonzero(preview)
         table = np.zeros(int(preview.max(initial=0)) + 1, np.int32)  # preview value -> label id
-        if label_id is None:
+        if keep_values:
+            ids = list(objects)
+        elif label_id is None:
             first = int(np.asarray(labels.data).max()) + 1
             ids = [first + i for i in range(len(objects))]
         else:

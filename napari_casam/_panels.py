@@ -120,9 +120,15 @@ def _segment_panel(w) -> QGroupBox:
     w.propagate_button.clicked.connect(w.propagate)
     w.stop_button = QPushButton("Stop")
     w.stop_button.setEnabled(False)
-    w.stop_button.setToolTip("cancels a propagation (the labels stay as they were) or a ranking")
+    w.stop_button.setToolTip("cancels a propagation (the labels stay as they were), a segmentation with the task "
+                             "or a ranking")
     w.stop_button.clicked.connect(w.stop_work)
+    w.auto_button = QPushButton("Segment with task")
+    w.auto_button.setToolTip("the learned task finds its structures on the whole image or volume, no prompts; "
+                             "C approves, then correct with clicks, the brush or propagation")
+    w.auto_button.clicked.connect(w.segment_with_task)
     row = QHBoxLayout()
+    row.addWidget(w.auto_button, 1)
     row.addWidget(w.propagate_button, 1)
     row.addWidget(w.stop_button)
     v.addLayout(row)

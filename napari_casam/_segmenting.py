@@ -71,6 +71,7 @@ class SegmentingMixin:
             if version == self._prompt_version:
                 self._last_logits = (key, low) if low is not None else None
             self.layers.show_preview(masks, k if self.is_volume else None)
+            self.auto_preview = None
             self._preview_version = version
             self._show_route(choice)
             if version == self._prompt_version:
@@ -136,7 +137,9 @@ class SegmentingMixin:
         if not preview.any():
             self.notify("CA-SAM: nothing to commit: the preview is empty")
             return None
-        ids, voxels = self.layers.write_label(preview, label_id=self.target_label())
+        keep = self.auto_preview == "class"  # a task's zero-click label map: its class values are the labels
+        ids, voxels = self.layers.write_label(preview, label_id=None if keep else self.target_label(), keep_values=keep)
+        self.auto_preview = None
         for label_id in ids:
             self.classes.add(label_id)  # listed, so that it can be chosen for corrections
         self.status(f"committed label{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} ({voxels} voxels)")
@@ -171,6 +174,7 @@ class SegmentingMixin:
 
     def clear(self) -> None:
         self.clear_prompts()
+        self.auto_preview = None
         if PREVIEW in self.viewer.layers:
             self.layers.clear_preview()
             self._preview_version = self._prompt_version
@@ -293,7 +297,8 @@ class SegmentingMixin:
 
     def stop_work(self) -> None:
         """Stop: cancel the running propagation (the labels stay as they were) or ranking."""
-        for event, what in ((self._propagation, "propagation"), (self._ranking, "ranking")):
+        for event, what in ((self._propagation, "propagation"), (self._ranking, "ranking"),
+                            (self._auto, "segmentation with the task")):
             if event is not None:
                 event.set()
                 self.status(f"stopping the {what}...")

@@ -108,6 +108,12 @@ class ModelSession:
         with self.lock, self.predictor.keeping_current() as p:
             return rank_by_coverage(p, items, progress=progress, cancel=cancel)
 
+    def segment_auto(self, task: Optional[str], cancel: Callable[[], bool], progress=None):
+        """The current image or whole volume segmented by its learned task, no prompts
+        (``CASamPredictor.segment_auto``; a volume's route needs all its slices)."""
+        with self.lock:
+            return self.predictor.segment_auto(task, progress=progress, cancel=cancel)
+
     def propagate(self, slice_index: int, box, start: Optional[np.ndarray], anchors: Dict[int, np.ndarray],
                   task: Optional[str], cancel: Callable[[], bool], progress=None):
         """Fill the volume from the user's annotated slices (``anchors``: {slice: mask}) and the
