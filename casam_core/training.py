@@ -228,7 +228,7 @@ class LearnConfig:
     val_every: int = 25
     val_max_objects: int = 16  # per held-out image, for the checks during training
     val_final_max_objects: int = 64  # per held-out image, for frozen vs learned (decoding is ~80 ms an object on a CPU)
-    finder_steps: Optional[int] = None  # the structure finder's steps; None: as many as the layer took, 25..200
+    finder_steps: Optional[int] = None  # the structure finder's steps; None: the layer's step budget, 25..200
 
     def check(self) -> "LearnConfig":
         """Every field within its range (an ``OptionError`` naming it otherwise); returns self."""
@@ -706,7 +706,9 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     # 6. the structure finder (zero-click): trained on the frozen embeddings of the training
     #    slices (with those annotated as empty), its threshold chosen on the held-out images
     t_finder = time.perf_counter()
-    finder_steps = config.finder_steps or min(FINDER_STEPS, max(25, fitted.steps))
+    # the budget asked for, not what the time budget left of it: a layer cut to 20 steps on a busy
+    # CPU left the finder 25 steps, and it found nothing (benchmarks/results/effort_cpu.md, 2 volumes)
+    finder_steps = config.finder_steps or min(FINDER_STEPS, max(25, config.steps or FINDER_STEPS))
     finder, finder_card = _learn_finder(predictor, data, records, z_all, train_idx, val_idx,
                                         layer if use_alignment else None, config.seed, finder_steps, cancel, progress)
     t_finder = time.perf_counter() - t_finder
