@@ -347,7 +347,7 @@ def forge(src: Path, dst: Path, card_edit=None, alignment=None, card_bytes=None)
     card["files"][ALIGNMENT] = sha256_bytes(data[ALIGNMENT])
     data[CARD] = card_bytes if card_bytes is not None else json.dumps(card).encode()
     manifest = json.loads(data[MANIFEST])
-    manifest["files"] = {n: sha256_bytes(data[n]) for n in (CARD, ALIGNMENT, ROUTER)}
+    manifest["files"] = {n: sha256_bytes(b) for n, b in data.items() if n != MANIFEST}
     data[MANIFEST] = json.dumps(manifest).encode()
     with zipfile.ZipFile(dst, "w") as z:
         for n, b in data.items():
