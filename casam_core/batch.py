@@ -277,11 +277,7 @@ def segment_item(predictor: CASamPredictor, item: Item, out_dir: Path, task: Opt
     out = output_path(item, out_dir, image.is_volume)
     spec = coarse = None
     if auto:
-        if image.is_volume:
-            predictor.set_volume(image.array, axis=axis, window=window)
-        else:
-            predictor.set_image(image.array, window=window)
-        found = predictor.segment_auto(task, cancel=cancel)
+        found = segment_auto_image(predictor, image, task, axis, window, cancel=cancel)
         choice, result = found.choice, auto_label_map(found.labels)
     elif prompts_dir is not None:
         prompt_path = _find_by_stem(prompts_dir, stem, (".json",))
@@ -341,6 +337,17 @@ def segment_item(predictor: CASamPredictor, item: Item, out_dir: Path, task: Opt
     predictor.reset_image()
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
+
+
+def segment_auto_image(predictor: CASamPredictor, image, task: Optional[str], axis: int = 0, window=None,
+                       progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None):
+    """An image or volume as read (``MedicalImage``) made current and segmented with no prompt
+    (``CASamPredictor.segment_auto``): the CLI's ``segment --auto`` and the batch's ``--auto``."""
+    if image.is_volume:
+        predictor.set_volume(image.array, axis=axis, window=window)
+    else:
+        predictor.set_image(image.array, window=window)
+    return predictor.segment_auto(task, progress=progress, cancel=cancel)
 
 
 def auto_label_map(labels: np.ndarray) -> np.ndarray:

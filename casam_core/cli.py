@@ -20,7 +20,7 @@ try:  # the libraries load for seconds: Ctrl+C meanwhile is a cancel, said in on
     from . import __version__
     from .alignment import FORMS
     from .batch import (SPLITS, auto_label_map, batch_summary, check_prompt_sources, embed_inputs, label_prompts,
-                        list_inputs, merge_embed_reports, segment_inputs)
+                        list_inputs, merge_embed_reports, segment_auto_image, segment_inputs)
     from .backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
     from .build import build_predictor
     from .config import cache_dir as default_cache_dir, library_dir
@@ -137,11 +137,7 @@ def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: Li
     info = {"input": str(input_path), "out": str(out)}
     t0 = time.perf_counter()
     if auto:
-        if image.is_volume:
-            predictor.set_volume(image.array, axis=axis, window=window)
-        else:
-            predictor.set_image(image.array, window=window)
-        found = predictor.segment_auto(task, progress=progress)
+        found = segment_auto_image(predictor, image, task, axis, window, progress=progress)
         choice, result = found.choice, auto_label_map(found.labels)
         info["objects"] = found.objects
     elif not image.is_volume:

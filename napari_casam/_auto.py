@@ -16,7 +16,7 @@ import numpy as np
 from casam_core.progress import Cancelled
 
 from ._layers import PREVIEW
-from ._workers import reporting, task_status
+from ._workers import bar_follows, reporting, task_status
 
 
 class AutoMixin:
@@ -43,13 +43,6 @@ class AutoMixin:
         def work():
             return (yield from reporting(session.segment_auto, task=task, cancel=lambda: (
                 cancel.is_set() or stop.is_set() or not session.is_current(generation))))
-
-        def on_progress(value):
-            done, total, _ = value
-            if bar.total != total:
-                bar.total = total
-            bar.n = done
-            bar.refresh()
 
         def done(result):
             if not session.is_current(generation) or PREVIEW not in self.viewer.layers:
@@ -88,4 +81,4 @@ class AutoMixin:
                 self._auto = None
                 self.stop_button.setEnabled(self._ranking is not None or self._propagation is not None)
 
-        self._run(work, yielded=on_progress, returned=done, errored=failed, finished=end)
+        self._run(work, yielded=bar_follows(bar), returned=done, errored=failed, finished=end)

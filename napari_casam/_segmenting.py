@@ -207,7 +207,7 @@ class SegmentingMixin:
         from napari.utils import progress
 
         from ._layers import propagation_edit
-        from ._workers import reporting
+        from ._workers import bar_follows, reporting
 
         why = self._not_ready_reason()
         if why is None and not self.is_volume:
@@ -251,13 +251,6 @@ class SegmentingMixin:
                                          task=task, cancel=lambda: (cancel.is_set() or stop.is_set()
                                                                     or not session.is_current(generation))))
 
-        def on_progress(value):
-            done, total, _ = value
-            if bar.total != total:
-                bar.total = total
-            bar.n = done
-            bar.refresh()
-
         def done(result):
             mask, summary, first = result
             if not session.is_current(generation) or labels not in self.viewer.layers:
@@ -293,7 +286,7 @@ class SegmentingMixin:
                 self._propagation = None
                 self.stop_button.setEnabled(self._ranking is not None)
 
-        self._run(work, yielded=on_progress, returned=done, errored=failed, finished=end)
+        self._run(work, yielded=bar_follows(bar), returned=done, errored=failed, finished=end)
 
     def stop_work(self) -> None:
         """Stop: cancel the running propagation (the labels stay as they were) or ranking."""
@@ -319,7 +312,7 @@ class SegmentingMixin:
         from napari.layers import Image
         from napari.utils import progress
 
-        from ._workers import reporting
+        from ._workers import bar_follows, reporting
 
         if self.predictor is None or self.image_layer is None:
             self.error("CA-SAM: choose an image and press Embed first")
@@ -354,12 +347,6 @@ class SegmentingMixin:
         self.status(f"ranking {len(items)} open images{' and ' + folder if folder else ''} "
                     f"(segmenting waits until it is done)...")
 
-        def on_progress(value):
-            if bar.total != value[1]:
-                bar.total = value[1]
-            bar.n = value[0]
-            bar.refresh()
-
         def done(rows):
             self.last_ranking = rows
             lines = [f"{r['rank']}. {r['name']}: " + (f"task {r['decision']}" if r["covered"] else "not covered")
@@ -381,7 +368,7 @@ class SegmentingMixin:
             self.update_route()
 
         self._run(lambda: (yield from reporting(rank)),
-                  yielded=on_progress, returned=done, errored=failed, finished=end)
+                  yielded=bar_follows(bar), returned=done, errored=failed, finished=end)
 
     @property
     def is_propagating(self) -> bool:

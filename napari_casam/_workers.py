@@ -177,3 +177,16 @@ def reporting(fn: Callable, **kwargs):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def bar_follows(bar):
+    """A worker's ``yielded`` callback that moves napari's progress ``bar`` to each (done, total, message)
+    a ``reporting`` body yields (the total may shrink: a propagation that stops early)."""
+    def on_progress(value):
+        done, total, _ = value
+        if bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return on_progress
