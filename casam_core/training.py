@@ -179,9 +179,15 @@ def load_task_data(inputs: Sequence, masks: Sequence = (), axis: int = 0, window
     if not any(s.annotated for s in data.slices):
         raise TaskDataError("no annotated image or slice among the training data")
     if not data.label_names:
-        values = sorted({int(v) for s in data.slices if s.labels is not None for v in np.unique(s.labels) if v})
-        data.label_names = {v: f"label {v}" for v in values}
+        data.label_names = {v: f"label {v}" for v in label_values(data)}
     return data
+
+
+def label_values(data: TaskData) -> List[int]:
+    """The label values a task learns: its named labels, else every non-zero value in its slices."""
+    if data.label_names:
+        return sorted(int(v) for v in data.label_names)
+    return sorted({int(v) for s in data.slices if s.labels is not None for v in np.unique(s.labels) if v})
 
 
 def _case_slices(img: Path, msk: Optional[Path], axis, window, background_slices) -> List[TrainingSlice]:
@@ -760,7 +766,7 @@ def _learn_finder(predictor: CASamPredictor, data: TaskData, records: List[Image
     out); its threshold is the one of ``finder.THRESHOLDS`` with the best zero-click Dice on the
     held-out images, decoded the way the task decodes (its layer, when it won)."""
     backbone = predictor.backbone
-    values = outputs_for(data.objects, data.label_names)
+    values = outputs_for(data.objects, label_values(data))
     train_files = {_group(data.slices[i].source) for i in train_idx}
     held = set(val_idx)
     fit_idx = sorted(set(train_idx) | {i for i, s in enumerate(data.slices) if s.labels is not None and i not in held

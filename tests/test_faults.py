@@ -22,7 +22,7 @@ import pytest
 
 from casam_core.cache import DiskEmbeddingCache
 from casam_core.io import read_image
-from casam_core.library import ALIGNMENT, CARD, ROUTER, TaskLibrary, read_pack
+from casam_core.library import ALIGNMENT, CARD, FINDER, ROUTER, TaskLibrary, read_pack
 
 from conftest import SAMPLES
 from fault_cases import small_annotated_set
@@ -72,14 +72,16 @@ def _check_library(root: Path, fingerprint: str, allowed) -> list:
     library = TaskLibrary(root)
     names = library.names()
     assert set(names) <= set(allowed), names
+    members = {}
     for name in names:
         task = library.load(name, fingerprint)
         assert task.name == name
+        members[name] = sorted([ALIGNMENT, CARD, ROUTER] + ([FINDER] if task.finder is not None else []))
     if root.is_dir():
         visible = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         assert visible == names, f"a folder that is not a whole task: {visible} vs {names}"
         for name in names:
-            assert sorted(p.name for p in (root / name).iterdir()) == sorted([ALIGNMENT, CARD, ROUTER])
+            assert sorted(p.name for p in (root / name).iterdir()) == members[name]
     return names
 
 
