@@ -39,6 +39,15 @@ def test_a_structure_is_linked_through_the_slices_of_a_volume():
     assert found[0].boxes[4].tolist() == [13, 10, 22, 19]
 
 
+def test_a_slice_the_finder_missed_inside_a_structure_is_bridged():
+    heat = np.zeros((12, 1, 30, 30), np.float32)
+    for k in (1, 2, 4, 5, 9, 10):  # a dip at slice 3 (one slice) and at 6-8 (three slices: two parts)
+        heat[k, 0, 10:20, 10:20 + k] = 0.9
+    found = find_objects(heat, [1], threshold=0.5)
+    assert len(found) == 1 and sorted(found[0].boxes) == [1, 2, 3, 4, 5, 9, 10]
+    assert found[0].boxes[3].tolist() == [10, 10, 22, 19]  # halfway between slices 2 and 4
+
+
 def test_the_finder_learns_where_a_structure_is():
     gen = torch.Generator().manual_seed(0)
     z, targets = [], []

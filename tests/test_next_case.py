@@ -79,7 +79,7 @@ def test_the_learned_task_segments_a_new_patient_with_no_prompt(hippo):
     for o in result.objects:
         assert o["slices"] == list(range(o["slices"][0], o["slices"][-1] + 1))
     assert any(m.startswith("segmenting") for m in seen)
-    assert dice(result.labels > 0, gt > 0) > 0.25  # measured 0.32 (one training volume, 30 layer and finder steps)
+    assert dice(result.labels > 0, gt > 0) > 0.25  # one training volume, 30 layer steps, 75 finder steps
 
 
 def test_no_zero_click_result_without_a_task_that_recognises_the_image(hippo):
