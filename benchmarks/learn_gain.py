@@ -2,7 +2,10 @@
 one click per object, and what learning costs on this machine.
 
     python benchmarks/learn_gain.py [--sets all|a,b,...] [--cap 40] [--max-test-volumes N]
-                                    [--device cpu] [--results benchmarks/results/learn_gain]
+                                    [--backbone litemedsam|mobilesam] [--device cpu]
+
+Results: ``benchmarks/results/learn_gain/`` and ``learn_gain_cpu.md`` for LiteMedSAM (the
+default), ``learn_gain_<backbone>/`` and ``learn_gain_<backbone>_cpu.md`` for another backbone.
 
 For each set in ../shared/data:
 - learn a task with the product's default recipe (``casam learn``'s ``fast`` profile) from
@@ -120,8 +123,9 @@ def run_set(name: str, backbone, args) -> dict:
 
 def table(results: dict, args) -> str:
     rows = [results[n] for n in ALL if n in results]
-    lines = ["# Learning pays? Frozen vs learned on each test split (LiteMedSAM, CPU)", "",
-             f"Machine: {rows[0]['machine'] if rows else machine()}. Run: `python benchmarks/learn_gain.py` "
+    lines = [f"# Learning pays? Frozen vs learned on each test split ({args.backbone}, CPU)", "",
+             f"Machine: {rows[0]['machine'] if rows else machine()}. Run: `python benchmarks/learn_gain.py"
+             f"{'' if args.backbone == 'litemedsam' else ' --backbone ' + args.backbone}` "
              f"(latest set {max((r['date'] for r in rows), default='-')}). Recipe: `casam learn`'s default "
              f"(`fast` profile) from at most {args.cap} annotated training images or slices (3D: 4 volumes), "
              "cold embedding cache. Learned = the task forced, as the product decodes it (a task whose layer "
@@ -137,7 +141,7 @@ def table(results: dict, args) -> str:
         lines.append(
             f"| {r['set']} | {r['test']['images']}{part} | {fb:.3f} | {lb:.3f} | {100 * (lb - fb):+.1f} | {fp:.3f} | "
             f"{lp:.3f} | {lp / lb if lb else float('nan'):.2f} | {'yes' if r['use_alignment'] else 'no (lost on held-out)'} | "
-            f"{CLICKS.get(r['point_prompts'], 'box search')} | {t['total']:.0f} ({t['embedding']:.0f} + "
+            f"{CLICKS.get(r['point_prompts'], 'box search' if args.backbone == 'litemedsam' else 'as points')} | {t['total']:.0f} ({t['embedding']:.0f} + "
             f"{t['training']:.0f} + {t['validation_and_router']:.0f}) | {r['steps_per_s']:.2f} |")
     room = [r for r in rows if r["set"] in WITH_ROOM]
     gains = {r["set"]: 100 * (r["scores"]["learned_box"]["dice"] - r["scores"]["frozen_box"]["dice"]) for r in rows}
@@ -163,16 +167,20 @@ def main() -> None:
     ap.add_argument("--max-test-volumes", type=int, default=None,
                     help="3D sets: evaluate this many evenly spaced test volumes (default all)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backbone", default="litemedsam", choices=("litemedsam", "mobilesam"))
     ap.add_argument("--cache", default=str(REPO / "runs" / ".embeddings"))
-    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "learn_gain"))
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "learn_gain_cpu.md"))
+    ap.add_argument("--results", default=None, help="default benchmarks/results/learn_gain[_BACKBONE]")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/learn_gain[_BACKBONE]_cpu.md")
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--prewarm", action="store_true", help="only embed the test images into the cache")
     args = ap.parse_args()
+    stem = "learn_gain" + ("" if args.backbone == "litemedsam" else f"_{args.backbone}")
+    args.results = args.results or str(REPO / "benchmarks" / "results" / stem)
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"{stem}_cpu.md")
     names = ALL if args.sets == "all" else args.sets.split(",")
     res_dir = Path(args.results)
     res_dir.mkdir(parents=True, exist_ok=True)
-    backbone = build_backbone("litemedsam", device=args.device)
+    backbone = build_backbone(args.backbone, device=args.device)
     if args.prewarm:
         for name in names:
             prewarm(name, backbone, args)

