@@ -2,6 +2,10 @@
 learned task's zero-click start (issue 31).
 
     python benchmarks/effort.py [--sets all|a,b] [--test-images 20] [--test-volumes 8] [--redo]
+                                [--backbone litemedsam|mobilesam]
+
+(another backbone than LiteMedSAM: ``effort_<backbone>/``, ``effort_<backbone>_cpu.md`` and
+``runs/effort/library_<backbone>``)
 
 For each set in ../shared/data a task is learned with the product's default recipe (``casam
 learn``'s ``fast`` profile; 2D: ``gain_data.training_data``, at most 40 annotated images; 3D: the
@@ -351,11 +355,15 @@ def main() -> None:
     parser.add_argument("--cache", default=str(REPO / "runs" / ".embeddings"))
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--backbone", default="litemedsam", choices=("litemedsam", "mobilesam"))
     args = parser.parse_args()
+    global RESULTS, LIBRARY
+    suffix = "" if args.backbone == "litemedsam" else f"_{args.backbone}"
+    RESULTS, LIBRARY = RESULTS.with_name(RESULTS.name + suffix), LIBRARY.with_name(LIBRARY.name + suffix)
     sets = ALL if args.sets == "all" else args.sets.split(",")
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
-        predictor = CASamPredictor(build_backbone(device="cpu"), disk_cache=args.cache)
+        predictor = CASamPredictor(build_backbone(args.backbone, device="cpu"), disk_cache=args.cache)
         for name in sets:
             out = RESULTS / f"{name}.json"
             if out.exists() and not args.redo:
@@ -368,8 +376,9 @@ def main() -> None:
             out.write_text(json.dumps(result, indent=1, default=float))
             print(f"{name}: done in {result['seconds']:.0f} s", flush=True)
     results = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("*.json")}
-    (REPO / "benchmarks" / "results" / "effort_cpu.md").write_text(table(results))
-    print(table(results))
+    text = table(results).replace("(issue 31)", f"(issue 31; {args.backbone})", 1)
+    (REPO / "benchmarks" / "results" / f"effort{suffix}_cpu.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
