@@ -538,6 +538,7 @@ def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Obje
     if check_every:
         check(0)
     t0 = time.perf_counter()
+    planned, paced = total, (t0, 0)  # paced: (time, step) of the last fit to the budget
     order: List[int] = []
     step = 0
     while step < total:
@@ -568,11 +569,15 @@ def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Obje
         step += 1
         result.steps = step
         result.last_loss = float(loss.detach()) if not dist.active else dist.sum([float(loss.detach())])[0] / dist.world
-        if config.time_budget_s and step == min(3, total):  # fit the schedule to the time budget
-            per_step = dist.max((time.perf_counter() - t0) / step)  # the slowest process sets the pace
-            fits = int(config.time_budget_s / per_step)
-            if fits < total:
-                total, result.stopped_by_time = max(step, fits), True
+        if config.time_budget_s and (step == min(3, planned) or step % 10 == 0 or step == total):
+            # fit the schedule to the time budget after 3 steps, and again every 10 steps and before
+            # stopping, at the pace of the steps since the last fit: a few slow steps (another program
+            # busy for a moment) cut learning to 38 of 200 steps when the budget was fitted only once
+            now = time.perf_counter()
+            pace = dist.max((now - paced[0]) / (step - paced[1]))  # the slowest process sets the pace
+            left = config.time_budget_s - dist.max(now - t0)
+            total = max(step, min(planned, step + int(left / pace)))
+            result.stopped_by_time, paced = total < planned, (now, step)
         epoch = 1 + (step - 1) // steps_per_epoch
         report(progress, step, total, f"training: step {step}/{total} (epoch {epoch}) loss {result.last_loss:.4f}")
         if check_every and (step % check_every == 0 or step == total):

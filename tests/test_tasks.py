@@ -304,6 +304,39 @@ def test_the_time_budget_shortens_training_and_the_schedule_warms_up_then_decays
     assert t["kept_step"] is None and task.card["validation"]["history"] == []  # no checks: the last layer
 
 
+def test_a_slow_start_does_not_cut_learning_short(backbone, monkeypatch):
+    """The time budget is fitted again every 10 steps and before stopping, at the pace since the
+    last fit: three slow first steps (another program busy for a moment) no longer fix the budget
+    at 6 steps of 200 when the rest runs 100x faster; a pace that stays slow still stops it."""
+    import types
+
+    from casam_core import CASamPredictor
+    from casam_core import training
+    from casam_core.alignment import AlignmentLayer
+
+    predictor = CASamPredictor(backbone)
+    image, labels = dataset_case("kvasir_polyp", "train", 0)
+    record = predictor.embed_rgb(image)
+    z_all = [predictor.embedding(record).float().clone()]
+    per_image = {0: training._objects_for(labels, "class", record, backbone.img_size, 256, 0)}
+    clock = {"now": 0.0, "steps": 0}
+    real_loss = training.batch_loss
+
+    def timed_loss(*args, **kwargs):  # each step advances the clock: 10 s for the first 3, then `fast`
+        clock["steps"] += 1
+        clock["now"] += 10.0 if clock["steps"] <= 3 else clock["fast"]
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "batch_loss", timed_loss)
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    config = training.learn_config("fast", steps=200, val_every=0, time_budget_s=60.0, batch_images=1)
+    for fast, steps, stopped in ((0.1, 200, False), (10.0, 6, True)):
+        clock.update(now=0.0, steps=0, fast=fast)
+        result = training.fit(backbone, z_all, per_image, config, np.random.default_rng(0),
+                              layer=AlignmentLayer(n_blocks=1, form="residual").train())
+        assert (result.steps, result.stopped_by_time) == (steps, stopped)
+
+
 def test_a_bfloat16_learning_step_moves_the_layer_as_a_float32_step_does(backbone):
     """Where the decoder runs in bfloat16 (a CPU that computes it natively), learning runs its
     forward pass in bfloat16 autocast too (measured 0.6x of a float32 step). Five steps on real
