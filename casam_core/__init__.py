@@ -30,6 +30,10 @@ _LAZY = {
     "CASamError": "errors", "BackboneError": "errors",
     "CASamPredictor": "predictor", "TaskChoice": "tasks",
     "build_predictor": "build",
+    # the front door for learning and files: what a user's script needs, without knowing the modules
+    "read_image": "io", "read_labels": "io", "write_mask": "io",
+    "load_task_data": "training", "learn_config": "training", "learn_task": "training",
+    "TaskLibrary": "library",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("casam_core", "napari_casam", "training")
 
 # casam_core's layers, lowest first: a module imports only from its own layer or below
-# (README, "Architecture"). The package __init__ is a lazy facade and sits above all.
+# (docs/architecture.md). The package __init__ is a lazy facade and sits above all.
 CORE_LAYERS = (
     ("errors", "config", "progress", "metrics", "samples", "distributed", "_ov_check"),
     ("io", "dicom_seg", "cache", "overlay", "prompts", "alignment", "router", "finder", "runtimes", "backbones"),
