@@ -12,6 +12,10 @@ For each set in ../shared/data:
   ``gain_data.training_data``: the train split, capped at 40 annotated images or slices
   (3D sets: slices from 4 volumes), on a COLD embedding cache (a fresh predictor, no disk
   cache), timing embedding, training and router;
+- zero-click: the learned task's finder and decoder with no prompt (``segment_auto``, the task
+  forced; a volume segmented whole), scored on the same test images (3D: the slices with
+  foreground) per object: each label value of a class set, the union of the objects of an
+  instance set;
 - evaluate the frozen model and the learned task (the task forced, as the product uses it:
   a task whose layer lost to frozen on its held-out images decodes with frozen features) on
   the test split with ``casam eval``'s two prompt modes: the GT box of each object, and ONE
@@ -40,7 +44,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from casam_core import CASamPredictor, build_backbone  # noqa: E402
 from casam_core.evaluate import evaluate_dataset  # noqa: E402
-from casam_core.io import read_dataset  # noqa: E402
+from casam_core.io import read_dataset, read_image, read_labels, take_slice  # noqa: E402
+from casam_core.metrics import dice  # noqa: E402
 from casam_core.training import learn_config, learn_task  # noqa: E402
 from gain_data import DATA, training_data  # noqa: E402
 from latency import machine  # noqa: E402
@@ -84,6 +89,31 @@ def prewarm(name: str, backbone, args) -> None:
     print(f"{name}: test images embedded ({ev.encoder_calls} new)", flush=True)
 
 
+def zero_click(ev: CASamPredictor, ds, task: str) -> dict:
+    """Mean Dice of the task's zero-click result over the test images (3D: slices with foreground)."""
+    per_image, seconds = [], 0.0
+    for case in ds.cases("test"):
+        image = read_image(case.image)
+        labels = read_labels(case.mask, like=image).array
+        t = time.perf_counter()
+        if image.is_volume:
+            ev.set_volume(image.array, axis=0)
+        else:
+            ev.set_image(image.array)
+        auto = ev.segment_auto(task).labels
+        seconds += time.perf_counter() - t
+        pairs = ([(take_slice(auto, k, 0), take_slice(labels, k, 0)) for k in range(labels.shape[0])]
+                 if image.is_volume else [(auto, labels)])
+        for a, g in pairs:
+            if not g.any():
+                continue
+            if ds.objects == "instance":
+                per_image.append(dice(a > 0, g > 0))
+            else:
+                per_image.append(float(np.mean([dice(a == v, g == v) for v in np.unique(g) if v])))
+    return {"dice": float(np.mean(per_image)), "n_images": len(per_image), "seconds": round(seconds, 1)}
+
+
 def run_set(name: str, backbone, args) -> dict:
     data = training_data(name, cap=args.cap)
     cold = CASamPredictor(backbone)  # no disk cache: every training image through the encoder
@@ -95,8 +125,9 @@ def run_set(name: str, backbone, args) -> dict:
     ds = test_split(name, args.max_test_volumes)
     test = ds.cases("test")
     ev = CASamPredictor(backbone, disk_cache=args.cache)
-    ev.add_task(name, task.layer if task.use_alignment else None, task.vae, task.tau, card)
-    scores = {}
+    ev.add_task(name, task.layer if task.use_alignment else None, task.vae, task.tau, card, task.finder)
+    scores = {"zero_click": zero_click(ev, ds, name)}
+    print(f"  {name}: zero-click Dice {scores['zero_click']['dice']:.4f}", flush=True)
     for prompt in ("box", "point"):
         for mode, which in (("frozen", "none"), ("learned", name)):
             t = time.perf_counter()
@@ -121,6 +152,13 @@ def run_set(name: str, backbone, args) -> dict:
     }
 
 
+def _zero(scores: dict, box: float) -> str:
+    if "zero_click" not in scores:  # sets run before the finder existed
+        return "- | -"
+    z = scores["zero_click"]["dice"]
+    return f"{z:.3f} | {z / box if box else float('nan'):.2f}"
+
+
 def table(results: dict, args) -> str:
     rows = [results[n] for n in ALL if n in results]
     lines = [f"# Learning pays? Frozen vs learned on each test split ({args.backbone}, CPU)", "",
@@ -131,8 +169,9 @@ def table(results: dict, args) -> str:
              "cold embedding cache. Learned = the task forced, as the product decodes it (a task whose layer "
              "lost to frozen on its held-out images uses frozen features).", "",
              "| set | test images | frozen box | learned box | gain | frozen click | learned click | click / box "
-             "(learned) | layer used | clicks decoded | learn s (embed + train + val/router) | steps/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+             "(learned) | zero-click | zero-click / box | layer used | clicks decoded | learn s (embed + train + "
+             "val/router/finder) | steps/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for r in rows:
         sc = r["scores"]
         fb, lb, fp, lp = (sc[k]["dice"] for k in ("frozen_box", "learned_box", "frozen_point", "learned_point"))
@@ -140,7 +179,7 @@ def table(results: dict, args) -> str:
         part = "" if r["test"]["cases"] == r["test"]["of"] else f" ({r['test']['cases']} of {r['test']['of']} volumes)"
         lines.append(
             f"| {r['set']} | {r['test']['images']}{part} | {fb:.3f} | {lb:.3f} | {100 * (lb - fb):+.1f} | {fp:.3f} | "
-            f"{lp:.3f} | {lp / lb if lb else float('nan'):.2f} | {'yes' if r['use_alignment'] else 'no (lost on held-out)'} | "
+            f"{lp:.3f} | {lp / lb if lb else float('nan'):.2f} | {_zero(sc, lb)} | {'yes' if r['use_alignment'] else 'no (lost on held-out)'} | "
             f"{CLICKS.get(r['point_prompts'], 'box search' if args.backbone == 'litemedsam' else 'as points')} | {t['total']:.0f} ({t['embedding']:.0f} + "
             f"{t['training']:.0f} + {t['validation_and_router']:.0f}) | {r['steps_per_s']:.2f} |")
     room = [r for r in rows if r["set"] in WITH_ROOM]
@@ -157,6 +196,10 @@ def table(results: dict, args) -> str:
     ok = [r["set"] for r in rows if r["scores"]["learned_point"]["dice"] >= 0.9 * r["scores"]["learned_box"]["dice"]]
     lines.append(f"- one click at least 0.9 x box Dice (learned): {len(ok)} of {len(rows)} sets "
                  f"({', '.join(ok) or 'none'}); target 8 of 10")
+    zc = [r for r in rows if "zero_click" in r["scores"]]
+    ok = [r["set"] for r in zc if r["scores"]["zero_click"]["dice"] >= 0.9 * r["scores"]["learned_box"]["dice"]]
+    lines.append(f"- zero-click at least 0.9 x box Dice (learned): {len(ok)} of {len(zc)} sets measured "
+                 f"({', '.join(ok) or 'none'}); target 6 of 10")
     return "\n".join(lines) + "\n"
 
 
