@@ -88,6 +88,7 @@ class CASamWidget(SegmentingMixin, AutoMixin, QWidget):
         self._toast.setSingleShot(True)
         self._toast.timeout.connect(lambda: self.notify(self._toast_text))
         self._toast_text = ""
+        self._said = 0  # notes and errors written so far: a finishing embedding does not hide a newer one
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.dims.events.current_step.connect(self.on_slice_change)
@@ -138,18 +139,21 @@ class CASamWidget(SegmentingMixin, AutoMixin, QWidget):
     def notify(self, text: str) -> None:
         from napari.utils.notifications import show_info
 
+        self._said += 1
         self.status_label.setText(text)
         show_info(text)
 
     def error(self, text: str) -> None:
         from napari.utils.notifications import show_error
 
+        self._said += 1
         self.status_label.setText(text)
         show_error(text)
 
     def notify_soon(self, text: str) -> None:
         """The status line now, the toast a moment later: not in the same UI turn as the progress bar
         closing, the task list refreshing and the task reload (together they stalled the viewer ~0.12 s here)."""
+        self._said += 1
         self.status_label.setText(text)
         self._toast_text = text
         self._toast.start(1000)  # a child of the widget: it dies with it
@@ -294,6 +298,7 @@ class CASamWidget(SegmentingMixin, AutoMixin, QWidget):
 
         finished_status = (task_status(self.viewer, f"embedding {name}", self.workers.shutdown) if is_volume
                            else (lambda: None))
+        said = self._said
 
         def finish():
             bar.close()
@@ -301,7 +306,8 @@ class CASamWidget(SegmentingMixin, AutoMixin, QWidget):
             if self._embed_worker is worker:
                 self._embed_worker = None
             if session.is_current(generation) and not failed:
-                self.status(f"embedded all {len(order)} slices" if is_volume else "image embedded")
+                if self._said == said:  # else a result or an error said meanwhile stays on the status line
+                    self.status(f"embedded all {len(order)} slices" if is_volume else "image embedded")
                 self.update_route()
 
         def on_error(exc):  # finish() runs after it and closes the bar

@@ -133,6 +133,21 @@ def test_a_2d_image_embeds_while_a_volume_stays_open(widget, qtbot):
     assert dice(viewer.layers[PREVIEW].data > 0, gt2 > 0) > 0.8
 
 
+def test_a_volume_finishing_its_embedding_does_not_hide_a_newer_result(widget, qtbot):
+    """Found by a person's probe: "Segment with task" ran while the slices still embedded, and
+    "embedded all 35 slices" then replaced "task ... found 2 structures" on the status line."""
+    viewer, w = widget
+    vol, _ = _hippocampus()
+    viewer.add_image(vol, name="hippo")
+    _embed(viewer, w, qtbot, "hippo", all_slices=False)
+    assert w.is_embedding
+    w.notify("CA-SAM: a result the user must read")
+    qtbot.waitUntil(lambda: not w.is_embedding, timeout=240000)
+    assert w.status_label.text() == "CA-SAM: a result the user must read"
+    w.embed()  # nothing said meanwhile: the embedding's own line
+    qtbot.waitUntil(lambda: not w.is_embedding and w.status_label.text().startswith("embedded all"), timeout=240000)
+
+
 def test_prompts_use_the_displayed_slice_when_layers_have_other_origins(widget, qtbot):
     """Item 6: with a Labels layer of another origin the widget segmented the slider position, not the slice shown."""
     from napari_casam._widget import PREVIEW
