@@ -1,7 +1,7 @@
-"""Corrective clicks: does each click make the mask better? A simulated user, frozen LiteMedSAM, CPU.
+"""Corrective clicks: does each click make the mask better? A simulated user, a frozen backbone, CPU.
 
-    python benchmarks/corrective_clicks.py [--clicks 5] [--choose] [--cache DIR]
-                                           [--out benchmarks/results/corrective_clicks_cpu.md]
+    python benchmarks/corrective_clicks.py [--clicks 5] [--choose] [--cache DIR] [--backbone mobilesam]
+                                           [--out benchmarks/results/corrective_clicks[_BACKBONE]_cpu.md]
 
 Each case starts with ONE positive click at the object's pixel nearest its centroid. Every
 next click goes to the centre (the point farthest from its border) of the largest error
@@ -16,6 +16,9 @@ leaks. Two ways to send the clicks to ``CASamPredictor.predict`` are compared:
   first (``LOCAL_EDIT_BONUS``), then the highest predicted IoU and closeness to the earlier
   mask, and keeps the earlier mask when no candidate honours more clicks than it did;
 - ``clicks only``: the same clicks, no earlier logits (the box search around the clicks).
+
+On a point-trained backbone (``--backbone mobilesam``) the clicks go to its prompt encoder as
+points, as segment-anything's predictor sends them (with the earlier logits in the first mode).
 
 Target (issue 16): averaged over the cases, Dice must not drop from one click to the next.
 Cases: the committed 2D sample (HC18 006), the middle slices of the two 3D samples
@@ -170,9 +173,15 @@ def main(argv=None) -> None:
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--choose", action="store_true", help="also run the rules tried on the training cases")
     ap.add_argument("--cache", default=str(REPO / "runs" / ".embeddings"))
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "corrective_clicks_cpu.md"))
+    ap.add_argument("--backbone", default="litemedsam", choices=("litemedsam", "mobilesam"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/corrective_clicks[_BACKBONE]_cpu.md")
     args = ap.parse_args(argv)
-    predictor = CASamPredictor(build_backbone("litemedsam", device="cpu"), disk_cache=args.cache)
+    if args.choose and args.backbone != "litemedsam":
+        ap.error("--choose tunes the box-only click policy: LiteMedSAM only")
+    stem = "corrective_clicks" + ("" if args.backbone == "litemedsam" else f"_{args.backbone}")
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"{stem}_cpu.md")
+    backbone = build_backbone(args.backbone, device="cpu")
+    predictor = CASamPredictor(backbone, disk_cache=args.cache)
     chosen = choose(predictor, args.clicks) if args.choose else []
     table = {m: [] for m in MODES}
     names = []
@@ -183,8 +192,10 @@ def main(argv=None) -> None:
             table[mode].append(run_case(predictor, gt, mode, args.clicks))
             print(name, mode, " ".join(f"{v:.3f}" for v in table[mode][-1]), flush=True)
     head = " | ".join(f"{i} click{'s' if i > 1 else ''}" for i in range(1, args.clicks + 1))
-    lines = ["# Corrective clicks (frozen LiteMedSAM, CPU): Dice after each click", "",
-             "`python benchmarks/corrective_clicks.py --choose`: first click at the object's centre, each next one at "
+    title = {"litemedsam": "LiteMedSAM", "mobilesam": "MobileSAM"}[args.backbone]
+    run = "--choose" if args.choose else f"--backbone {args.backbone}"
+    lines = [f"# Corrective clicks (frozen {title}, CPU): Dice after each click", "",
+             f"`python benchmarks/corrective_clicks.py {run}`: first click at the object's centre, each next one at "
              "the centre of the largest error region. Target: the mean must not drop from one click to the next.", "",
              f"| case | mode | {head} |", "|---|---|" + "---:|" * args.clicks]
     for mode in MODES:
