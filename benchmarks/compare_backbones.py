@@ -14,11 +14,8 @@ run scored.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import REPO  # noqa: E402
 
 from learn_gain import ALL  # noqa: E402
 

@@ -33,21 +33,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from _common import DATA, REPO  # noqa: E402
 
 from casam_core import CASamPredictor, build_backbone  # noqa: E402
 from casam_core.io import read_image, read_labels  # noqa: E402
 from casam_core.metrics import dice  # noqa: E402
 from casam_core.prompts import click_from_mask  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data"
 MODES = ("clicks + earlier logits", "clicks only")
 
 
@@ -142,7 +139,7 @@ RULES = (("no local edits", (), 0.0, 1.0), ("local edits 0.06-0.1, equal", (0.06
 
 def choose(predictor, clicks: int) -> list:
     """Mean Dice per click on the training cases under each rule in RULES -> table lines."""
-    import casam_core.predictor as P
+    import casam_core.clicks as P
 
     shipped = (P.LOCAL_EDIT_FRACTIONS, P.LOCAL_EDIT_BONUS, P.CLOSENESS_WEIGHT)
     cases = list(train_cases(predictor))

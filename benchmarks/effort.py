@@ -35,27 +35,24 @@ the corrected slices and the zero-click slices.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import DATA, REPO, machine  # noqa: E402
 
 from casam_core import CASamPredictor, build_backbone  # noqa: E402
-from casam_core.io import read_dataset, read_image, read_labels  # noqa: E402
+from casam_core.io import read_image, read_labels  # noqa: E402
+from casam_core.datasets import read_dataset  # noqa: E402
 from casam_core.library import TaskLibrary  # noqa: E402
 from casam_core.metrics import dice, iou  # noqa: E402
 from casam_core.prompts import box_from_mask, object_masks, propagate_masks  # noqa: E402
-from casam_core.training import TaskData, learn_config, learn_task, volume_slices  # noqa: E402
-from gain_data import DATA, training_data  # noqa: E402
-from latency import machine  # noqa: E402
+from casam_core.training import learn_config, learn_task  # noqa: E402
+from casam_core.task_data import TaskData, volume_slices  # noqa: E402
+from gain_data import training_data  # noqa: E402
 
 ALL = ["kvasir_polyp", "cxr_lungs", "hc18_fetal_head", "skin_lesion", "covid19_ct_infection", "monuseg_nuclei",
        "hippocampus_mri", "brats_glioma", "drive_vessels", "em_membranes"]
@@ -302,7 +299,7 @@ def _mean(values):
 
 
 def table(results: dict) -> str:
-    lines = [f"# Work per case: frozen vs learned vs zero-click start (issue 31)", "",
+    lines = ["# Work per case: frozen vs learned vs zero-click start (issue 31)", "",
              f"Machine: {machine()}. Run: `python benchmarks/effort.py` (latest {date.today()}). Tasks learned "
              "with the product's default recipe (`fast`). The protocol is in the script's docstring.", "",
              "## 2D: clicks per object (NoC, at most 20), test split", "",

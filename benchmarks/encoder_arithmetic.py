@@ -27,24 +27,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import DATA, REPO, machine  # noqa: E402
 
 from casam_core import CASamPredictor, build_backbone  # noqa: E402
 from casam_core.evaluate import evaluate_dataset  # noqa: E402
-from casam_core.io import read_dataset, read_image  # noqa: E402
+from casam_core.io import read_image  # noqa: E402
+from casam_core.datasets import read_dataset  # noqa: E402
 from casam_core.library import TaskLibrary  # noqa: E402
 from casam_core.training import learn_config, learn_task  # noqa: E402
-from gain_data import DATA, training_data  # noqa: E402
-from latency import machine  # noqa: E402
+from gain_data import training_data  # noqa: E402
 from learn_gain import test_split  # noqa: E402
 from runtime import encoder_ms  # noqa: E402
 

@@ -15,11 +15,10 @@ from typing import List
 
 import numpy as np
 
-from casam_core.io import read_dataset, read_image, read_labels
-from casam_core.training import TaskData, TrainingSlice, image_slice, volume_slices
-
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data"
+from _common import DATA
+from casam_core.io import read_image, read_labels
+from casam_core.datasets import read_dataset
+from casam_core.task_data import image_slice, TaskData, TrainingSlice, volume_slices
 
 
 def _even(items: list, n: int) -> list:

@@ -30,11 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import REPO, machine  # noqa: E402
 
-from latency import machine  # noqa: E402
 
 
 GC_PAUSES = []  # (start, seconds, generation) of every garbage collection over 20 ms, any thread
@@ -152,8 +149,8 @@ def main() -> None:
 
     from casam_core.io import read_image, read_labels
     from casam_core.prompts import box_from_mask
-    from napari_casam._sample_data import sample_2d
-    from napari_casam._widget import BOXES, LABELS, PREVIEW, CASamWidget
+    from napari_casam import sample_2d
+    from napari_casam import BOXES, LABELS, PREVIEW, CASamWidget
 
     tmp = Path(tempfile.mkdtemp(prefix="casam-gui-bench-"))
     viewer = napari.Viewer(title="CA-SAM benchmark")

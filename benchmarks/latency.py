@@ -13,8 +13,6 @@ Target: click <= 1.1 x bare decoder.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -23,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
+from _common import REPO, machine  # noqa: E402
 from casam_core import AlignmentLayer, CASamPredictor, build_backbone  # noqa: E402
 from casam_core.io import read_image, read_labels  # noqa: E402
 from casam_core.prompts import box_from_mask  # noqa: E402
@@ -45,25 +42,6 @@ def timed(fn, n: int, warmup: int = 3):
 def summary(ms):
     ms = sorted(ms)
     return statistics.median(ms), ms[int(0.95 * (len(ms) - 1))]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        from casam_core.runtimes import _native_bf16
-
-        bf16 = "native bfloat16" if _native_bf16() else "no native bfloat16"
-    except ImportError:  # no OpenVINO
-        bf16 = "bfloat16 not checked"
-    return (f"{cpu}, {os.cpu_count()} cores ({bf16}), torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
 def main(argv=None) -> int:

@@ -20,25 +20,22 @@ cold cache included.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import DATA, REPO, machine  # noqa: E402
 
 from casam_core import CASamPredictor, build_backbone  # noqa: E402
 from casam_core.io import read_image, read_labels  # noqa: E402
 from casam_core.router import Router, TaskVAE, router_feature  # noqa: E402
-from casam_core.training import TaskData, learn_config, learn_task, volume_slices  # noqa: E402
-from latency import machine, summary, timed  # noqa: E402
+from casam_core.training import learn_config, learn_task  # noqa: E402
+from casam_core.task_data import TaskData, volume_slices  # noqa: E402
+from latency import summary, timed  # noqa: E402
 from learn_recipe import parse_configs  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data"
 
 
 def volume_data(case: str, n_slices: int) -> TaskData:

@@ -24,14 +24,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import REPO, machine  # noqa: E402
 
 from casam_core import CASamPredictor, build_backbone  # noqa: E402
 from casam_core.training import learn_config, learn_task  # noqa: E402
 from gain_data import training_data  # noqa: E402
-from latency import machine  # noqa: E402
 
 SETS = "hippocampus_mri,covid19_ct_infection,em_membranes,hc18_fetal_head"
 

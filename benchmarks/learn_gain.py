@@ -31,24 +31,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import DATA, REPO, machine  # noqa: E402
 
 from casam_core import CASamPredictor, build_backbone  # noqa: E402
 from casam_core.evaluate import evaluate_dataset  # noqa: E402
-from casam_core.io import read_dataset, read_image, read_labels, take_slice  # noqa: E402
+from casam_core.io import read_image, read_labels  # noqa: E402
+from casam_core.datasets import read_dataset  # noqa: E402
+from casam_core.images import take_slice  # noqa: E402
 from casam_core.metrics import dice  # noqa: E402
 from casam_core.training import learn_config, learn_task  # noqa: E402
-from gain_data import DATA, training_data  # noqa: E402
-from latency import machine  # noqa: E402
+from gain_data import training_data  # noqa: E402
 
 ALL = ["kvasir_polyp", "cxr_lungs", "hc18_fetal_head", "skin_lesion", "covid19_ct_infection", "monuseg_nuclei",
        "hippocampus_mri", "brats_glioma", "drive_vessels", "em_membranes"]
@@ -75,7 +73,8 @@ def test_split(name: str, max_volumes):
 def prewarm(name: str, backbone, args) -> None:
     """Embed the test images (3D: the slices with foreground) into the disk cache, as the
     evaluation will, so that a later run only decodes."""
-    from casam_core.io import read_image, read_labels, take_slice
+    from casam_core.io import read_image, read_labels
+    from casam_core.images import take_slice
 
     ev = CASamPredictor(backbone, disk_cache=args.cache)
     for case in test_split(name, args.max_test_volumes).cases("test"):

@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import REPO, machine  # noqa: E402
 
 from casam_core import CASamPredictor, build_backbone  # noqa: E402
 from casam_core.training import LearnConfig, learn_task  # noqa: E402
 from gain_data import training_data  # noqa: E402
-from latency import machine  # noqa: E402
 
 DEFAULT_CONFIGS = ",".join([
     "residual-1e-3:form=residual;lr=1e-3",

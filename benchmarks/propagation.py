@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from _common import DATA, REPO  # noqa: E402
 
 from casam_core import CASamPredictor, build_backbone  # noqa: E402
 from casam_core.io import read_image, read_labels  # noqa: E402
@@ -37,10 +35,8 @@ from casam_core.metrics import dice  # noqa: E402
 from casam_core.prompts import DEFAULT_MAX_GROWTH, box_from_mask, propagate_box  # noqa: E402
 from casam_core.training import learn_config, learn_task  # noqa: E402
 
-sys.path.insert(0, str(REPO / "benchmarks"))
 from gain_data import training_data  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data"
 
 
 GROWTH = (1.5, 2.0, 3.0, float("inf"))

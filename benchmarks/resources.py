@@ -22,11 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import DATA, REPO, machine  # noqa: E402
 
-DATA = Path(os.environ.get("CASAM_DATA", REPO.parent / "shared" / "data"))
 BRATS = REPO / "samples" / "brats_glioma"
 MARK = "RESOURCES-JSON "
 
@@ -46,7 +43,8 @@ def _child_clicks(n: int) -> None:
     import numpy as np
 
     from casam_core import CASamPredictor, build_backbone
-    from casam_core.io import read_dataset, read_image, read_labels
+    from casam_core.io import read_image, read_labels
+    from casam_core.datasets import read_dataset
     from casam_core.prompts import box_from_mask
 
     ds = read_dataset(DATA / "kvasir_polyp")
@@ -96,7 +94,6 @@ def main(argv=None) -> int:
 
     from casam_core.io import read_image, read_labels
     from casam_core.prompts import box_from_mask
-    from latency import machine
 
     vol_path = BRATS / "brats_2013_pat0005_1.nii.gz"
     vol = read_image(vol_path)

@@ -22,20 +22,14 @@ The rule's constants were chosen on the validation volumes and training images o
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import DATA, REPO, machine  # noqa: E402
 
-from latency import machine  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data"
 OUT = REPO / "runs" / "route_patients"
 VOLUME_SETS = {"hippocampus_mri": (8, 26), "brats_glioma": (5, 1)}  # (training volumes, test volumes) embedded
 FLAT_SETS = ["kvasir_polyp", "cxr_lungs", "hc18_fetal_head", "skin_lesion", "covid19_ct_infection",
@@ -51,7 +45,7 @@ def _even(items: list, n: int) -> list:
 
 def cases(name: str):
     """(split, case) pairs whose features are kept, in the order they are embedded."""
-    from casam_core.io import read_dataset
+    from casam_core.datasets import read_dataset
 
     ds = read_dataset(DATA / name)
     if name in VOLUME_SETS:

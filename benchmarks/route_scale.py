@@ -21,11 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import REPO, machine  # noqa: E402
 IMAGE = REPO / "samples" / "hc18_fetal_head" / "006_HC.png"
 
-from latency import machine  # noqa: E402
 
 
 def make_library(root: Path, n: int, fingerprint: str) -> None:

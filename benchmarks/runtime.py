@@ -50,21 +50,19 @@ from typing import Optional
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import DATA, REPO, machine  # noqa: E402
 
 from casam_core import CASamPredictor, build_backbone  # noqa: E402
 from casam_core.evaluate import evaluate_dataset  # noqa: E402
-from casam_core.io import read_dataset, read_image, read_labels  # noqa: E402
+from casam_core.io import read_image, read_labels  # noqa: E402
+from casam_core.datasets import read_dataset  # noqa: E402
 from casam_core.metrics import dice  # noqa: E402
 from casam_core.prompts import box_from_mask, click_from_mask, propagate_box  # noqa: E402
-from casam_core.training import (_objects_for, fit, learn_config, learning_arithmetic,  # noqa: E402
-                                 volume_slices)
-from latency import machine  # noqa: E402
+from casam_core.losses import objects_for  # noqa: E402
+from casam_core.task_data import volume_slices  # noqa: E402
+from casam_core.training import fit, learn_config, learning_arithmetic  # noqa: E402
 from training.continual import encoder_gflops  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data"
 BRATS = REPO / "samples" / "brats_glioma"
 FAITH_SETS = ("kvasir_polyp", "hc18_fetal_head")
 DIFF_IMAGES = 10  # per set, for the largest embedding difference
@@ -145,7 +143,7 @@ def learning_step_ms(backbones, rounds: int = 5, steps: int = 3):
         records = [p.embed_rgb(s.rgb) for s in chosen]
         z_all = [p.embedding(r).detach().float().clone() for r in records]
         low = 4 * b.embedding_shape[1]
-        data[name] = (z_all, {i: _objects_for(s.labels, "class", records[i], b.img_size, low, i)
+        data[name] = (z_all, {i: objects_for(s.labels, "class", records[i], b.img_size, low, i)
                               for i, s in enumerate(chosen)})
     recipes = {"fast": {}, "paper": {"batch_images": 6}}
     times = {(name, r): [] for name in backbones for r in recipes}

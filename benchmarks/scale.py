@@ -28,11 +28,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-DATA = Path(os.environ.get("CASAM_DATA", REPO.parent / "shared" / "data"))
+from _common import DATA, REPO, machine  # noqa: E402
 
-from latency import machine  # noqa: E402  (one description of the machine)
 
 
 def _command(nproc, args, threads=None):

@@ -32,7 +32,7 @@ _LAZY = {
     "build_predictor": "build",
     # the front door for learning and files: what a user's script needs, without knowing the modules
     "read_image": "io", "read_labels": "io", "write_mask": "io",
-    "load_task_data": "training", "learn_config": "training", "learn_task": "training",
+    "load_task_data": "task_data", "learn_config": "training", "learn_task": "training",
     "TaskLibrary": "library",
 }
 

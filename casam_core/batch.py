@@ -17,23 +17,19 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .dicom_seg import save_mask
 from .distributed import Dist
-from .errors import CASamError, ImageIOError, PromptError
-from .io import (VOLUME_SUFFIXES, file_stem, image_inputs, is_dicom_folder, path_suffix, read_dataset, read_image,
-                 read_labels, take_slice)
+from .errors import BatchInputError, CASamError, ImageIOError, PromptError
+from .io import image_inputs, is_dicom_folder, read_image, read_labels, VOLUME_SUFFIXES
+from .datasets import read_dataset
+from .files import file_stem, path_suffix
 from .metrics import dice
 from .predictor import CASamPredictor
 from .progress import CancelFn, ProgressFn, check_cancel, report
-from .prompts import box_from_mask, object_masks, propagate_masks
+from .segment import segment_file
 from .tasks import describe_route
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp") + VOLUME_SUFFIXES
 SPLITS = ("train", "test", "all")
-
-
-class BatchInputError(CASamError):
-    """An input list that cannot be worked on (nothing is written)."""
 
 
 @dataclass
@@ -234,102 +230,40 @@ def read_prompt_file(path: Path, is_volume: bool) -> dict:
     return {"slices": parsed, "propagate": propagate}
 
 
-def label_prompts(predictor: CASamPredictor, coords, labels, box, task: Optional[str] = None):
-    """The current image or slice segmented in one decoder call: several boxes -> one label each
-    (1, 2, ... in order, later on top; points go with every box), points alone -> label 1.
-    Returns (label map, the decoder's score of each)."""
-    masks, scores, _ = predictor.predict_batch(point_coords=coords, point_labels=labels, box=box, task=task)
-    result = np.zeros(masks.shape[2:], np.uint8)
-    for i in range(masks.shape[0]):
-        result[masks[i, 0]] = i + 1
-    return result, [float(v) for v in scores[:, 0]]
-
-
-def _prompt_slice(predictor: CASamPredictor, entry: dict, task: Optional[str]) -> np.ndarray:
-    points = entry["points"]
-    coords = np.array([p[:2] for p in points]) if points else None
-    labels = np.array([int(p[2]) for p in points]) if points else None
-    return label_prompts(predictor, coords, labels, np.array(entry["boxes"]) if entry["boxes"] else None, task)[0]
-
-
-def _coarse_slice(predictor: CASamPredictor, coarse: np.ndarray, task: Optional[str]) -> np.ndarray:
-    """The current image or slice re-segmented from a coarse label map: each label's box."""
-    objs = object_masks(coarse, "class")
-    result = np.zeros(coarse.shape, np.uint8 if coarse.max() < 256 else np.uint16)
-    if not objs:
-        return result
-    masks, _, _ = predictor.predict_batch(box=np.stack([box_from_mask(m) for _, m in objs]), task=task)
-    for (value, _), mask in zip(objs, masks[:, 0]):
-        result[mask] = value
-    return result
-
-
 def segment_item(predictor: CASamPredictor, item: Item, out_dir: Path, task: Optional[str],
                  prompts_dir: Optional[Path] = None, coarse_dir: Optional[Path] = None,
                  reference_dir: Optional[Path] = None, axis: int = 0, window=None,
                  cancel: Optional[CancelFn] = None, auto: bool = False) -> dict:
     """Segment one input from its prompt file (``prompts_dir/<stem>.json``), its coarse mask
     (``coarse_dir/<stem>.<mask suffix>``) or (``auto``) with no prompt, by the task's finder
-    (``CASamPredictor.segment_auto``), and write its mask; returns its summary row."""
+    (``segment.segment_file``), and write its mask; returns its summary row."""
     t0 = time.perf_counter()
     stem = file_stem(item.path)
     image = read_image(item.path)
     out = output_path(item, out_dir, image.is_volume)
     spec = coarse = None
     if auto:
-        found = segment_auto_image(predictor, image, task, axis, window, cancel=cancel)
-        choice, result = found.choice, auto_label_map(found.labels)
+        pass
     elif prompts_dir is not None:
         prompt_path = _find_by_stem(prompts_dir, stem, (".json",))
         if prompt_path is None:
             raise PromptError(f"{item.path}: no prompt file {prompts_dir / (stem + '.json')}")
         spec = read_prompt_file(prompt_path, image.is_volume)
-        coarse = None
+        if image.is_volume:
+            n = image.array.shape[axis]
+            bad = [k for k in spec["slices"] if not 0 <= k < n]
+            if bad:
+                raise PromptError(f"{item.path}: slice {bad[0]} is outside 0..{n - 1} along axis {axis}")
     else:
         coarse_path = _find_by_stem(coarse_dir, stem, MASK_SUFFIXES)
         if coarse_path is None:
             raise PromptError(f"{item.path}: no coarse mask named {stem}.* in {coarse_dir}")
         coarse = read_labels(coarse_path, like=image).array
-    if auto:
-        pass
-    elif image.is_volume:
-        predictor.set_volume(image.array, axis=axis, window=window)
-        choice = predictor.choose_task(task)
-        n = image.array.shape[axis]
-        result = np.zeros(image.array.shape, np.uint16 if coarse is not None and coarse.max() > 255 else np.uint8)
-        index = [slice(None)] * 3
-        if spec is not None:
-            bad = [k for k in spec["slices"] if not 0 <= k < n]
-            if bad:
-                raise PromptError(f"{item.path}: slice {bad[0]} is outside 0..{n - 1} along axis {axis}")
-            drawn = {}
-            for k, entry in sorted(spec["slices"].items()):
-                check_cancel(cancel)
-                predictor.set_slice(k)
-                drawn[k] = _prompt_slice(predictor, entry, choice.layer)
-            if spec["propagate"]:
-                result[:] = propagate_masks(predictor, {k: m > 0 for k, m in drawn.items()}, task=choice.layer,
-                                            cancel=cancel)[0] > 0
-            else:
-                for k, m in drawn.items():
-                    index[axis] = k
-                    result[tuple(index)] = m
-        else:
-            for k in range(n):
-                check_cancel(cancel)
-                coarse_k = take_slice(coarse, k, axis)
-                if coarse_k.any():
-                    predictor.set_slice(k)
-                    index[axis] = k
-                    result[tuple(index)] = _coarse_slice(predictor, coarse_k, choice.layer)
-    else:
-        predictor.set_image(image.array, window=window)
-        choice = predictor.choose_task(task)
-        result = (_prompt_slice(predictor, spec["slices"][None], choice.layer) if spec is not None
-                  else _coarse_slice(predictor, coarse, choice.layer))
-    save_mask(result, out, reference=image)  # atomic
+    result, info = segment_file(predictor, image, out, prompts=spec, coarse=coarse, auto=auto, task=task, axis=axis,
+                                window=window, cancel=cancel)
+    choice = info["route"]
     row = {"input": str(item.path), "out": str(out), "status": "done", "route": describe_route(choice),
-           "task": choice.layer or "frozen", "mask_voxels": int((result > 0).sum())}
+           "task": choice.layer or "frozen", "mask_voxels": info["mask_voxels"]}
     reference = item.reference or _find_by_stem(reference_dir, stem, MASK_SUFFIXES)
     if reference is not None:
         row["reference"] = str(reference)
@@ -337,22 +271,6 @@ def segment_item(predictor: CASamPredictor, item: Item, out_dir: Path, task: Opt
     predictor.reset_image()
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
-
-
-def segment_auto_image(predictor: CASamPredictor, image, task: Optional[str], axis: int = 0, window=None,
-                       progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None):
-    """An image or volume as read (``MedicalImage``) made current and segmented with no prompt
-    (``CASamPredictor.segment_auto``): the CLI's ``segment --auto`` and the batch's ``--auto``."""
-    if image.is_volume:
-        predictor.set_volume(image.array, axis=axis, window=window)
-    else:
-        predictor.set_image(image.array, window=window)
-    return predictor.segment_auto(task, progress=progress, cancel=cancel)
-
-
-def auto_label_map(labels: np.ndarray) -> np.ndarray:
-    """A zero-click label map in the smallest unsigned type that holds it."""
-    return labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16)
 
 
 def check_prompt_sources(prompts_dir, coarse_dir, reference_dir=None, auto: bool = False) -> None:

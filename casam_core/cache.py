@@ -21,7 +21,7 @@ import torch
 
 from .config import cache_limit_bytes
 from .errors import ImageIOError
-from .io import atomic_write, sweep_temporaries
+from .files import atomic_write, sweep_temporaries
 
 DISK_FORMAT = "casam-embedding-2"  # 2: a checksum of the data in the metadata
 

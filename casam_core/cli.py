@@ -15,38 +15,34 @@ from pathlib import Path
 from typing import List, Optional
 
 try:  # the libraries load for seconds: Ctrl+C meanwhile is a cancel, said in one line (not a traceback)
-    import numpy as np
-
     from . import __version__
     from .alignment import FORMS
-    from .batch import (SPLITS, auto_label_map, batch_summary, check_prompt_sources, embed_inputs, label_prompts,
-                        list_inputs, merge_embed_reports, segment_auto_image, segment_inputs)
     from .backbones import BACKBONES, DEFAULT_BACKBONE, build_backbone
+    from .batch import (SPLITS, batch_summary, check_prompt_sources, embed_inputs, list_inputs, merge_embed_reports,
+                        segment_inputs)
     from .build import build_predictor
     from .config import cache_dir as default_cache_dir, library_dir
-    from .errors import CASamError
-    from .dicom_seg import save_mask
+    from .datasets import read_dataset
+    from .demo import run_demo
     from .distributed import DIST_FAILURES, Dist, device_for_rank, init_distributed
+    from .errors import CASamError, CLIError, UnknownTask
     from .evaluate import PROMPTS, evaluate_dataset, rank_by_coverage
-    from .io import (WINDOWS, MedicalImage, atomic_write, check_mask_path, image_inputs, is_dicom_folder,
-                     read_dataset, read_image, read_labels)
+    from .files import write_json
+    from .images import WINDOWS
+    from .io import MedicalImage, image_inputs, is_dicom_folder, read_image
     from .library import TaskLibrary, TaskLibraryError
-    from .metrics import dice
-    from .overlay import overlay, save_png, volume_montage
     from .predictor import CASamPredictor
     from .progress import Cancelled, TqdmProgress
-    from .prompts import box_from_mask, parse_box, parse_point, propagate_box
+    from .prompts import parse_box, parse_point
     from .runtimes import RUNTIMES
     from .samples import SAMPLES
-    from .tasks import AUTO, TaskChoice, check_task_name, describe_route, task_mode
-    from .training import PROFILES, LearnConfig, learn_config, learn_task, load_task_data
+    from .segment import segment_file
+    from .task_data import load_task_data
+    from .tasks import AUTO, check_task_name, describe_route, task_mode
+    from .training import PROFILES, LearnConfig, learn_config, learn_task
 except KeyboardInterrupt:
     print("casam: cancelled", file=sys.stderr)
     raise SystemExit(130) from None
-
-
-class CLIError(CASamError):
-    """A user-facing error: printed as one line, exit code 2."""
 
 
 class Terminated(BaseException):
@@ -94,13 +90,8 @@ def _predictor(args, with_tasks: bool = False) -> CASamPredictor:
     return predictor
 
 
-def _route(predictor: CASamPredictor, task: Optional[str], progress=None) -> TaskChoice:
-    """--task for the current image or volume (one route per volume)."""
-    try:
-        return predictor.choose_task(task, progress=progress)
-    except LookupError as exc:  # UnknownTask: say what the library holds
-        raise CLIError(f"unknown task {task!r}; the library has: {', '.join(predictor.layers) or 'no tasks'}") \
-            from exc
+def _unknown_task(task: Optional[str], predictor: CASamPredictor) -> CLIError:
+    return CLIError(f"unknown task {task!r}; the library has: {', '.join(predictor.layers) or 'no tasks'}")
 
 
 def _echo(args, text: str) -> None:
@@ -111,71 +102,40 @@ def _echo(args, text: str) -> None:
 # ---------------------------------------------------------------------------------
 # segment
 # ---------------------------------------------------------------------------------
-def segment_file(predictor: CASamPredictor, input_path: str, out: str, boxes: List[List[float]],
-                 points: List, slice_index: Optional[int] = None, axis: int = 0, window=None,
-                 propagate: bool = True, overlay_path: Optional[str] = None, progress=None,
-                 task: Optional[str] = None, image: Optional[MedicalImage] = None, auto: bool = False) -> dict:
-    """Segment one 2D image or volume with box/point prompts, or (``auto``) with none: the learned
-    task's finder places them (``CASamPredictor.segment_auto``); write the mask (+ overlay).
-
-    ``task``: "auto" (the router decides; one route per image or volume), "none"/None
-    (frozen model) or a task name. The report's ``route`` says what was used. ``image``: the
-    input already read (the CLI reads it before it builds a model, so a bad file costs nothing).
-    """
+def segment_one(predictor: CASamPredictor, input_path: str, out: str, boxes: List[List[float]], points: List,
+                slice_index: Optional[int] = None, axis: int = 0, window=None, propagate: bool = True,
+                overlay_path: Optional[str] = None, progress=None, task: Optional[str] = None,
+                image: Optional[MedicalImage] = None, auto: bool = False) -> dict:
+    """``casam segment``'s prompts checked and said as ``segment.segment_file`` takes them: the
+    boxes and points on one slice (a volume's single box alone is propagated unless
+    ``propagate`` is False), or ``auto``. ``image``: the input already read (the CLI reads it
+    before it builds a model, so a bad file costs nothing). Returns the report."""
     if auto and (boxes or points or slice_index is not None):
         raise CLIError("--auto segments without prompts: leave out --box, --point and --slice")
     if not auto and not boxes and not points:
         raise CLIError("give a prompt: --box x0,y0,x1,y1 and/or --point x,y[,label], or --auto (a learned task "
                        "finds its structures)")
     image = read_image(input_path) if image is None else image
-    check_mask_path(out, volume=image.is_volume, reference=image)
     if not image.is_volume and slice_index is not None:
         raise CLIError(f"{input_path} is a 2D image: --slice is for volumes")
-    coords = np.array([p[0] for p in points]) if points else None
-    labels = np.array([p[1] for p in points]) if points else None
-    box = np.array(boxes) if boxes else None
-    info = {"input": str(input_path), "out": str(out)}
-    t0 = time.perf_counter()
-    if auto:
-        found = segment_auto_image(predictor, image, task, axis, window, progress=progress)
-        choice, result = found.choice, auto_label_map(found.labels)
-        info["objects"] = found.objects
-    elif not image.is_volume:
-        predictor.set_image(image.array, window=window)
-        choice = _route(predictor, task)
-        result, info["scores"] = label_prompts(predictor, coords, labels, box, choice.layer)
-    else:
+    if image.is_volume and not auto:
         n = image.array.shape[axis]
         if slice_index is None:
             raise CLIError(f"{input_path} is a volume: say which slice the prompt is on (--slice 0..{n - 1})")
         if not 0 <= slice_index < n:
             raise CLIError(f"--slice {slice_index} is outside 0..{n - 1} for {input_path} along axis {axis}")
-        predictor.set_volume(image.array, axis=axis, window=window)
-        choice = _route(predictor, task, progress)
-        chosen = choice.layer
-        if propagate and box is not None and len(box) == 1 and coords is None:
-            result, summary = propagate_box(predictor, slice_index, box[0], task=chosen, progress=progress)
-            info["propagation"] = summary
-        else:
-            predictor.set_slice(slice_index)
-            result = np.zeros(image.array.shape, np.uint8)
-            index = [slice(None)] * 3
-            index[axis] = slice_index
-            result[tuple(index)], info["scores"] = label_prompts(predictor, coords, labels, box, chosen)
-        result = result.astype(np.uint8)
-    info["route"] = choice.to_json()
-    info["route_text"] = describe_route(choice)
-    save_mask(result, out, reference=image)
-    if overlay_path:  # built only when asked for: a full-size picture can be large
-        first_box = boxes[0] if boxes else None
-        # a volume's montage reuses the predictor's once-windowed uint8 volume
-        picture = (volume_montage(predictor.volume.volume, result, axis, box_slice=slice_index, box=first_box)
-                   if image.is_volume else overlay(image.array, result, first_box))
-        save_png(picture, overlay_path)
-        info["overlay"] = str(overlay_path)
-    info["mask_voxels"] = int((result > 0).sum())
-    info["seconds"] = round(time.perf_counter() - t0, 3)
-    return info
+    prompts = None if auto else {
+        "slices": {slice_index if image.is_volume else None: {
+            "boxes": [list(b) for b in boxes], "points": [[p[0][0], p[0][1], p[1]] for p in points]}},
+        "propagate": bool(image.is_volume and propagate and len(boxes) == 1 and not points)}
+    try:
+        _, info = segment_file(predictor, image, out, prompts=prompts, auto=auto, task=task, axis=axis, window=window,
+                               overlay_path=overlay_path, progress=progress)
+    except UnknownTask as exc:
+        raise _unknown_task(task, predictor) from exc
+    choice = info.pop("route")
+    return {"input": str(input_path), "out": str(out), **info, "route": choice.to_json(),
+            "route_text": describe_route(choice)}
 
 
 def cmd_segment(args) -> dict:
@@ -184,8 +144,8 @@ def cmd_segment(args) -> dict:
     image = read_image(args.input)  # a bad file is refused before any model is built
     predictor = _predictor(args, with_tasks=task_mode(args.task) != "frozen")
     progress = None if args.json else TqdmProgress()
-    info = segment_file(predictor, args.input, args.out, boxes, points, args.slice, args.axis, args.window,
-                        not args.no_propagate, args.overlay, progress, task=args.task, image=image, auto=args.auto)
+    info = segment_one(predictor, args.input, args.out, boxes, points, args.slice, args.axis, args.window,
+                       not args.no_propagate, args.overlay, progress, task=args.task, image=image, auto=args.auto)
     _echo(args, f"route: {info['route_text']}")
     _echo(args, f"wrote {info['out']} ({info['mask_voxels']} foreground pixels/voxels)")
     return {"out": info["out"], "route": info["route"], "mask_voxels": info["mask_voxels"], "details": info}
@@ -230,7 +190,7 @@ def cmd_route(args) -> dict:
         predictor.set_volume(image.array, axis=args.axis, window=args.window)
     else:
         predictor.set_image(image.array, window=args.window)
-    choice = _route(predictor, AUTO, None if args.json else TqdmProgress())
+    choice = predictor.choose_task(AUTO, progress=None if args.json else TqdmProgress())  # one route per volume
     if not args.json:
         print(f"{args.input}: {describe_route(choice)}")
         for name in sorted(choice.scores, key=choice.scores.get):
@@ -336,7 +296,7 @@ def cmd_segment_batch(args) -> Optional[dict]:
     summary_path = Path(args.summary) if args.summary else out / "summary.json"
     predictor = _predictor(args, with_tasks=task_mode(args.task) != "frozen")
     if task_mode(args.task) == "named" and args.task not in predictor.layers:
-        raise CLIError(f"unknown task {args.task!r}; the library has: {', '.join(predictor.layers) or 'no tasks'}")
+        raise _unknown_task(args.task, predictor)
     progress = None if args.json or not dist.is_main else TqdmProgress()
     t0 = time.perf_counter()
     rows = segment_inputs(predictor, items, out, args.task, args.prompts and Path(args.prompts),
@@ -346,8 +306,7 @@ def cmd_segment_batch(args) -> Optional[dict]:
     if not dist.is_main:
         return None
     summary = batch_summary(rows, items, out, args.task, dist.world, time.perf_counter() - t0)
-    with atomic_write(summary_path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    write_json(summary, summary_path)
     summary["summary"] = str(summary_path)
     if not args.json:
         mean = "" if summary["mean_dice"] is None else f", mean Dice {summary['mean_dice']:.4f}"
@@ -424,38 +383,8 @@ def cmd_demo(args) -> dict:
     """Segment the committed samples with a box on the default backbone; report Dice."""
     if not SAMPLES.is_dir():
         raise CLIError(f"the samples folder {SAMPLES} is missing (the demo runs from a source checkout)")
-    out = Path(args.out)
     predictor = _predictor(args)
-    progress = None if args.json else TqdmProgress()
-    results = []
-
-    # 2D: fetal head ultrasound, box = the annotation's tight box
-    img_path = SAMPLES / "hc18_fetal_head" / "006_HC.png"
-    gt = read_labels(SAMPLES / "hc18_fetal_head" / "006_HC_mask.png").array > 0
-    box = box_from_mask(gt).tolist()
-    info = segment_file(predictor, str(img_path), str(out / "hc18_006_mask.png"), [box], [],
-                        overlay_path=str(out / "hc18_006_overlay.png"))
-    pred = read_labels(info["out"]).array > 0
-    results.append({"case": "hc18_fetal_head/006_HC (2D ultrasound)", "prompt": f"box {box}",
-                    "dice": round(dice(pred, gt), 4), "out": info["out"], "overlay": info["overlay"],
-                    "seconds": info["seconds"]})
-
-    # 3D: glioma MRI, tumour core (labels 1, 3, 4: what T1c shows; edema is not visible on it),
-    # box on the slice where the annotation is largest, propagated up and down
-    vol_path = SAMPLES / "brats_glioma" / "brats_2013_pat0005_1.nii.gz"
-    vol = read_image(vol_path)
-    gt3 = np.isin(read_labels(SAMPLES / "brats_glioma" / "brats_2013_pat0005_1_mask.nii.gz", like=vol).array,
-                  (1, 3, 4))
-    k = int(gt3.sum(axis=(1, 2)).argmax())
-    box3 = box_from_mask(gt3[k]).tolist()
-    info3 = segment_file(predictor, str(vol_path), str(out / "brats_pat0005_tumour_core.nii.gz"), [box3], [],
-                         slice_index=k, overlay_path=str(out / "brats_pat0005_overlay.png"), progress=progress)
-    pred3 = read_labels(info3["out"], like=vol).array > 0
-    results.append({"case": "brats_glioma/pat0005 (3D MRI T1c, tumour core)",
-                    "prompt": f"box {box3} on slice {k}, propagated",
-                    "dice": round(dice(pred3, gt3), 4), "slice_dice": round(dice(pred3[k], gt3[k]), 4),
-                    "slices": len(info3["propagation"]["slices"]), "out": info3["out"],
-                    "overlay": info3["overlay"], "seconds": info3["seconds"]})
+    results = run_demo(predictor, Path(args.out), None if args.json else TqdmProgress())
     if not args.json:
         print(f"backbone {predictor.backbone.fingerprint} on {predictor.device}; encoder: "
               f"{predictor.backbone.runtime_note}")

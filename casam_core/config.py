@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional
 
-PathLike = Union[str, os.PathLike]
+from .files import PathLike
+
 ENV_LIBRARY = "CASAM_LIBRARY"
 ENV_CACHE = "CASAM_CACHE_DIR"
 ENV_CHECKPOINTS = "CASAM_CHECKPOINT_DIR"

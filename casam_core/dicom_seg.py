@@ -16,7 +16,8 @@ import numpy as np
 
 from . import __version__
 from .errors import ImageIOError
-from .io import MedicalImage, PathLike, atomic_write, check_mask_path, path_suffix, write_mask
+from .io import check_mask_path, MedicalImage, write_mask
+from .files import atomic_write, path_suffix, PathLike
 
 SUFFIX = ".dcm"
 

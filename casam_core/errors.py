@@ -26,6 +26,22 @@ class ImageIOError(CASamError, ValueError):
     """An image or file that cannot be read, written or used; the message names it and the problem."""
 
 
+class FileWriteError(ImageIOError):
+    """A file that cannot be written (a folder in its place, no permission, a full disk)."""
+
+
+class NoImageError(CASamError, RuntimeError):
+    """A call that needs an image or volume set first (``set_image``, ``set_volume``)."""
+
+
+class CLIError(CASamError):
+    """A command line that cannot be carried out: printed as one line, exit code 2."""
+
+
+class BatchInputError(CASamError):
+    """An input list that cannot be worked on (nothing is written)."""
+
+
 class ImageWarning(UserWarning):
     """Something a reader said about an image that was read anyway (one line, naming the file)."""
 

@@ -20,7 +20,9 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from .io import Dataset, read_dataset, read_image, read_labels, take_slice
+from .io import read_image, read_labels
+from .datasets import Dataset, read_dataset
+from .images import take_slice
 from .metrics import boundary_iou, dice, iou
 from .errors import look_up_option
 from .predictor import CASamPredictor

@@ -1,51 +1,31 @@
-"""Medical image I/O and intensity handling (SimpleITK; geometry is always kept).
+"""Medical image I/O (SimpleITK; geometry is always kept).
 
 Arrays follow SimpleITK's numpy order: a volume is (z, y, x), a 2D image (y, x) or
 (y, x, channels). ``spacing``, ``origin`` and ``direction`` stay in SimpleITK's
-(x, y, z) order so they can be written back unchanged.
-
-Intensities (``normalize_intensity``) become uint8 for the backbone:
-- uint8 input (PNG/JPEG and 8-bit volumes) is already display-ready: unchanged;
-- CT in Hounsfield units: a window preset (``WINDOWS``) when asked for;
-- anything else (MR, 16-bit, float): clipped to the 0.5-99.5 percentiles of the
-  whole image or volume, then scaled to 0..255;
-- NaN/Inf become the lowest finite value; a constant image becomes zeros; an image with no
-  finite value is refused.
+(x, y, z) order so they can be written back unchanged. Files are checked before their pixels
+are read (size limits, truncation); a mask is written atomically and read back whole.
+Intensities for the backbone: ``casam_core.images``; dataset folders: ``casam_core.datasets``.
 """
 
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
-import socket
 import struct
-import tempfile
 import threading
-import time
 import warnings
 import zlib
 from contextlib import contextmanager
-from glob import escape as glob_escape
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import ImageIOError, ImageWarning, OptionError, PromptError, look_up_option
-
-PathLike = Union[str, os.PathLike]
-
-# (width, level) in Hounsfield units
-WINDOWS: Dict[str, Tuple[float, float]] = {
-    "soft_tissue": (400.0, 40.0),
-    "lung": (1500.0, -600.0),
-    "bone": (1800.0, 400.0),
-    "brain": (80.0, 40.0),
-}
-PERCENTILES = (0.5, 99.5)
+from .errors import ImageIOError, ImageWarning
+from .files import PathLike, atomic_write, path_suffix
+from .images import check_finite
 
 # Size limits, checked on the file's header before any pixel is read
 MAX_PIXELS_2D = 8192 * 8192  # 67 M pixels
@@ -78,19 +58,6 @@ class MedicalImage:
 
     def geometry(self) -> Dict[str, List[float]]:
         return {"spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
-
-
-def path_suffix(path: PathLike) -> str:
-    name = str(path).lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-
-
-def file_stem(path: PathLike) -> str:
-    """A file's name without its suffix (``.nii.gz`` counts as one): how masks, prompt files
-    and outputs are matched to their images."""
-    name = Path(path).name
-    suffix = path_suffix(name)
-    return name[: len(name) - len(suffix)] if suffix else name
 
 
 # ---------------------------------------------------------------------------------
@@ -264,12 +231,6 @@ def check_complete(path: PathLike) -> None:
             raise truncated
 
 
-def _check_finite(array: np.ndarray, what) -> None:
-    """Refuse an image with no finite pixel value (all NaN or infinite)."""
-    if np.issubdtype(array.dtype, np.floating) and array.size and not np.isfinite(array).any():
-        raise ImageIOError(f"{what} has no finite pixel value (all NaN or infinite)")
-
-
 def _from_sitk(img, path: str, is_volume: Optional[bool] = None) -> MedicalImage:
     sitk = _sitk()
     array = sitk.GetArrayFromImage(img)
@@ -292,7 +253,7 @@ def _from_sitk(img, path: str, is_volume: Optional[bool] = None) -> MedicalImage
             array = array[..., 0]
         elif channels != 3:
             raise ImageIOError(f"{path}: {channels} channels per pixel; expected gray, RGB or RGBA")
-    _check_finite(array, f"{path}: the image")
+    check_finite(array, f"{path}: the image")
     meta = {k: img.GetMetaData(k) for k in img.GetMetaDataKeys()} if hasattr(img, "GetMetaDataKeys") else {}
     return MedicalImage(
         array=array, spacing=tuple(img.GetSpacing()), origin=tuple(img.GetOrigin()),
@@ -435,155 +396,6 @@ def _numbers(values) -> str:
 # ---------------------------------------------------------------------------------
 # Intensities
 # ---------------------------------------------------------------------------------
-def normalize_intensity(array: np.ndarray, window: Optional[Union[str, Tuple[float, float]]] = None,
-                        percentiles: Tuple[float, float] = PERCENTILES, keep_uint8: bool = True) -> np.ndarray:
-    """Any numeric image or volume -> uint8 of the same shape (see the module notes).
-
-    ``keep_uint8``: return uint8 input unchanged (2D photos, PNG/JPEG); volumes pass
-    False so that an 8-bit MR volume is still windowed to its percentiles.
-    """
-    a = np.asarray(array)
-    if a.dtype == np.bool_:
-        a = a.astype(np.uint8) * 255
-    if not np.issubdtype(a.dtype, np.number):
-        raise ValueError(f"cannot normalise an array of dtype {a.dtype}")
-    if a.dtype == np.uint8 and window is None and keep_uint8:
-        return a
-    _check_finite(a, "the image")
-    a = a.astype(np.float32, copy=True)
-    finite = np.isfinite(a)
-    if not finite.all():
-        fill = float(a[finite].min()) if finite.any() else 0.0
-        a[~finite] = fill
-    if window is not None:
-        if isinstance(window, str):
-            width, level = WINDOWS[look_up_option(window, WINDOWS, "CT window")]
-        else:
-            width, level = (float(v) for v in window)
-        if width <= 0:
-            raise OptionError(f"a window width must be positive, got {width}")
-        lo, hi = level - width / 2.0, level + width / 2.0
-    else:
-        sample = a if a.size <= 4_000_000 else a.ravel()[:: a.size // 4_000_000 + 1]
-        lo, hi = (float(v) for v in np.percentile(sample, percentiles))
-        if hi <= lo:  # e.g. mostly background: fall back to the full range
-            lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:
-        return np.zeros(a.shape, dtype=np.uint8)
-    out = (np.clip(a, lo, hi) - lo) * (255.0 / (hi - lo))
-    return np.round(out).astype(np.uint8)
-
-
-def to_rgb(image: np.ndarray) -> np.ndarray:
-    """uint8 (H, W) or (H, W, 3) -> contiguous (H, W, 3)."""
-    if image.ndim == 2:
-        return np.ascontiguousarray(np.repeat(image[..., None], 3, axis=2))
-    if image.ndim == 3 and image.shape[2] == 3:
-        return np.ascontiguousarray(image)
-    raise ImageIOError(f"expected a gray or RGB image, got shape {image.shape}")
-
-
-def take_slice(volume: np.ndarray, index: int, axis: int = 0) -> np.ndarray:
-    if not 0 <= index < volume.shape[axis]:
-        raise PromptError(f"slice {index} is outside 0..{volume.shape[axis] - 1} along axis {axis}")
-    return np.take(volume, index, axis=axis)
-
-
-# ---------------------------------------------------------------------------------
-# Writing (atomic: temp file in the same folder, then rename)
-# ---------------------------------------------------------------------------------
-def _umask() -> int:
-    """The process's umask, read without changing it (Linux: /proc; elsewhere set and restore)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def honour_umask(path: PathLike, folder: bool = False) -> None:
-    """Give a file (0666) or folder (0777) made by mkstemp/mkdtemp (0600/0700) the permissions a
-    plain open()/mkdir() would have had, so a library or cache can be shared within a group."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
-
-
-TEMP_MARK = ".tmp"  # every temporary file CA-SAM writes is ".<name>~<host>~<pid>~<random>.tmp<suffix>"
-
-
-def _temp_owner() -> str:
-    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
-    return f"{host}~{os.getpid()}"
-
-
-@contextmanager
-def atomic_write(path: PathLike) -> Iterator[Path]:
-    """The one way CA-SAM writes a file: ``with atomic_write(path) as tmp:`` write ``tmp`` (a new
-    file beside ``path``, with the same suffix); on success it is renamed over ``path``, and on
-    any error or cancel it is removed, so ``path`` is never left half-written. Errors name
-    ``path``, never the temporary file; the result honours the umask. The temporary name
-    holds the host and process id, so a file left by a killed writer is swept by the next
-    write of the same file (or by the cache's sweep)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ImageIOError(f"{path}: is a folder; give a file name to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sweep_temporaries(path.parent, pattern=f".{glob_escape(path.name)}~*{TEMP_MARK}*")  # a killed writer's
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}~{_temp_owner()}~",
-                                   suffix=f"{TEMP_MARK}{path_suffix(path)}", dir=str(path.parent))
-    except OSError as exc:
-        raise ImageIOError(f"{path}: cannot write here ({exc.strerror or exc})") from exc
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        honour_umask(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.filename not in (str(tmp), tmp) and exc.filename2 not in (str(path), path):
-            raise  # about another file: its own message names it
-        raise ImageIOError(f"{path}: cannot write it ({exc.strerror or exc})") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _writer_is_gone(name: str) -> bool:
-    """True when a temporary file's name says it was written by a process of this host that no
-    longer runs (POSIX only; elsewhere only the age counts)."""
-    m = re.search(r"~([A-Za-z0-9-]*)~(\d+)~[^~]*\.tmp", name)
-    if m is None or os.name != "posix" or m.group(1) != _temp_owner().split("~")[0]:
-        return False
-    try:
-        os.kill(int(m.group(2)), 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError, ValueError):
-        return False
-    return False
-
-
-def sweep_temporaries(folder: PathLike, older_than_s: float = 3600.0, pattern: str = "**/.*.tmp*") -> int:
-    """Delete CA-SAM's temporary files left in ``folder`` by a killed process: those whose writer
-    no longer runs, and any older than ``older_than_s`` (a writer on another host sharing the
-    folder is given that long). Returns how many were deleted."""
-    now, removed = time.time(), 0
-    for tmp in Path(folder).glob(pattern):
-        try:
-            if tmp.is_file() and not tmp.is_symlink() and (
-                    _writer_is_gone(tmp.name) or now - tmp.stat().st_mtime > older_than_s):
-                tmp.unlink()
-                removed += 1
-        except OSError:  # gone meanwhile, or not ours to delete
-            continue
-    return removed
-
-
 def image_inputs(folder: PathLike) -> List[Path]:
     """The images, volumes and DICOM series folders directly inside ``folder``, sorted."""
     found = []
@@ -735,87 +547,3 @@ def _copy_nifti_orientation(reference: MedicalImage, written: Path) -> None:
             fh.write(bytes(data))
     else:
         written.write_bytes(bytes(data))
-
-
-def write_json(data, path: PathLike) -> Path:
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    return path
-
-
-# ---------------------------------------------------------------------------------
-# Datasets in the shared/data format
-# ---------------------------------------------------------------------------------
-@dataclass
-class DatasetCase:
-    image: Path
-    mask: Path
-
-
-@dataclass
-class Dataset:
-    root: Path
-    name: str
-    modality: str
-    dimensions: int
-    labels: Dict[int, str]
-    objects: str  # "class" or "instance"
-    role: str
-    source: str
-    splits: Dict[str, List[DatasetCase]]
-
-    def cases(self, split: str = "test") -> List[DatasetCase]:
-        if split not in self.splits:
-            raise ImageIOError(f"{self.root}: dataset.json has no {split!r} split (has {', '.join(self.splits)})")
-        return self.splits[split]
-
-
-def _inside(root: Path, meta_path: Path, split: str, index: int, case, key: str) -> Path:
-    """A case's file: a relative path inside the dataset folder (no absolute path, no ``..``)."""
-    where = f"{meta_path}: case {index} of the {split!r} split"
-    if not isinstance(case, dict) or key not in case:
-        raise ImageIOError(f"{where} has no {key!r} entry (each case needs an image and a mask file)")
-    name = case[key]
-    if not isinstance(name, str) or not name.strip():
-        raise ImageIOError(f"{where}: {key!r} must be a file name, not {name!r}")
-    rel = Path(name)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise ImageIOError(f"{where}: {key!r} {name!r} leaves the dataset folder; files must be named "
-                           f"relative to it, without '..'")
-    return root / rel  # a symbolic link inside the folder is the folder owner's choice, and is followed
-
-
-def read_dataset(root: PathLike) -> Dataset:
-    root = Path(root)
-    meta_path = root / "dataset.json"
-    if not meta_path.is_file():
-        raise ImageIOError(f"{root}: not a dataset folder (no dataset.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ImageIOError(f"{meta_path}: invalid JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise ImageIOError(f"{meta_path}: dataset.json must hold an object with name, labels, train and test")
-    for key in ("name", "labels", "train", "test"):
-        if key not in meta:
-            raise ImageIOError(f"{meta_path}: dataset.json has no {key!r} entry (it needs name, labels, train "
-                               f"and test)")
-    if not isinstance(meta["labels"], dict):
-        raise ImageIOError(f"{meta_path}: 'labels' must map label values to names, like {{\"1\": \"tumour\"}}")
-    splits = {}
-    for split in ("train", "test"):
-        if not isinstance(meta[split], list):
-            raise ImageIOError(f"{meta_path}: {split!r} must be a list of cases")
-        splits[split] = [DatasetCase(_inside(root, meta_path, split, i, c, "image"),
-                                     _inside(root, meta_path, split, i, c, "mask"))
-                         for i, c in enumerate(meta[split])]
-    objects = meta.get("objects", "class")
-    if objects not in ("class", "instance"):
-        raise ImageIOError(f"{meta_path}: 'objects' must be 'class' or 'instance', not {objects!r}")
-    return Dataset(
-        root=root, name=str(meta["name"]), modality=str(meta.get("modality", "")),
-        dimensions=int(meta.get("dimensions", 2)), labels={int(k): v for k, v in meta["labels"].items()},
-        objects=objects, role=str(meta.get("role", "task")), source=str(meta.get("source", "")), splits=splits,
-    )
-

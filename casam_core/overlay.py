@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .io import atomic_write, normalize_intensity, take_slice, to_rgb
+from .images import normalize_intensity, take_slice, to_rgb
+from .files import atomic_write
 
 COLORS = np.array([[255, 64, 64], [64, 200, 255], [255, 200, 0], [120, 255, 120], [220, 120, 255]], np.float32)
 

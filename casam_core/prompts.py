@@ -1,4 +1,5 @@
-"""Prompts derived from masks, and box propagation through a volume."""
+"""Prompts: checked and carried into the model frame once (``model_prompts``), derived from masks, and boxes
+propagated through a volume."""
 
 from __future__ import annotations
 
@@ -6,8 +7,81 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import PromptError
+from .errors import NoImageError, PromptError
+from .images import put_slice
 from .progress import CancelFn, ProgressFn, check_cancel, report
+
+
+def check_prompts_given(point_coords, point_labels, box, mask_input) -> None:
+    """The checks every way of prompting shares: labels with points, and some prompt at all."""
+    if point_coords is not None and point_labels is None:
+        raise PromptError("point_labels are needed with point_coords (1 = foreground, 0 = background)")
+    if point_coords is None and box is None and mask_input is None:
+        raise PromptError("give at least one prompt: a point, a box or a mask")
+
+
+def model_prompts(backbone, original_size: Tuple[int, int], point_coords, point_labels, box, mask_input, device):
+    """Prompts in pixels of the original image, checked (one ``PromptError`` line each: shape,
+    range, finiteness, order) and carried into the model's frame as torch tensors -> (points
+    (coords (B, N, 2), labels (B, N)) or None, boxes (B, 4) or None, masks (B, 1, S, S) or None)."""
+    import torch
+
+    check_prompts_given(point_coords, point_labels, box, mask_input)
+    h, w = original_size
+    dev = device
+    boxes_t = points = masks_t = None
+    batch = 1
+    if box is not None:
+        b = np.asarray(box, dtype=np.float64)
+        if b.ndim == 1:
+            b = b[None]
+        if b.ndim != 2 or b.shape[1] != 4 or b.shape[0] == 0:
+            raise PromptError(f"box must be (4,) or (B, 4) as x0, y0, x1, y1; got shape {np.shape(box)}")
+        if not np.isfinite(b).all():
+            raise PromptError("box coordinates must be finite numbers")
+        if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
+            raise PromptError(f"box needs x0 <= x1 and y0 <= y1; got {b.tolist()}")
+        outside = (b[:, 2] < 0) | (b[:, 0] > w - 1) | (b[:, 3] < 0) | (b[:, 1] > h - 1)
+        if outside.any():
+            raise PromptError(f"box {b[outside][0].tolist()} lies entirely outside the {w}x{h} image")
+        b = np.stack([np.clip(b[:, 0], 0, w - 1), np.clip(b[:, 1], 0, h - 1),
+                      np.clip(b[:, 2], 0, w - 1), np.clip(b[:, 3], 0, h - 1)], axis=1)
+        batch = b.shape[0]
+        boxes_t = torch.as_tensor(backbone.transform_boxes(b, (h, w)), dtype=torch.float32, device=dev)
+    if point_coords is not None:
+        c = np.asarray(point_coords, dtype=np.float64)
+        lab = np.asarray(point_labels)
+        if c.ndim == 2:
+            c, lab = c[None], lab.reshape(1, -1)
+        if c.ndim != 3 or c.shape[2] != 2 or lab.shape != c.shape[:2] or c.shape[1] == 0:
+            raise PromptError(
+                f"point_coords must be (N, 2) with point_labels (N,); got {np.shape(point_coords)} "
+                f"and {np.shape(point_labels)}"
+            )
+        if not np.isfinite(c).all():
+            raise PromptError("point coordinates must be finite numbers")
+        if (c[..., 0] < 0).any() or (c[..., 0] > w - 1).any() or (c[..., 1] < 0).any() or (c[..., 1] > h - 1).any():
+            raise PromptError(f"a point lies outside the {w}x{h} image")
+        if not np.isin(lab, (0, 1)).all():
+            raise PromptError("point labels must be 1 (foreground) or 0 (background)")
+        if c.shape[0] == 1 and batch > 1:
+            c, lab = np.repeat(c, batch, 0), np.repeat(lab, batch, 0)
+        elif c.shape[0] != batch and box is not None:
+            raise PromptError(f"{c.shape[0]} point sets for {batch} boxes")
+        batch = c.shape[0]
+        coords_t = torch.as_tensor(backbone.transform_coords(c, (h, w)), dtype=torch.float32, device=dev)
+        points = (coords_t, torch.as_tensor(lab, dtype=torch.int, device=dev))
+    if mask_input is not None:
+        m = torch.as_tensor(np.asarray(mask_input), dtype=torch.float32, device=dev)
+        if m.ndim == 3:
+            m = m[None]
+        size = 4 * backbone.embedding_shape[1]
+        if m.ndim != 4 or m.shape[1:] != (1, size, size):
+            raise PromptError(f"mask_input must be (1, {size}, {size}) low-res logits; got {tuple(m.shape)}")
+        if m.shape[0] == 1 and batch > 1:
+            m = m.expand(batch, -1, -1, -1)
+        masks_t = m
+    return points, boxes_t, masks_t
 
 
 def box_from_mask(mask: np.ndarray) -> Optional[np.ndarray]:
@@ -99,7 +173,7 @@ def propagate_box(predictor, start: int, box: Optional[Sequence[float]], task=No
 def _volume_of(predictor):
     vol = predictor.volume
     if vol is None:
-        raise RuntimeError("propagation needs a volume: call predictor.set_volume() first")
+        raise NoImageError("propagation needs a volume: call predictor.set_volume() first")
     return vol
 
 
@@ -159,9 +233,7 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     out = np.zeros(vol.volume.shape, dtype=bool)
 
     def put(index: int, m: np.ndarray) -> None:
-        sl = [slice(None)] * 3
-        sl[vol.axis] = index
-        out[tuple(sl)] = m
+        put_slice(out, index, m, vol.axis)
 
     def segment(index: int, b):
         predictor.set_slice(index)

@@ -9,7 +9,7 @@ The prompt encoder and the Alignment Layers stay in PyTorch, and so does the mas
 whenever gradients are on: learning back-propagates through it. The converted decoder groups
 the decoder's arithmetic differently, with the same result within float rounding (tested in
 float32 against ``MaskDecoder.predict_masks``): its attentions to and from the image work on the
-few prompt tokens' side (``_two_way``) and its upscaling runs token by token (``_UpscaleGraph``).
+few prompt tokens' side and its upscaling runs token by token (``casam_core.decoder_graphs``).
 
     runtime "torch"     eager PyTorch, everywhere (the reference)
     runtime "openvino"  OpenVINO on the CPU, float32 (outputs within 1e-3 of the reference)
@@ -21,7 +21,7 @@ The arithmetic on OpenVINO (``$CASAM_PRECISION``), on a CPU that computes bfloat
 (AVX512-BF16 or AMX; elsewhere float32 throughout, and asking for "bf16" is refused):
     "auto" (the default)  the decoder in bfloat16 (a click in about half the time), the encoder
                           in float32
-    "bf16"                the encoder too (about 0.55x its float32 time per slice)
+    "bf16"                the encoder too (faster per slice: ``benchmarks/results/runtime_cpu.md``)
     "f32"                 float32 throughout
 A bfloat16 decoder is used only if, on the probe, at least 99.5 % of its mask pixels agree with
 the reference and its IoU predictions are within 0.02 (GT-box Dice within 0.0002 on kvasir_polyp
@@ -37,7 +37,6 @@ PyTorch's bfloat16 autocast (``training.learning_arithmetic``).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -51,7 +50,8 @@ import torch
 
 from .config import cache_dir, child_environment
 from .errors import look_up_option
-from .io import write_json
+from . import decoder_graphs
+from .files import write_json
 
 RUNTIMES = ("auto", "torch", "openvino")
 ENV_RUNTIME = "CASAM_RUNTIME"
@@ -61,11 +61,11 @@ ENV_PRECISION = "CASAM_PRECISION"
 BF16_MIN_AGREEMENT = 0.995  # a bfloat16 decoder: share of the probe's mask pixels that agree with float32
 BF16_MAX_IOU_DIFFERENCE = 0.02  # ... and the largest difference of its IoU predictions
 BF16_MAX_RELATIVE_RMS = 0.1  # a bfloat16 encoder: RMS difference of the probe's embedding / its RMS
-GRAPHS = "v3"  # in the converted decoders' file names: v2 upscales token by token (_UpscaleGraph), v3 folds
-# the attentions to and from the image (_two_way)
+GRAPHS = "v3"  # in the converted decoders' file names: v2 upscales token by token (UpscaleGraph), v3 folds
+# the attentions to and from the image (decoder_graphs.two_way)
 CHECK_COMMAND = [sys.executable, "-m", "casam_core._ov_check"]  # a converted graph's first run, in a child
 CHECK_TIMEOUT_S = 900
-SEARCH_CANDIDATES = 6  # the boxes a first click is searched with (predictor.POINT_SEARCH_FRACTIONS): a static copy
+SEARCH_CANDIDATES = 6  # the boxes a first click is searched with (clicks.POINT_SEARCH_FRACTIONS): a static copy
 
 
 def chosen_runtime(runtime: Optional[str] = None) -> str:
@@ -79,7 +79,7 @@ def openvino_precision(precision: Optional[str] = None) -> Tuple[str, str]:
     chosen, what = _asked_precision(precision)
     if chosen == "f32":
         return "f32", "f32"
-    if not _native_bf16():
+    if not native_bf16():
         if chosen == "bf16":
             from .errors import OptionError
 
@@ -96,7 +96,7 @@ def _asked_precision(precision: Optional[str]) -> Tuple[str, str]:
     return look_up_option(precision or os.environ.get(ENV_PRECISION) or "auto", PRECISIONS, what), what
 
 
-def _native_bf16() -> bool:
+def native_bf16() -> bool:
     import openvino as ov
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -254,7 +254,6 @@ class _OpenVINOModel:
         back to eager PyTorch. A crash inside OpenVINO (a bfloat16 encoder on an AMX Xeon) used to end
         the user's process."""
         import subprocess
-        import sys
 
         marker = self._xml.with_suffix(f".survived-{self.precision}.json")
         try:
@@ -305,7 +304,7 @@ class _OpenVINOModel:
         """The model's outputs on ``inputs``. The inputs are read in place (``share_inputs``: a
         synchronous call reads them before it returns, and nothing writes them meanwhile); the
         outputs are OpenVINO's own copies (``share_outputs`` off), so they stay valid after later
-        calls and are not copied again (a box search's image tokens are 25 MB: about 3 ms)."""
+        calls and are not copied again (a box search's image tokens are tens of MB)."""
         request = request or self._request
         arrays = {i: np.ascontiguousarray(x.detach().cpu().numpy()) for i, x in enumerate(inputs)}
         result = request.infer(arrays, share_inputs=True, share_outputs=False)
@@ -329,7 +328,7 @@ class _OpenVINOEncoder(_OpenVINOModel):
 class _OpenVINODecoder(_OpenVINOModel):
     """The mask decoder, with any number of objects (B) and prompt tokens (N >= 1) per call; the
     commonest call, one box (B = 1, N = 2: a box click, a propagation step), also runs in a copy
-    compiled for that static shape (measured: about 12 % faster than the dynamic model).
+    compiled for that static shape (faster than the dynamic model: ``benchmarks/results/runtime_cpu.md``).
     ``search``: the box search's split decoder (``_OpenVINOSearch``), where it passed its check."""
 
     search: Optional["_OpenVINOSearch"] = None
@@ -343,7 +342,7 @@ class _OpenVINODecoder(_OpenVINOModel):
         xml = _ir_path(backbone.fingerprint, f"decoder-{GRAPHS}", backbone.models_dir)
         first = not xml.is_file()
         one_box_shapes = ([1, c, h, w], [1, 2, c], [1, c, h, w])
-        super().__init__(xml, lambda: _convert(_DecoderGraph(backbone), example, shapes), precision,
+        super().__init__(xml, lambda: _convert(decoder_graphs.DecoderGraph(backbone), example, shapes), precision,
                          inputs=[(1, c, h, w), (2, 3, c), (2, c, h, w)], static=[one_box_shapes])
         if first:  # this version's decoder was just converted: earlier versions' are not used again
             _remove_superseded(backbone.fingerprint, backbone.models_dir)
@@ -356,161 +355,14 @@ class _OpenVINODecoder(_OpenVINOModel):
         return self.outputs(z, sparse, dense, request=self._one_box if one_box else None)
 
 
-def _projections(linear: torch.nn.Linear, heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A projection's weight and bias per head: (heads, d, C), (heads, d)."""
-    return linear.weight.view(heads, -1, linear.weight.shape[1]), linear.bias.view(heads, -1)
-
-
-def _tokens_to_image(attn, q: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """SAM's ``Attention`` of the prompt tokens ``q`` (K, T, C) to the image: keys from ``a`` (the
-    image tokens plus their positional encoding), values from ``x`` (both (K or 1, HW, C)). The
-    image-side projections are moved to the token side: each head's query times the key
-    projection (qW_k) meets the image tokens directly, and the weights' product with the image
-    tokens (PX) meets the value projection after. The key bias adds the same to a row's scores
-    and the weights of a row sum to 1, so the result is the module's (within float rounding);
-    about 2.3x fewer multiplications (2 x HW x C x heads x T instead of 2 x HW x C x C/2). The
-    softmax is divided out after the product with the image tokens (the same weights; OpenVINO's
-    softmax over HW cost about 5 ms per attention in a box search, the division of the products
-    almost nothing: a bfloat16 box search 69 -> 60 ms)."""
-    n, (k, t, _) = attn.num_heads, q.shape
-    qh = attn.q_proj(q).view(k, t, n, -1).transpose(1, 2)  # (K, n, T, d)
-    wk, _ = _projections(attn.k_proj, n)
-    scores = (qh @ wk).reshape(k, n * t, -1) @ a.transpose(1, 2) / math.sqrt(qh.shape[-1])  # (K, nT, HW)
-    e = torch.exp(scores - scores.amax(-1, keepdim=True))
-    wv, bv = _projections(attn.v_proj, n)
-    out = ((e @ x) / e.sum(-1, keepdim=True)).view(k, n, t, -1) @ wv.transpose(1, 2) + bv[:, None]  # (K, n, T, d)
-    return attn.out_proj(out.transpose(1, 2).reshape(k, t, -1))
-
-
-def _image_to_tokens(attn, a: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shared: bool) -> torch.Tensor:
-    """SAM's ``Attention`` of the image tokens (queries from ``a``, (K or 1, HW, C)) to the prompt
-    tokens (keys from ``q``, values from ``v``, (K, T, C)) -> (K, HW, C). The output projection is
-    applied to the T values, not to the HW outputs; the query projection moves to the token side
-    too (W_q^T k per head), unless the image is ``shared`` by the K candidates (then it is
-    projected once and broadcast). The same result within float rounding."""
-    n, (k, t, _) = attn.num_heads, q.shape
-    kh = attn.k_proj(q).view(k, t, n, -1).transpose(1, 2)  # (K, n, T, d)
-    d = kh.shape[-1]
-    vh = attn.v_proj(v).view(k, t, n, d).transpose(1, 2)
-    vo = (vh @ attn.out_proj.weight.view(-1, n, d).permute(1, 2, 0)).reshape(k, n * t, -1)  # (K, nT, C)
-    vo = vo + attn.out_proj.bias / n  # each head's weights sum to 1: the bias, added once (not after the
-    # product: OpenVINO's CPU plugin cannot compile that bias with a dynamic number of tokens)
-    if shared:
-        qa = attn.q_proj(a).view(a.shape[0], -1, n, d).transpose(1, 2)  # (1, n, HW, d)
-        scores = (qa @ kh.transpose(2, 3)).transpose(1, 2)  # (K, HW, n, T)
-    else:
-        wq, bq = _projections(attn.q_proj, n)
-        m = (wq.transpose(1, 2) @ kh.transpose(2, 3)).permute(0, 2, 1, 3).reshape(k, -1, n * t)  # (K, C, nT)
-        scores = (a @ m + (kh @ bq[:, :, None]).reshape(k, 1, n * t)).view(k, -1, n, t)
-    weights = torch.softmax(scores / math.sqrt(d), dim=-1).reshape(k, -1, n * t)
-    return weights @ vo
-
-
-def _two_way(transformer, image: torch.Tensor, pe: torch.Tensor, tokens: torch.Tensor, shared: bool):
-    """``TwoWayTransformer.forward`` for OpenVINO: image tokens (K or 1, HW, C), their positional
-    encoding (1, HW, C), prompt tokens (K, T, C) -> (tokens, image tokens (K, HW, C)), each
-    image-side attention folded (``_tokens_to_image``, ``_image_to_tokens``) except, where the
-    image is ``shared`` by the K candidates, the first layer's attention to it (its projections
-    are computed once)."""
-    queries, keys = tokens, image
-    for i, layer in enumerate(transformer.layers):
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + tokens
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
-        a, once = keys + pe, shared and i == 0
-        attend = layer.cross_attn_token_to_image
-        out = attend(q=queries + tokens, k=a, v=keys) if once else _tokens_to_image(attend, queries + tokens, a, keys)
-        queries = layer.norm2(queries + out)
-        queries = layer.norm3(queries + layer.mlp(queries))
-        out = _image_to_tokens(layer.cross_attn_image_to_token, a, queries + tokens, queries, once)
-        keys = layer.norm4(keys + out)
-    out = _tokens_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + pe, keys)
-    return transformer.norm_final_attn(queries + out), keys
-
-
-class _SearchGraph(torch.nn.Module):
-    """The mask decoder up to its upscaling, for K candidate prompts on one image with no mask
-    prompt: (embeddings (1, C, h, w), sparse prompts (K, N, C), dense prompt (1, C, h, w); or
-    dense prompts (K, C, h, w), as ``_DecoderGraph`` gives it, with ``shared`` off) ->
-    (image tokens after the transformer (K, h*w, C), the mask tokens' hypernetwork outputs
-    (K, M, c), IoU predictions (K, M)). The image is not copied K times (the decoder's
-    ``repeat_interleave``): the first layer's image-side projections are the same for every
-    candidate and broadcast, so they are computed once; the other attentions to and from the
-    image are folded (``_two_way``; measured interleaved against the unfolded graph: 0.75-0.86x of
-    the time in bfloat16, about 0.6x in float32, for a box search and for one box)."""
-
-    def __init__(self, backbone, shared: bool = True) -> None:
-        super().__init__()
-        self.decoder, self.shared = backbone.mask_decoder, shared
-        self.register_buffer("pe", backbone.prompt_encoder.get_dense_pe().detach().clone())
-
-    def forward(self, z, sparse, dense):
-        d = self.decoder
-        out_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
-        tokens = torch.cat([out_tokens[None].expand(sparse.shape[0], -1, -1), sparse], dim=1)
-        image, pe = (z + dense).flatten(2).transpose(1, 2), self.pe.flatten(2).transpose(1, 2)
-        queries, keys = _two_way(d.transformer, image, pe, tokens, self.shared)
-        hyper = torch.stack([mlp(queries[:, 1 + i]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1)
-        return keys, hyper, d.iou_prediction_head(queries[:, 0])
-
-
-class _UpscaleGraph(torch.nn.Module):
-    """The rest of the mask decoder: (image tokens (B, h*w, C), hypernetwork outputs (B, M, c)) ->
-    mask logits (B, M, 4h, 4w), computed token by token. The decoder's upscaling (2x2 stride-2
-    transposed convolution, channel LayerNorm, GELU, the same again without the norm) maps each
-    image token to its own 4x4 block of pixels, so each transposed convolution is one matrix
-    product per token (its 2x2 outputs side by side) and the blocks are put in place at the end:
-    the same arithmetic as the convolutions (equal within 1e-5 in float32), which OpenVINO runs
-    in about 0.6x (float32) and 0.7x (bfloat16) of their time."""
-
-    def __init__(self, backbone) -> None:
-        super().__init__()
-        first, norm, self.act1, second, self.act2 = backbone.mask_decoder.output_upscaling
-        self.grid = backbone.embedding_shape[1:]
-        for name, conv in (("1", first), ("2", second)):  # (in, out, 2, 2) -> (in, 2*2*out): (a, b, out)
-            self.register_buffer("w" + name, conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.in_channels, -1).clone())
-            self.register_buffer("b" + name, conv.bias.detach().repeat(4).clone())
-        self.register_buffer("norm_weight", norm.weight.detach().clone())
-        self.register_buffer("norm_bias", norm.bias.detach().clone())
-        self.eps = norm.eps
-
-    def forward(self, keys, hyper):
-        (h, w), (b, n, _), m = self.grid, keys.shape, hyper.shape[1]
-        y = (keys @ self.w1 + self.b1).view(b, n, 4, -1)  # the first convolution: 2x2 sub-pixels per token
-        mean = y.mean(-1, keepdim=True)
-        y = (y - mean) / torch.sqrt((y - mean).pow(2).mean(-1, keepdim=True) + self.eps)
-        y = self.act1(y * self.norm_weight + self.norm_bias)
-        y = self.act2(y @ self.w2 + self.b2).view(b, n * 16, -1)  # the second: 4x4 sub-pixels per token
-        masks = (hyper @ y.transpose(1, 2)).view(b, m, h, w, 2, 2, 2, 2)  # (token row, col, a, b, a2, b2)
-        return masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, m, 4 * h, 4 * w)
-
-
-class _DecoderGraph(torch.nn.Module):
-    """The mask decoder with the prompt encoder's positional encoding as a constant: (embeddings
-    (1, C, h, w), sparse prompts (B, N, C), dense prompts (B, C, h, w)) -> all mask logits
-    (B, 4, 4h, 4w) and IoU predictions (B, 4): ``_SearchGraph`` then ``_UpscaleGraph``."""
-
-    def __init__(self, backbone) -> None:
-        super().__init__()
-        self.search = _SearchGraph(backbone, shared=False)  # each object its own image (its dense prompt)
-        self.upscale = _UpscaleGraph(backbone)
-
-    def forward(self, z, sparse, dense):
-        keys, hyper, iou = self.search(z, sparse, dense)
-        return self.upscale(keys, hyper), iou
-
-
 class _OpenVINOSearch(_OpenVINOModel):
     """Candidate boxes to choose among (the box search of a click): ``search`` decodes them up to
-    the upscaling (``_SearchGraph``), ``upscale`` makes one candidate's masks (``_UpscaleGraph``).
+    the upscaling (``decoder_graphs.SearchGraph``), ``upscale`` makes one candidate's masks (``UpscaleGraph``).
     The upscaling is pixel by pixel (two 2x2 stride-2 transposed convolutions, a channel
     LayerNorm, GELUs), so a candidate's logits at a few pixels need only those pixels' tokens
     (``backbones.Candidates``) and only the chosen candidate is upscaled whole. The commonest
     search, one click's ``SEARCH_CANDIDATES`` boxes, also runs in a copy compiled for that static
-    shape (about 6 % faster). Called as a decoder (composing the two, for its check against
+    shape (faster, likewise). Called as a decoder (composing the two, for its check against
     eager PyTorch on the probe)."""
 
     def __init__(self, backbone, precision: str = "f32") -> None:
@@ -521,7 +373,7 @@ class _OpenVINOSearch(_OpenVINOModel):
         shapes = [ov.PartialShape([1, c, h, w]), ov.PartialShape([-1, -1, c]), ov.PartialShape([1, c, h, w])]
         one_click = ([1, c, h, w], [SEARCH_CANDIDATES, 2, c], [1, c, h, w])
         super().__init__(_ir_path(backbone.fingerprint, f"decoder-search-{GRAPHS}", backbone.models_dir),
-                         lambda: _convert(_SearchGraph(backbone), example, shapes), precision,
+                         lambda: _convert(decoder_graphs.SearchGraph(backbone), example, shapes), precision,
                          inputs=[(1, c, h, w), (2, 3, c), (1, c, h, w)], static=[one_click])
         searched = self._core.read_model(str(self._xml))  # the commonest call, compiled for its static shape
         searched.reshape({searched.input(i): ov.PartialShape(shape) for i, shape in enumerate(one_click)})
@@ -529,7 +381,7 @@ class _OpenVINOSearch(_OpenVINOModel):
         m = len(backbone.mask_decoder.output_hypernetworks_mlps)
         hyper = backbone.mask_decoder.output_hypernetworks_mlps[0].layers[-1].out_features
         upscale = _OpenVINOModel(_ir_path(backbone.fingerprint, f"decoder-upscale-{GRAPHS}", backbone.models_dir),
-                                 lambda: _convert(_UpscaleGraph(backbone), (torch.zeros(1, h * w, c),
+                                 lambda: _convert(decoder_graphs.UpscaleGraph(backbone), (torch.zeros(1, h * w, c),
                                                                             torch.zeros(1, m, hyper))), precision,
                                  inputs=[(1, h * w, c), (1, m, hyper)])
         self._upscale = upscale.outputs

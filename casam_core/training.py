@@ -1,7 +1,7 @@
 """Learning one task: an Alignment Layer (only it learns) and the task's router VAE.
 
-    data = load_task_data(["../shared/data/kvasir_polyp"])          # or folders / volumes
-    task = learn_task(predictor, "kvasir", data, LearnConfig(epochs=24), progress, cancel)
+    data = load_task_data(["../shared/data/kvasir_polyp"])          # casam_core.task_data
+    task = learn_task(predictor, "kvasir", data, learn_config(epochs=24), progress, cancel)
     TaskLibrary().save(task)                                         # atomic; nothing before
 
 The recipe is method.md's "Training one task": Adam 1e-4, batches of 6 images x 5 masks,
@@ -24,12 +24,10 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import __version__
 from .alignment import FORMS, MAX_BLOCKS, PAPER, RESIDUAL, AlignmentLayer, count_parameters
@@ -39,166 +37,13 @@ from .evaluate import object_metrics
 from .finder import HIDDEN as FINDER_HIDDEN, STEPS as FINDER_STEPS, THRESHOLDS as FINDER_THRESHOLDS
 from .finder import grid_targets, outputs_for, train_finder
 from .errors import OptionError, TaskDataError, check_number, look_up_option
-from .io import (file_stem, read_dataset, read_image, read_labels, normalize_intensity, path_suffix, take_slice,
-                 to_rgb, VOLUME_SUFFIXES, is_dicom_folder)
 from .predictor import CASamPredictor, ImageRecord
 from .progress import CancelFn, ProgressFn, check_cancel, report
-from .prompts import box_from_mask, object_masks
+from .prompts import object_masks
 from .router import BETA, fit_threshold, router_feature, train_vae
+from .task_data import TaskData, label_values
+from .losses import TrainingObject, augment_intensity, objects_for, task_loss
 from .tasks import Task, check_task_name
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-
-
-# ---------------------------------------------------------------------------------
-# training data
-# ---------------------------------------------------------------------------------
-@dataclass
-class TrainingSlice:
-    """One 2D image as the encoder sees it, with its label map (None: router only)."""
-
-    rgb: np.ndarray  # uint8 (H, W, 3)
-    labels: Optional[np.ndarray]  # integer (H, W), 0 = background
-    source: str
-
-    @property
-    def annotated(self) -> bool:
-        return self.labels is not None and bool((self.labels != 0).any())
-
-
-@dataclass
-class TaskData:
-    slices: List[TrainingSlice]
-    objects: str = "class"  # "class" or "instance"
-    label_names: Dict[int, str] = field(default_factory=dict)
-    modality: Optional[str] = None
-    sources: List[str] = field(default_factory=list)  # the files, for the task card
-
-    def summary(self) -> dict:
-        annotated = [s for s in self.slices if s.annotated]
-        return {"images_or_slices": len(self.slices), "annotated": len(annotated),
-                "files": len(self.sources), "file_names": [Path(s).name for s in self.sources[:50]],
-                "objects": self.objects}
-
-
-def _check_labels(labels: np.ndarray, path) -> np.ndarray:
-    if not (labels != 0).any():
-        raise TaskDataError(f"{path}: the mask has no foreground (all zero)")
-    return labels
-
-
-def volume_slices(image, labels: Optional[np.ndarray], axis: int = 0, window=None,
-                  background_slices: Optional[int] = None, source: str = "") -> List[TrainingSlice]:
-    """A volume (array or MedicalImage) as training slices, normalised once for the whole volume.
-
-    Slices whose labels have no foreground still feed the router; ``background_slices``
-    caps how many of those are kept (evenly spaced), None = all.
-    """
-    array = getattr(image, "array", image)
-    vol = normalize_intensity(np.asarray(array), window, keep_uint8=False)
-    n = vol.shape[axis]
-    fg = [labels is not None and bool(take_slice(labels, i, axis).any()) for i in range(n)]
-    background = [i for i in range(n) if not fg[i]]
-    if background_slices is not None and len(background) > background_slices:
-        keep = np.linspace(0, len(background) - 1, background_slices).round().astype(int) if background_slices else []
-        background = [background[k] for k in sorted(set(keep))]
-    chosen = sorted([i for i in range(n) if fg[i]] + background)
-    return [TrainingSlice(to_rgb(take_slice(vol, i, axis)),
-                          take_slice(labels, i, axis) if labels is not None else None, f"{source}[{i}]")
-            for i in chosen]
-
-
-def image_slice(path, mask_path=None, window=None) -> TrainingSlice:
-    image = read_image(path)
-    if image.is_volume:
-        raise TaskDataError(f"{path}: a volume among 2D images; give volumes with their label volumes")
-    labels = None
-    if mask_path is not None:
-        labels = _check_labels(read_labels(mask_path, like=image).array, mask_path)
-    return image_slice_from_array(image.array, labels, str(path), window)
-
-
-def image_slice_from_array(image: np.ndarray, labels: Optional[np.ndarray], source: str = "",
-                           window=None) -> TrainingSlice:
-    """One 2D image (gray or RGB array) with its label map as a training slice."""
-    arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        arr = arr[..., :3]
-    if labels is not None and np.asarray(labels).shape != arr.shape[:2]:
-        raise TaskDataError(f"{source}: labels of shape {np.shape(labels)} for an image of shape {arr.shape[:2]}")
-    return TrainingSlice(to_rgb(normalize_intensity(arr, window)), labels, source)
-
-
-def load_task_data(inputs: Sequence, masks: Sequence = (), axis: int = 0, window=None, split: str = "train",
-                   limit: Optional[int] = None, background_slices: Optional[int] = None,
-                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> TaskData:
-    """Training data from one of three kinds of input.
-
-    * a dataset folder with ``dataset.json`` (the ../shared/data format; its ``split``);
-    * a folder of 2D images and (``masks``) a folder of masks matched by file stem;
-      images without a mask feed the router only;
-    * volume files (NIfTI/MHA/NRRD) or DICOM folders with as many label volumes in ``masks``.
-    ``limit`` keeps the first N cases.
-    """
-    inputs = [Path(p) for p in inputs]
-    masks = [Path(p) for p in masks]
-    if not inputs:
-        raise TaskDataError("no training data given")
-    for p in inputs + masks:
-        if not p.exists():
-            raise TaskDataError(f"{p}: no such file or folder")
-    if len(inputs) == 1 and (inputs[0] / "dataset.json").is_file():
-        if masks:
-            raise TaskDataError(f"{inputs[0]} is a dataset folder: its masks come from dataset.json")
-        ds = read_dataset(inputs[0])
-        pairs = [(c.image, c.mask) for c in ds.cases(split)][:limit]
-        data = TaskData([], ds.objects, {k: v for k, v in ds.labels.items() if k != 0}, ds.modality)
-    elif len(inputs) == 1 and inputs[0].is_dir() and not is_dicom_folder(inputs[0]):
-        if len(masks) != 1 or not masks[0].is_dir():
-            raise TaskDataError(f"{inputs[0]} is a folder of images: give the folder of masks too (--masks DIR)")
-        by_stem = {file_stem(p): p for p in sorted(masks[0].iterdir()) if path_suffix(p) in IMAGE_SUFFIXES}
-        images = [p for p in sorted(inputs[0].iterdir()) if path_suffix(p) in IMAGE_SUFFIXES]
-        if not images:
-            raise TaskDataError(f"{inputs[0]}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        stems = {file_stem(p) for p in images}
-        orphans = sorted(set(by_stem) - stems)
-        if orphans:
-            raise TaskDataError(f"{by_stem[orphans[0]]}: a mask with no image of the same name in {inputs[0]}")
-        pairs = [(p, by_stem.get(file_stem(p))) for p in images][:limit]
-        data = TaskData([], "class")
-    else:
-        if len(masks) != len(inputs):
-            raise TaskDataError(f"{len(inputs)} volumes but {len(masks)} label volumes: give one --masks per volume")
-        pairs = list(zip(inputs, masks))[:limit]
-        data = TaskData([], "class")
-    for done, (img, msk) in enumerate(pairs, start=1):
-        check_cancel(cancel)
-        data.slices.extend(_case_slices(img, msk, axis, window, background_slices))
-        data.sources.append(str(img))
-        report(progress, done, len(pairs), f"reading: {Path(img).name}")
-    if not any(s.annotated for s in data.slices):
-        raise TaskDataError("no annotated image or slice among the training data")
-    if not data.label_names:
-        data.label_names = {v: f"label {v}" for v in label_values(data)}
-    return data
-
-
-def label_values(data: TaskData) -> List[int]:
-    """The label values a task learns: its named labels, else every non-zero value in its slices."""
-    if data.label_names:
-        return sorted(int(v) for v in data.label_names)
-    return sorted({int(v) for s in data.slices if s.labels is not None for v in np.unique(s.labels) if v})
-
-
-def _case_slices(img: Path, msk: Optional[Path], axis, window, background_slices) -> List[TrainingSlice]:
-    if path_suffix(img) in VOLUME_SUFFIXES or is_dicom_folder(img):
-        image = read_image(img)
-        labels = None
-        if msk is not None:
-            labels = _check_labels(read_labels(msk, like=image).array, msk)
-        return volume_slices(image, labels, axis, window, background_slices, source=img.name)
-    return [image_slice(img, msk, window)]
-
 
 # ---------------------------------------------------------------------------------
 # learning
@@ -285,85 +130,6 @@ def learn_config(profile: str = "fast", **overrides) -> LearnConfig:
     return (LearnConfig.paper(**overrides) if profile == "paper" else LearnConfig(**overrides)).check()
 
 
-@dataclass
-class _Object:
-    slice_index: int  # into the embedded list
-    target: torch.Tensor  # (L, L) float, L = low-res size
-    near_points: np.ndarray  # (K, 2) x, y on the low-res grid: the half nearest the centroid
-    box: np.ndarray  # x0, y0, x1, y1 of the largest connected region, low-res grid
-
-
-def augment_intensity(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """method.md's intensity augmentation on the [0, 1] image: scale by up to +-20 % (p 0.2),
-    shift by up to +-0.2 (p 0.2). For a fixed copy at least one of the two is applied."""
-    x = rgb.astype(np.float32) / 255.0
-    while True:
-        do_scale, do_shift = rng.random() < 0.2, rng.random() < 0.2
-        if do_scale or do_shift:
-            break
-    if do_scale:
-        x = x * (1.0 + rng.uniform(-0.2, 0.2))
-    if do_shift:
-        x = x + rng.uniform(-0.2, 0.2)
-    return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def _objects_for(labels: np.ndarray, objects: str, record: ImageRecord, img_size: int, low: int,
-                 slice_index: int) -> List[_Object]:
-    out = []
-    from scipy import ndimage
-
-    h_in, w_in = record.input_size
-    for _, mask in object_masks(labels, objects):
-        m = torch.from_numpy(mask.astype(np.float32))[None, None]
-        m = F.interpolate(m, size=(h_in, w_in), mode="bilinear", align_corners=False)
-        m = F.pad(m, (0, img_size - w_in, 0, img_size - h_in))
-        if low != img_size:
-            m = F.interpolate(m, size=(low, low), mode="bilinear", align_corners=False)
-        target = (m[0, 0] >= 0.5)
-        if not target.any():  # smaller than one low-res pixel: cannot be learned at this scale
-            continue
-        t = target.numpy()
-        comp, n = ndimage.label(t, structure=np.ones((3, 3), bool))
-        largest = comp == (1 + int(np.argmax(ndimage.sum(t, comp, range(1, n + 1))))) if n > 1 else t
-        ys, xs = np.nonzero(t)
-        d = (xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2
-        near = np.argsort(d, kind="stable")[: max(1, (len(d) + 1) // 2)]
-        out.append(_Object(slice_index, target.float(), np.stack([xs[near], ys[near]], 1).astype(np.float32),
-                           box_from_mask(largest).astype(np.float32)))
-    return out
-
-
-def _focal(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25) -> torch.Tensor:
-    p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = p * target + (1 - p) * (1 - target)
-    loss = ce * (1 - p_t) ** gamma
-    loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
-    return loss.mean()
-
-
-def _dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    p = torch.sigmoid(logits)
-    return 1 - (2 * (p * target).sum() + smooth) / (p.sum() + target.sum() + smooth)
-
-
-def _soft_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    p = torch.sigmoid(logits).flatten(1)
-    t = target.flatten(1)
-    inter = (p * t).sum(1)
-    return inter / (p.sum(1) + t.sum(1) - inter + 1e-6)
-
-
-def task_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Focal + Dice + MSE(IoU prediction, soft IoU of the prediction), all weight 1.
-
-    ``logits`` (M, L, L), ``iou_pred`` (M,), ``target`` (M, L, L) in {0, 1}.
-    """
-    return (_focal(logits, target) + _dice_loss(logits, target)
-            + F.mse_loss(iou_pred, _soft_iou(logits, target).detach()))
-
-
 def _group(source: str) -> str:
     """The file a training slice came from: ``brain.nii.gz[57]`` -> ``brain.nii.gz``."""
     return source.rsplit("[", 1)[0] if source.endswith("]") else source
@@ -401,7 +167,7 @@ def _validation_split(annotated: List[int], fraction: float,
     return train, val
 
 
-def batch_loss(backbone, z: torch.Tensor, batch: List[int], per_image: Dict[int, List[_Object]],
+def batch_loss(backbone, z: torch.Tensor, batch: List[int], per_image: Dict[int, List[TrainingObject]],
                config: LearnConfig, rng: np.random.Generator, use_point: bool,
                mask_decoder: Optional[torch.nn.Module] = None,
                click_box: Optional[Tuple[float, float]] = None, own: Optional[Sequence[int]] = None,
@@ -476,14 +242,14 @@ def _lr_factor(step: int, total: int, config: LearnConfig) -> float:
 def learning_arithmetic(backbone) -> str:
     """The arithmetic of a learning step's forward pass: "bfloat16" (autocast; the backward pass
     follows it) on a CPU where the backbone's decoder runs in bfloat16 (a CPU that computes it
-    natively, ``$CASAM_PRECISION`` not "f32", the eager runtime not asked for; measured 0.6x of a
-    float32 step on this project's CPU), else "float32". The weights, their gradients, the
+    natively, ``$CASAM_PRECISION`` not "f32", the eager runtime not asked for; its speed:
+    ``benchmarks/results/learn_arithmetic_cpu.md``), else "float32". The weights, their gradients, the
     optimiser and the loss stay float32, and the held-out checks run in inference arithmetic."""
     bf16 = backbone.device.type == "cpu" and backbone.learning_dtype == torch.bfloat16
     return "bfloat16" if bf16 else "float32"
 
 
-def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[_Object]], config: LearnConfig,
+def fit(backbone, z_all: Sequence[torch.Tensor], per_image: Dict[int, List[TrainingObject]], config: LearnConfig,
         rng: np.random.Generator, layer: Optional[torch.nn.Module] = None,
         mask_decoder: Optional[torch.nn.Module] = None, penalty=None,
         progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
@@ -645,10 +411,10 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     # 2. objects and prompts of the training images, on the decoder's low-res grid
     low = 4 * backbone.embedding_shape[1]
     img_size = backbone.img_size
-    per_image: Dict[int, List[_Object]] = {}
+    per_image: Dict[int, List[TrainingObject]] = {}
     for i in train_idx + list(aug_of):
         src = aug_of.get(i, i)
-        objs = _objects_for(data.slices[src].labels, data.objects, records[i], img_size, low, i)
+        objs = objects_for(data.slices[src].labels, data.objects, records[i], img_size, low, i)
         if objs:
             per_image[i] = objs
     if not per_image:
@@ -719,8 +485,8 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     t_finder = time.perf_counter()
     # the budget asked for, not what the time budget left of it: a layer cut to 20 steps on a busy
     # CPU left the finder 25 steps, and it found nothing (benchmarks/results/effort_cpu.md, 2 volumes)
-    # 2.5 x: held-out hippocampus volumes (train 5-7) gained 3D zero-click Dice 0.50 -> 0.54 from
-    # 200 to 500 steps for 8 s more on a CPU (finder.py)
+    # 2.5 x the layer's steps: chosen on held-out hippocampus training volumes (docs/benchmarks.md, the effort
+    # benchmark)
     finder_steps = config.finder_steps or (FINDER_STEPS if config.steps is None
                                            else min(FINDER_STEPS, max(25, round(2.5 * config.steps))))
     finder, finder_card = _learn_finder(predictor, data, records, z_all, train_idx, val_idx,

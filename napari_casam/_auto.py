@@ -16,10 +16,11 @@ import numpy as np
 from casam_core.progress import Cancelled
 
 from ._layers import PREVIEW
+from ._parts import WidgetParts
 from ._workers import bar_follows, reporting, task_status
 
 
-class AutoMixin:
+class AutoMixin(WidgetParts):
     _auto = None  # the running zero-click segmentation's cancel event
     auto_preview = None  # "class" / "instance": the preview holds a zero-click label map (its values kept)
 

@@ -57,7 +57,8 @@ def learn(put: Callable, cancel_event: threading.Event, name: str, image: np.nda
         from casam_core.errors import TaskLibraryError
         from casam_core.library import TaskLibrary
         from casam_core.progress import Cancelled
-        from casam_core.training import TaskData, image_slice_from_array, learn_config, learn_task, volume_slices
+        from casam_core.training import learn_config, learn_task
+        from casam_core.task_data import image_slice_from_array, TaskData, volume_slices
 
         lib = TaskLibrary(library)
         if name in lib:

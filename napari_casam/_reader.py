@@ -13,7 +13,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from casam_core.io import VOLUME_SUFFIXES, ImageIOError, MedicalImage, path_suffix, read_image
+from casam_core.io import ImageIOError, MedicalImage, read_image, VOLUME_SUFFIXES
+from casam_core.files import path_suffix
 
 LABEL_HINTS = ("mask", "label", "seg")
 

@@ -20,10 +20,11 @@ from casam_core.progress import Cancelled, check_cancel
 from casam_core.tasks import TaskChoice, describe_route, describe_scores
 
 from ._layers import LABELS, PREVIEW, plane
+from ._parts import WidgetParts
 from ._workers import task_status
 
 
-class SegmentingMixin:
+class SegmentingMixin(WidgetParts):
     # ------------------------------------------------------------------ segmenting and routing
     def _not_ready_reason(self) -> Optional[str]:
         """Why prompts cannot be segmented now (None when they can)."""

@@ -138,7 +138,7 @@ def task_status(viewer, description: str, cancel: Callable) -> Callable[[], None
 
 def prewarm_imports() -> None:
     """Import, off the UI thread, what the first Embed click would otherwise import on it
-    (napari's Points layer features need pandas: about 0.4 s here)."""
+    (napari's Points layer features need pandas, slow to import)."""
     try:
         import pandas  # noqa: F401
     except ImportError:  # napari without pandas: the Points layer then imports what it needs itself

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from casam_core.samples import SAMPLES  # noqa: F401  (the tests' samples: `from conftest import SAMPLES`)
+
 REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "samples"
 DATA = Path(os.environ.get("CASAM_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 
 from casam_core.cli import main
-from casam_core.library import ALIGNMENT, CARD, MANIFEST, ROUTER, sha256_bytes
+from casam_core.samples import SAMPLES
+from casam_core.task_files import ALIGNMENT, CARD, MANIFEST, ROUTER, sha256_bytes
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 HC18 = SAMPLES / "hc18_fetal_head" / "006_HC.png"
 HC18_MASK = SAMPLES / "hc18_fetal_head" / "006_HC_mask.png"
 HIPPO = SAMPLES / "hippocampus_mri" / "hippocampus_003.nii.gz"

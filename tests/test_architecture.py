@@ -16,11 +16,12 @@ PACKAGES = ("casam_core", "napari_casam", "training")
 # casam_core's layers, lowest first: a module imports only from its own layer or below
 # (docs/architecture.md). The package __init__ is a lazy facade and sits above all.
 CORE_LAYERS = (
-    ("errors", "config", "progress", "metrics", "samples", "distributed", "_ov_check"),
-    ("io", "dicom_seg", "cache", "overlay", "prompts", "alignment", "router", "finder", "runtimes", "backbones"),
+    ("errors", "files", "config", "progress", "metrics", "samples", "distributed", "_ov_check"),
+    ("io", "images", "datasets", "task_data", "dicom_seg", "cache", "overlay", "prompts", "clicks", "decoder_graphs",
+     "alignment", "router", "finder", "runtimes", "backbones"),
     ("tasks", "auto"),
     ("predictor",),
-    ("library", "evaluate", "training", "batch"),
+    ("task_files", "library", "evaluate", "losses", "training", "segment", "batch", "demo"),
     ("build",),
     ("cli",),
 )
@@ -144,3 +145,25 @@ def test_the_top_level_manifest_is_the_package_one():
     assert top.is_symlink() and top.resolve() == (REPO / "napari_casam" / "napari.yaml").resolve()
     installed = PluginManifest.from_distribution("napari-casam")
     assert PluginManifest.from_file(top).model_dump() == installed.model_dump()
+
+
+def test_no_private_name_is_imported_across_packages():
+    """``from casam_core.x import _name`` in the plugin, the benchmark or the scripts: a private name
+    is the module's own business; what another package needs is public."""
+    wrong = []
+    for package in PACKAGES + ("benchmarks",):
+        for path in (REPO / package).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    home = node.module.split(".")[0]
+                    if home in PACKAGES and home != package:
+                        wrong += [f"{package}/{path.name}: {node.module}.{a.name}" for a in node.names
+                                  if a.name.startswith("_") and not a.name.startswith("__")]
+                        if any(part.startswith("_") for part in node.module.split(".")[1:]) and package != "napari_casam":
+                            wrong.append(f"{package}/{path.name}: the private module {node.module}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_core_files_stay_under_600_lines():
+    sizes = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in (REPO / "casam_core").glob("*.py")}
+    assert max(sizes.values()) <= 600, {k: v for k, v in sizes.items() if v > 600}

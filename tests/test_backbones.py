@@ -173,7 +173,7 @@ def test_bfloat16_runs_the_decoder_by_default_and_the_encoder_when_asked_and_kee
     learning steps follow the decoder's arithmetic ($CASAM_PRECISION=f32 and the eager runtime
     keep float32). Elsewhere the default is float32, and asking for bfloat16 is refused clearly."""
     from casam_core.errors import OptionError
-    from casam_core.runtimes import _native_bf16, openvino_precision
+    from casam_core.runtimes import native_bf16, openvino_precision
     from casam_core.training import learning_arithmetic
 
     monkeypatch.setenv("CASAM_CACHE_DIR", str(tmp_path / "cache"))
@@ -183,7 +183,7 @@ def test_bfloat16_runs_the_decoder_by_default_and_the_encoder_when_asked_and_kee
     with pytest.raises(OptionError, match=r"unknown precision 'f31'; did you mean 'f32'"):
         build_backbone("litemedsam", device="cpu", runtime="torch", precision="f31")  # on every runtime
     monkeypatch.delenv("CASAM_PRECISION")
-    if not _native_bf16():
+    if not native_bf16():
         assert openvino_precision() == ("f32", "f32")
         with pytest.raises(OptionError, match="does not compute bfloat16 natively"):
             openvino_precision("bf16")

@@ -22,7 +22,8 @@ import pytest
 
 from casam_core.cache import DiskEmbeddingCache
 from casam_core.io import read_image
-from casam_core.library import ALIGNMENT, CARD, FINDER, ROUTER, TaskLibrary, read_pack
+from casam_core.library import read_pack, TaskLibrary
+from casam_core.task_files import ALIGNMENT, CARD, FINDER, ROUTER
 
 from conftest import SAMPLES
 from fault_cases import small_annotated_set

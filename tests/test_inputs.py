@@ -56,13 +56,13 @@ def test_outputs_honour_the_umask(tmp_path):
 
 
 def test_segment_without_overlay_builds_no_overlay(tmp_path, capfd, monkeypatch):
-    import casam_core.cli as cli
+    import casam_core.segment as segment
 
     def no_overlay(*args, **kwargs):
         raise AssertionError("an overlay was built although none was asked for")
 
-    monkeypatch.setattr(cli, "overlay", no_overlay)
-    monkeypatch.setattr(cli, "volume_montage", no_overlay)
+    monkeypatch.setattr(segment, "overlay", no_overlay)
+    monkeypatch.setattr(segment, "volume_montage", no_overlay)
     code, _, err = _run(capfd, "segment", HC18, "--out", tmp_path / "m.png", "--box", "100,100,300,300",
                         "--device", "cpu")
     assert code == 0, err

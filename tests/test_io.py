@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from casam_core.io import (
-    ImageIOError, normalize_intensity, read_dataset, read_image, read_labels, write_mask,
-)
+from casam_core.io import ImageIOError, read_image, read_labels, write_mask
+from casam_core.datasets import read_dataset
+from casam_core.images import normalize_intensity
 
 from conftest import DATA, SAMPLES
 

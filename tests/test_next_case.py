@@ -25,7 +25,8 @@ def _case(split: str, index: int):
 def hippo(backbone, tmp_path_factory):
     """(predictor, task learned from training volume 0, its learning data) on a module cache."""
     from casam_core import CASamPredictor
-    from casam_core.training import LearnConfig, learn_task, load_task_data
+    from casam_core.training import learn_task, LearnConfig
+    from casam_core.task_data import load_task_data
 
     predictor = CASamPredictor(backbone, disk_cache=tmp_path_factory.mktemp("embeddings-next-case"))
     image, mask = _case("train", 0)

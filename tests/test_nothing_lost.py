@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from PIL import Image
 
@@ -21,7 +20,8 @@ from casam_core.alignment import AlignmentLayer
 from casam_core.cli import main
 from casam_core.errors import ImageIOError, TaskLibraryError, TaskNameError
 from casam_core.io import read_image, write_mask
-from casam_core.library import ALIGNMENT, CARD, ROUTER, TaskLibrary, check_card
+from casam_core.library import TaskLibrary
+from casam_core.task_files import ALIGNMENT, CARD, check_card, ROUTER
 from casam_core.router import TaskVAE
 from casam_core.tasks import Task, check_task_name
 

@@ -291,22 +291,22 @@ def test_predict_takes_one_object_and_says_where_batches_go(kvasir_predictor):
 
 
 def test_a_corrective_click_edits_the_earlier_mask_only_inside_its_box():
-    from casam_core.predictor import _local_edits
+    from casam_core.clicks import local_edits
 
     before = torch.full((32, 32), -5.0)
     before[8:16, 8:16] = 5.0  # the earlier mask
     local = torch.full((1, 32, 32), -5.0)
     local[0, 4:30, 16:30] = 5.0  # what the box at the click sees: reaches far beyond its box
     box = torch.tensor([[14.0, 6.0, 24.0, 16.0]])
-    added = _local_edits(before, local, box, (20, 10), positive=True)[0] > 0
+    added = local_edits(before, local, box, (20, 10), positive=True)[0] > 0
     assert added[8:16, 8:16].all() and added[10, 20]  # the earlier mask stays, the click's part joins
     assert not added[25, 20] and not added[10, 28]  # nothing outside the box
     # a negative click on a part the local decode calls foreground: that part goes, inside the box only
     grown = torch.where(local[0] > 0, 5.0, before)
-    cut = _local_edits(grown, local, box, (20, 10), positive=False)[0] > 0
+    cut = local_edits(grown, local, box, (20, 10), positive=False)[0] > 0
     assert not cut[10, 20] and cut[25, 20] and cut[8:16, 8:14].all()
     # a negative click where the local decode sees background: inside the box only both-foreground stays
-    kept = _local_edits(before, local, torch.tensor([[4.0, 4.0, 14.0, 14.0]]), (10, 10), positive=False)[0] > 0
+    kept = local_edits(before, local, torch.tensor([[4.0, 4.0, 14.0, 14.0]]), (10, 10), positive=False)[0] > 0
     assert not kept[8:14, 8:14].any() and kept[15, 15]
 
 
@@ -337,8 +337,9 @@ def test_a_first_click_decodes_its_candidates_only_where_the_clicks_are_and_keep
     prompt tokens' side, its upscaling token by token), equal the decoder's own masks; on the default runtime the
     clicks' masks are those of decoding every candidate whole, but for bfloat16 rounding."""
     from casam_core.backbones import Backbone, Candidates
-    from casam_core.runtimes import SEARCH_CANDIDATES, _DecoderGraph, _SearchGraph, _UpscaleGraph
-    from casam_core.predictor import POINT_SEARCH_FRACTIONS
+    from casam_core.decoder_graphs import DecoderGraph, SearchGraph, UpscaleGraph
+    from casam_core.runtimes import SEARCH_CANDIDATES
+    from casam_core.clicks import POINT_SEARCH_FRACTIONS
 
     assert SEARCH_CANDIDATES == len(POINT_SEARCH_FRACTIONS)  # the static copy is the one a click uses
     image, labels = dataset_case("hc18_fetal_head", "test", 0)
@@ -348,9 +349,9 @@ def test_a_first_click_decodes_its_candidates_only_where_the_clicks_are_and_keep
     boxes = torch.tensor([[30.0, 40.0, 60.0, 90.0], [10.0, 10.0, 200.0, 150.0], [100.0, 60.0, 250.0, 250.0]])
     sparse, dense = backbone.prompt_encoder(points=None, boxes=boxes, masks=None)
     with torch.inference_mode():  # the split in eager float32 PyTorch, against the decoder itself
-        keys, hyper, iou = _SearchGraph(backbone)(z, sparse, dense[:1])
+        keys, hyper, iou = SearchGraph(backbone)(z, sparse, dense[:1])
         low, iou_ref = backbone.mask_decoder.predict_masks(z, backbone.prompt_encoder.get_dense_pe(), sparse, dense)
-    split = Candidates(iou, keys=keys, hyper=hyper, upscale=_UpscaleGraph(backbone),
+    split = Candidates(iou, keys=keys, hyper=hyper, upscale=UpscaleGraph(backbone),
                        upscaling=backbone.mask_decoder.output_upscaling, grid=backbone.embedding_shape[1:])
     ij = torch.tensor([[0, 0], [37, 101], [128, 128], [255, 3], [66, 200], [131, 250]])
     assert float((iou - iou_ref).abs().max()) < 1e-4
@@ -361,7 +362,7 @@ def test_a_first_click_decodes_its_candidates_only_where_the_clicks_are_and_keep
     with torch.inference_mode():  # the converted decoder's graph (upscaling token by token): its masks too,
         prior = torch.randn(3, 1, 256, 256, generator=torch.Generator().manual_seed(0))  # with mask prompts
         sparse_m, dense_m = backbone.prompt_encoder(points=None, boxes=boxes, masks=prior)
-        whole, iou_whole = _DecoderGraph(backbone)(z, sparse_m, dense_m)
+        whole, iou_whole = DecoderGraph(backbone)(z, sparse_m, dense_m)
         low_m, iou_m = backbone.mask_decoder.predict_masks(z, backbone.prompt_encoder.get_dense_pe(), sparse_m, dense_m)
     assert whole.shape == low_m.shape and float((whole - low_m).abs().max()) < 1e-3
     assert float((iou_whole - iou_m).abs().max()) < 1e-4 and float(low_m.abs().max()) > 1

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from casam_core.library import ALIGNMENT, CARD, FINDER, MANIFEST, ROUTER, TaskLibrary, TaskLibraryError
+from casam_core.library import TaskLibrary, TaskLibraryError
+from casam_core.task_files import ALIGNMENT, CARD, FINDER, MANIFEST, ROUTER
 from casam_core.progress import Cancelled
-from casam_core.training import LearnConfig, TaskDataError, learn_task, load_task_data
+from casam_core.training import learn_task, LearnConfig, TaskDataError
+from casam_core.task_data import load_task_data
 
 from conftest import dataset_case, dataset_root
 
@@ -217,7 +219,7 @@ def test_a_version_1_pack_without_a_finder_still_imports_and_says_it_cannot_segm
     finder member in a version 1 pack is refused."""
     from casam_core import CASamPredictor
     from casam_core.auto import NoAutoSegmentation
-    from casam_core.library import sha256_bytes
+    from casam_core.task_files import sha256_bytes
 
     from conftest import dataset_case
 
@@ -311,14 +313,14 @@ def test_a_slow_start_does_not_cut_learning_short(backbone, monkeypatch):
     import types
 
     from casam_core import CASamPredictor
-    from casam_core import training
+    from casam_core import losses, training
     from casam_core.alignment import AlignmentLayer
 
     predictor = CASamPredictor(backbone)
     image, labels = dataset_case("kvasir_polyp", "train", 0)
     record = predictor.embed_rgb(image)
     z_all = [predictor.embedding(record).float().clone()]
-    per_image = {0: training._objects_for(labels, "class", record, backbone.img_size, 256, 0)}
+    per_image = {0: losses.objects_for(labels, "class", record, backbone.img_size, 256, 0)}
     clock = {"now": 0.0, "steps": 0}
     real_loss = training.batch_loss
 
@@ -344,7 +346,8 @@ def test_a_bfloat16_learning_step_moves_the_layer_as_a_float32_step_does(backbon
     with float32's, and so does the loss; the default follows the decoder's arithmetic."""
     from casam_core import CASamPredictor
     from casam_core.alignment import AlignmentLayer
-    from casam_core.training import _objects_for, fit, learn_config, learning_arithmetic
+    from casam_core.training import fit, learn_config, learning_arithmetic
+    from casam_core.losses import objects_for
 
     native = getattr(backbone._fast_decoder, "precision", "f32") == "bf16"
     assert learning_arithmetic(backbone) == ("bfloat16" if native else "float32")
@@ -357,7 +360,7 @@ def test_a_bfloat16_learning_step_moves_the_layer_as_a_float32_step_does(backbon
         image, labels = dataset_case("kvasir_polyp", "train", k)
         record = predictor.embed_rgb(image)
         z_all.append(predictor.embedding(record).float().clone())
-        per_image[k] = _objects_for(labels, "class", record, backbone.img_size, 256, k)
+        per_image[k] = objects_for(labels, "class", record, backbone.img_size, 256, k)
     saved, moved, losses = backbone.learning_dtype, {}, {}
     try:
         for dtype in (None, torch.bfloat16):  # float32, then bfloat16 (emulated on a CPU without it)
@@ -424,7 +427,7 @@ def test_training_data_errors_name_the_file(tmp_path):
 def test_volume_training_data_keeps_background_slices_for_the_router():
     from casam_core.io import read_image, read_labels
     from conftest import SAMPLES
-    from casam_core.training import volume_slices
+    from casam_core.task_data import volume_slices
 
     image = read_image(SAMPLES / "hippocampus_mri" / "hippocampus_003.nii.gz")
     labels = read_labels(SAMPLES / "hippocampus_mri" / "hippocampus_003_mask.nii.gz", like=image).array

@@ -50,14 +50,17 @@ from casam_core.alignment import PAPER, RESIDUAL, AlignmentLayer, count_paramete
 from casam_core.build import build_predictor
 from casam_core.distributed import Dist, device_for_rank, init_distributed
 from casam_core.evaluate import object_metrics
-from casam_core.io import read_dataset, read_image, read_labels, write_json
+from casam_core.io import read_image, read_labels
+from casam_core.datasets import read_dataset
+from casam_core.files import write_json
 from casam_core.metrics import backward_transfer, forgetting
 from casam_core.predictor import CASamPredictor
 from casam_core.progress import TqdmProgress
 from casam_core.prompts import object_masks
 from casam_core.router import Router, router_feature
-from casam_core.training import (LearnConfig, TaskData, TrainingSlice, _objects_for, augment_intensity, batch_loss,
-                                 fit, image_slice, learn_config, learn_task, volume_slices)
+from casam_core.training import batch_loss, fit, learn_config, learn_task, LearnConfig
+from casam_core.losses import augment_intensity, objects_for
+from casam_core.task_data import image_slice, TaskData, TrainingSlice, volume_slices
 
 from .report import matrix, other_form, write_report
 
@@ -174,13 +177,13 @@ class Stream:
             rec, z = self.embed(s.rgb)
             feats.append(router_feature(z))
             if s.annotated:
-                objs = _objects_for(s.labels, ts.objects, rec, self.backbone.img_size, self.low, len(zs))
+                objs = objects_for(s.labels, ts.objects, rec, self.backbone.img_size, self.low, len(zs))
                 if objs:
                     per_image[len(zs)] = objs
             zs.append(z)
             for _ in range(augment if s.annotated else 0):
                 rec2, z2 = self.embed(augment_intensity(s.rgb, rng))
-                objs = _objects_for(s.labels, ts.objects, rec2, self.backbone.img_size, self.low, len(zs))
+                objs = objects_for(s.labels, ts.objects, rec2, self.backbone.img_size, self.low, len(zs))
                 if objs:
                     per_image[len(zs)] = objs
                 zs.append(z2)
@@ -299,7 +302,7 @@ def save_models(path: Path, layers, variants, naive, ewc, decoder, router, ewc_t
     """Every model of the run after a stage, as one safetensors file (written atomically)."""
     from safetensors.torch import save_file
 
-    from casam_core.io import atomic_write
+    from casam_core.files import atomic_write
 
     t: Dict[str, torch.Tensor] = {}
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+from casam_core.samples import SAMPLES
 
 
 def pump(app, seconds: float, until=None) -> bool:
