@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from .progress import INTERRUPTED_WHILE_LOADING, Terminated, interrupts_while_loading
+
+_DEFAULT_SIGINT = interrupts_while_loading()
 try:  # the libraries load for seconds: Ctrl+C meanwhile is a cancel, said in one line (not a traceback)
     from . import __version__
     from .alignment import FORMS
@@ -40,18 +43,15 @@ try:  # the libraries load for seconds: Ctrl+C meanwhile is a cancel, said in on
     from .task_data import load_task_data
     from .tasks import AUTO, check_task_name, describe_route, task_mode
     from .training import PROFILES, LearnConfig, learn_config, learn_task
-except KeyboardInterrupt:
+    if INTERRUPTED_WHILE_LOADING:
+        raise KeyboardInterrupt
+except BaseException as exc:  # Ctrl+C, or what it broke: a library interrupted half-way fails to import after
+    if not (isinstance(exc, KeyboardInterrupt) or INTERRUPTED_WHILE_LOADING):
+        raise
     print("casam: cancelled", file=sys.stderr)
     raise SystemExit(130) from None
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived (a scheduler's or a user's ``kill``): unwinds like Ctrl+C, so every atomic write
-    is cleaned up, and ends the command with one line and exit code 143."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
+finally:
+    signal.signal(signal.SIGINT, _DEFAULT_SIGINT)
 
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -558,7 +558,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.dist = Dist()
     where = ""
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = signal.signal(signal.SIGTERM, Terminated.raise_it)
     except ValueError:  # not the main thread: the caller's handling stays
         previous = None
     try:

@@ -11,7 +11,8 @@ in tests (a list that records the calls).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import signal
+from typing import Callable, List, Optional
 
 ProgressFn = Callable[[int, int, str], None]
 CancelFn = Callable[[], bool]
@@ -59,3 +60,27 @@ class TqdmProgress:
         for bar in self._bars.values():
             bar.close()
         self._bars.clear()
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler's or a user's ``kill``): unwinds like Ctrl+C, so every atomic write
+    is cleaned up, and ends the command with one line and exit code 143."""
+
+    @staticmethod
+    def raise_it(signum, frame):
+        raise Terminated()
+
+
+INTERRUPTED_WHILE_LOADING: List[int] = []  # Ctrl+C seen while the libraries loaded
+
+
+def interrupts_while_loading():
+    """Ctrl+C while the libraries load, remembered as well as raised: a library that catches
+    everything during its import cannot swallow it, and the import it breaks is known to be the
+    user's cancel. Returns the handler it replaced (to put back once loaded)."""
+    def interrupted(signum, frame):
+        INTERRUPTED_WHILE_LOADING.append(signum)
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGINT, interrupted)
+

@@ -309,7 +309,15 @@ def test_ctrl_c_while_the_libraries_load_is_one_line_not_a_traceback(tmp_path):
     import time
 
     proc = _casam("segment", HC18, "--box", "100,100,600,500", "--out", tmp_path / "m.png", "--task", "none", *CPU)
-    time.sleep(0.6)  # the interpreter is up; torch, SimpleITK and the rest are still being imported
+    # Ctrl+C once the libraries load: numpy's shared objects are mapped (the first import inside the
+    # CLI's guard; torch, SimpleITK and the rest follow). A fixed 0.6 s wait failed on a loaded
+    # machine, the signal arriving while the interpreter itself was still starting.
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.time() + 60
+    if maps.exists():
+        while time.time() < deadline and proc.poll() is None and "numpy" not in maps.read_text(errors="ignore"):
+            time.sleep(0.01)
+    else:
+        time.sleep(0.6)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
