@@ -49,8 +49,10 @@ class Workers:
     def __init__(self) -> None:
         self.alive = True
         self.stop = threading.Event()  # workers check it between units of work
-        self.workers: List[tuple] = []  # (worker, threading.Event set when its function has returned)
+        # (worker, Event set when it has ended, Event set when its function began in a pool thread)
+        self.workers: List[tuple] = []
         self.jobs: List = []  # learning processes
+        self.joined = False  # the last shutdown left nothing running
 
     def guarded(self, fn: Callable) -> Callable:
         """``fn`` as a worker callback that does nothing once the dock is gone (a worker can finish
@@ -71,11 +73,12 @@ class Workers:
 
         if not self.alive:
             return None
-        done = threading.Event()
-        worker = create_worker(reraise(work), _start_thread=False, _ignore_errors=True)
+        done, began = threading.Event(), threading.Event()
+        worker = create_worker(reraise(self._unless_stopped(work, began)), _start_thread=False,
+                               _ignore_errors=True)
         # set in the worker's own thread as it ends (a shutdown waits on it without Qt's event loop)
         worker.finished.connect(done.set, Qt.DirectConnection)
-        self.workers = [(w, d) for w, d in self.workers if not d.is_set()] + [(worker, done)]
+        self.workers = [entry for entry in self.workers if not entry[1].is_set()] + [(worker, done, began)]
         for signal, fn in (("returned", returned), ("yielded", yielded), ("finished", finished),
                            ("errored", errored)):
             if fn is not None:
@@ -83,9 +86,35 @@ class Workers:
         worker.start()
         return worker
 
+    def _unless_stopped(self, work, began: threading.Event):
+        """``work`` that notes when it begins and does nothing once a shutdown asked all work to stop.
+        A worker started from Qt's event loop begins only after a timer (superqt), and one in a busy
+        thread pool only when a thread is free: a shutdown cannot wait for those (it blocks the loop
+        that would start them) and need not: when they begin, they return at once."""
+        stop = self.stop
+        if inspect.isgeneratorfunction(work):
+            @functools.wraps(work)
+            def generator(*args, **kwargs):
+                began.set()
+                if stop.is_set():
+                    return None
+                return (yield from work(*args, **kwargs))
+
+            return generator
+
+        @functools.wraps(work)
+        def call(*args, **kwargs):
+            began.set()
+            return None if stop.is_set() else work(*args, **kwargs)
+
+        return call
+
     def running(self) -> int:
-        """How many workers and learning processes are still running."""
-        return sum(not d.is_set() for _, d in self.workers) + sum(job.alive() for job in self.jobs)
+        """How many workers and learning processes are still running (after a shutdown, a worker that
+        has not begun yet is not: it will return as it begins)."""
+        stopped = self.stop.is_set()
+        return (sum(not done.is_set() and (began.is_set() or not stopped) for _, done, began in self.workers)
+                + sum(job.alive() for job in self.jobs))
 
     def shutdown(self, timeout: float = 30.0, *_) -> bool:
         """Ask all work to stop, then wait for it; True when nothing is left running. No callback runs after."""
@@ -93,7 +122,7 @@ class Workers:
             timeout = 30.0
         self.alive = False
         self.stop.set()
-        for worker, done in self.workers:
+        for worker, done, _ in self.workers:
             if not done.is_set() and hasattr(worker, "quit"):
                 try:
                     worker.quit()  # a generator worker stops at its next yield
@@ -102,11 +131,13 @@ class Workers:
         for job in self.jobs:
             job.cancel()
         deadline = time.monotonic() + timeout
-        for _, done in self.workers:
-            done.wait(max(0.0, deadline - time.monotonic()))
+        for _, done, began in self.workers:
+            if began.is_set():  # set before its stop check: one that begins after this returns at once
+                done.wait(max(0.0, deadline - time.monotonic()))
         for job in self.jobs:
             job.stop(max(1.0, deadline - time.monotonic()))
-        return self.running() == 0
+        self.joined = self.running() == 0
+        return self.joined
 
 
 def task_status(viewer, description: str, cancel: Callable) -> Callable[[], None]:
