@@ -135,7 +135,7 @@ def _group(source: str) -> str:
     return source.rsplit("[", 1)[0] if source.endswith("]") else source
 
 
-def _validation_split(annotated: List[int], fraction: float,
+def validation_split(annotated: List[int], fraction: float,
                       sources: Optional[List[str]] = None) -> Tuple[List[int], List[int]]:
     """Held-out images among the annotated ones (deterministic).
 
@@ -377,7 +377,7 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
 
     # 1. frozen embeddings, once (the predictor's caches: memory and optional disk)
     annotated = [i for i, s in enumerate(data.slices) if s.annotated]
-    train_idx, val_idx = _validation_split(annotated, config.val_fraction, [s.source for s in data.slices])
+    train_idx, val_idx = validation_split(annotated, config.val_fraction, [s.source for s in data.slices])
     n_aug = config.augment_copies * len(train_idx)
     total = len(data.slices) + n_aug
     records: List[ImageRecord] = []

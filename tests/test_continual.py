@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from conftest import DATA, dataset_root
 
@@ -15,8 +16,9 @@ def test_miniature_run_writes_every_output_and_resumes(tmp_path, embedding_cache
 
     for name in ("kvasir_polyp", "hippocampus_mri", "cxr_lungs"):
         dataset_root(name)  # skips without the data
+    # the product's recipe cut to 4 steps: every method checks its held-out images at steps 0 and 4
     profile = Profile(train_images=3, test_images=1, train_volumes=1, test_volumes=1, slices_per_volume=2,
-                      background_per_volume=1, max_objects=4, epochs=1, form="gated", lr=1e-3)
+                      background_per_volume=1, max_objects=4, steps=4, form="gated", lr=1e-3, recipe="fast")
     out = tmp_path / "run"
     logs = []
     run(["kvasir_polyp", "hippocampus_mri"], ["cxr_lungs"], profile, out, DATA, "cpu",
@@ -44,7 +46,24 @@ def test_miniature_run_writes_every_output_and_resumes(tmp_path, embedding_cache
     assert set(results["stages"][1]["oracle_variants"]["kvasir_polyp"]) == {
         "product", "layer_no_fallback", "other_form", "1_block", "augment_1"}
     assert results["efficiency"]["params_per_task_casam"] == 3_541_263 + 90_752  # gated layer + VAE
+    # every baseline kept the best of its held-out checks, as CA-SAM does: its starting weights (step 0)
+    # or the trained ones (step 4); a per-task decoder that never beat the frozen one is not kept
+    for row in results["stages"]:
+        assert set(row["kept_step"]) == {"casam", "naive_al", "ewc_al", "decoder_ft", "decoder_task"}, row
+        assert set(row["kept_step"].values()) <= {0, 4}, row["kept_step"]
+    assert results["joint"]["kept_step"] in (0, 8)  # the joint layer: the budget of both tasks
+    checks = results["joint"]["history"]  # each check scores each task's held-out images
+    assert [c[0] for c in checks][:1] == [0] and results["joint"]["kept_step"] in [c[0] for c in checks]
+    for _, mean, tasks in checks:
+        assert set(tasks) == {"kvasir_polyp", "hippocampus_mri"} and mean == pytest.approx(
+            np.mean(list(tasks.values())), abs=1e-3)
+    models = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(out / "models/stage_2.safetensors"))
+    for row in results["stages"]:
+        has = any(k.startswith(f"dtask.{row['task']}.") for k in models)
+        assert has == (row["kept_step"]["decoder_task"] != 0), row
     report = (out / "report.md").read_text()
+    assert "Held-out selection" in report and "per-task decoder FT + router" in report
+    assert "The joint layer's held-out checks" in report
     assert "Accuracy matrix, CA-SAM routed" in report and "Routing after the last task" in report
 
     # a second run on the same folder resumes from the saved models: same results, no retraining

@@ -494,18 +494,18 @@ def test_cli_learn_route_eval_segment_tasks_json(kvasir_task, tmp_path, capsys):
 
 
 def test_slices_from_several_volumes_are_validated_on_a_whole_held_out_volume():
-    from casam_core.training import _validation_split
+    from casam_core.training import validation_split
 
     # 4 volumes x 10 slices: one whole volume is held out, not every fifth slice
     sources = [f"vol{v}.nii.gz[{k}]" for v in range(4) for k in range(10)]
-    train, val = _validation_split(list(range(40)), 0.2, sources)
+    train, val = validation_split(list(range(40)), 0.2, sources)
     held = {sources[i].split("[")[0] for i in val}
     assert len(held) == 1 and len(val) == 10
     assert not held & {sources[i].split("[")[0] for i in train}
     # one volume (the plugin's case) or 2D images: evenly spaced single images, as before
     one = [f"vol.nii.gz[{k}]" for k in range(40)]
     for srcs in (one, [f"img{k}.png" for k in range(40)]):
-        train, val = _validation_split(list(range(40)), 0.2, srcs)
+        train, val = validation_split(list(range(40)), 0.2, srcs)
         assert len(val) == 8 and len(train) == 32 and val == sorted(val) and val[0] > 0
 
 

@@ -10,11 +10,20 @@ component for "instance" sets). All methods run on the same cached frozen embedd
   zero_shot   the frozen backbone
   casam       CA-SAM, routed (the task is not known at test time): the product
   oracle      CA-SAM with the true task id
-  naive_al    one shared Alignment Layer fine-tuned task after task
-  decoder_ft  the mask decoder fine-tuned task after task
-  ewc_al      the shared Alignment Layer with EWC
-  joint_al    one Alignment Layer on all tasks' data pooled (after the last task only)
-  + CA-SAM (oracle) variants: the other layer form, 1 block instead of 3, one augmented copy
+  naive_al      one shared Alignment Layer fine-tuned task after task
+  decoder_ft    the mask decoder fine-tuned task after task
+  decoder_task  a copy of the mask decoder fine-tuned per task, chosen by CA-SAM's router (the
+                same VAEs and thresholds): "routing + any per-task module" without the layer
+  ewc_al        the shared Alignment Layer with EWC
+  joint_al      one Alignment Layer on all tasks' data pooled (after the last task only; the
+                budget of all the tasks together): the upper reference
+  + with --variants, CA-SAM (oracle) variants: the other layer form, 1 block, one augmented copy
+
+Every method learns with the same recipe, budget and held-out selection as CA-SAM's
+``learn_task``: the same images are held out (whole volumes for 3D sets), the held-out Dice
+is checked every ``val_every`` steps from step 0 (the starting weights) and the best-scoring
+weights are kept. A per-task module whose best is step 0 (it never beat the frozen decoder)
+is not used: the frozen model is, as for CA-SAM's layer.
 
 Volumes are handled as slices: training slices are annotated slices (evenly spaced) plus
 a few background slices for the router; test images are annotated slices of the test
@@ -39,7 +48,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -58,7 +67,7 @@ from casam_core.predictor import CASamPredictor
 from casam_core.progress import TqdmProgress
 from casam_core.prompts import object_masks
 from casam_core.router import Router, router_feature
-from casam_core.training import batch_loss, fit, learn_config, learn_task, LearnConfig
+from casam_core.training import batch_loss, fit, learn_config, learn_task, LearnConfig, validation_split
 from casam_core.losses import augment_intensity, objects_for
 from casam_core.task_data import image_slice, TaskData, TrainingSlice, volume_slices
 
@@ -67,7 +76,7 @@ from .report import matrix, other_form, write_report
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_STREAM = ("hippocampus_mri,covid19_ct_infection,monuseg_nuclei,brats_glioma,drive_vessels,em_membranes,"
                   "kvasir_polyp")
-METHODS = ("zero_shot", "casam", "oracle", "naive_al", "decoder_ft", "ewc_al", "joint_al")
+METHODS = ("zero_shot", "casam", "oracle", "naive_al", "decoder_ft", "decoder_task", "ewc_al", "joint_al")
 
 
 @dataclass
@@ -86,13 +95,17 @@ class Profile:
     variants: bool = True
     recipe: str = "paper"  # the learning profile every layer and baseline trains with (casam learn --profile)
     steps: Optional[int] = None  # None: the recipe's budget
+    test_slices_per_volume: Optional[int] = None  # annotated slices scored per test volume (None: slices_per_volume)
 
 
 PROFILES = {
     # a 2-core CPU in <= 2.5 h: 30 training and 20 test images or slices per task, every layer and
     # baseline trained with the product's recipe (casam learn's default, "fast")
-    "quick": Profile(train_images=30, test_images=20, train_volumes=3, test_volumes=2, slices_per_volume=10,
-                     background_per_volume=1, max_objects=24, form=RESIDUAL, recipe="fast"),
+    # 3D sets: 5 training volumes x 6 slices (so that the held-out check is a whole volume of 5), 20
+    # slices scored per test volume
+    "quick": Profile(train_images=30, test_images=20, train_volumes=5, test_volumes=2, slices_per_volume=6,
+                     background_per_volume=1, max_objects=24, form=RESIDUAL, recipe="fast", variants=False,
+                     test_slices_per_volume=20),
     # a check that the whole pipeline runs (tests; a few minutes on a CPU): no result to read
     "smoke": Profile(train_images=3, test_images=2, train_volumes=1, test_volumes=1, slices_per_volume=2,
                      background_per_volume=1, max_objects=4, form=RESIDUAL, recipe="fast", steps=4, variants=False),
@@ -146,7 +159,8 @@ def load_taskset(root: Path, profile: Profile, with_train: bool = True) -> TaskS
         for c in _even(ds.cases("test"), profile.test_volumes):
             image = read_image(c.image)
             slices = volume_slices(image, read_labels(c.mask, like=image).array, source=c.image.name)
-            for s in _even([s for s in slices if s.annotated], profile.slices_per_volume):
+            per_volume = profile.test_slices_per_volume or profile.slices_per_volume
+            for s in _even([s for s in slices if s.annotated], per_volume):
                 test.append(TestImage(s.source, s.rgb, s.labels))
     return TaskSet(ds.name, ds.objects, train, test,
                    {"modality": ds.modality, "dimensions": ds.dimensions, "train": len(train), "test": len(test),
@@ -169,50 +183,75 @@ class Stream:
         rec = self.predictor.embed_rgb(rgb)
         return rec, self.predictor.embedding(rec).detach().clone()
 
+    def split(self, ts: TaskSet):
+        """(training, held-out) indices of a task's slices: learn_task's split (whole volumes held out)."""
+        annotated = [i for i, s in enumerate(ts.train) if s.annotated]
+        return validation_split(annotated, self.config().val_fraction, [s.source for s in ts.train])
+
     def objects(self, ts: TaskSet, augment: int = 0):
-        """(z list, per-image objects, router features) of a task's training slices."""
+        """(z list, per-image objects, router features, held-out images) of a task's training slices;
+        objects only for the training part of the split."""
         zs, per_image, feats = [], {}, []
         rng = np.random.default_rng(self.seed)
-        for s in ts.train:
+        train_idx, val_idx = self.split(ts)
+        train_set = set(train_idx)
+        held_out = [TestImage(f"{ts.name}:{ts.train[i].source}", ts.train[i].rgb, ts.train[i].labels) for i in val_idx]
+        for k, s in enumerate(ts.train):
             rec, z = self.embed(s.rgb)
             feats.append(router_feature(z))
-            if s.annotated:
+            if s.annotated and k in train_set:
                 objs = objects_for(s.labels, ts.objects, rec, self.backbone.img_size, self.low, len(zs))
                 if objs:
                     per_image[len(zs)] = objs
             zs.append(z)
-            for _ in range(augment if s.annotated else 0):
+            for _ in range(augment if s.annotated and k in train_set else 0):
                 rec2, z2 = self.embed(augment_intensity(s.rgb, rng))
                 objs = objects_for(s.labels, ts.objects, rec2, self.backbone.img_size, self.low, len(zs))
                 if objs:
                     per_image[len(zs)] = objs
                 zs.append(z2)
-        return zs, per_image, torch.stack(feats)
+        return zs, per_image, torch.stack(feats), held_out
 
     def dist_mean(self, rows: List[Dict[str, float]]) -> Dict[str, float]:
         keys = ("iou", "dice", "biou")
         sums = self.dist.sum([sum(r[k] for r in rows) for k in keys] + [len(rows)])
         return {k: sums[i] / sums[-1] for i, k in enumerate(keys)}
 
-    def config(self, **kw) -> LearnConfig:
+    def config(self, tasks: int = 1, **kw) -> LearnConfig:
+        """The recipe every method learns with; ``tasks`` > 1 multiplies its budget (steps, epochs
+        and time), for the joint layer."""
         kw.setdefault("form", self.profile.form)
-        return learn_config(self.profile.recipe, epochs=self.profile.epochs, steps=self.profile.steps,
-                            lr=self.profile.lr, seed=self.seed, **kw)
+        cfg = learn_config(self.profile.recipe, epochs=self.profile.epochs, steps=self.profile.steps,
+                           lr=self.profile.lr, seed=self.seed, **kw)
+        if tasks > 1:
+            cfg.steps = cfg.steps * tasks if cfg.steps else None
+            cfg.epochs *= tasks
+            cfg.time_budget_s = cfg.time_budget_s * tasks if cfg.time_budget_s else None
+        return cfg
 
-    def train_layer(self, zs, per_image, layer=None, form=None, n_blocks=3, penalty=None):
+    def train_layer(self, zs, per_image, layer=None, form=None, n_blocks=3, penalty=None, validate=None,
+                    tasks: int = 1, history: Optional[list] = None):
+        """A layer trained on cached embeddings, the best held-out step kept (``validate``); ``tasks``
+        multiplies the budget (the joint layer learns all the tasks at once). Returns (layer, kept step);
+        ``history`` (a list) gets the (step, held-out score) of every check."""
         form = form or self.profile.form
         torch.manual_seed(self.seed)
         layer = layer or AlignmentLayer(n_blocks=n_blocks, form=form)
         layer = layer.to(self.backbone.device).train()
-        fit(self.backbone, zs, per_image, self.config(form=form, n_blocks=n_blocks),
-            np.random.default_rng(self.seed), layer=layer, penalty=penalty, dist=self.dist)
-        return layer.eval()
+        fitted = fit(self.backbone, zs, per_image, self.config(form=form, n_blocks=n_blocks, tasks=tasks),
+                     np.random.default_rng(self.seed), layer=layer, penalty=penalty, dist=self.dist,
+                     validate=validate)
+        if history is not None:
+            history.extend(fitted.history)
+        return layer.eval(), fitted.best_step
 
-    def train_decoder(self, zs, per_image, decoder):
+    def train_decoder(self, zs, per_image, decoder, validate=None):
+        """The mask decoder (a copy) fine-tuned, the best held-out step kept. Returns (decoder, kept step)."""
         decoder.train().requires_grad_(True)
-        fit(self.backbone, zs, per_image, self.config(), np.random.default_rng(self.seed), mask_decoder=decoder)
+        fitted = fit(self.backbone, zs, per_image, self.config(), np.random.default_rng(self.seed),
+                     mask_decoder=decoder, validate=validate)
         decoder.eval().requires_grad_(False)
-        return decoder
+        return decoder, fitted.best_step
 
     def fisher(self, layer, zs, per_image, batches: int = 2):
         """Diagonal Fisher of the shared layer on a task's data: mean squared gradient of the task loss."""
@@ -272,6 +311,20 @@ class Evaluator:
         """Mean scores over the test images (each process scores its share; the sums make the mean)."""
         return self.s.dist_mean([self.score(img, ts.objects, **kw) for img in self.s.dist.shard(ts.test)])
 
+    def validator(self, held_out: Dict[str, tuple], kind: str, record: Optional[list] = None):
+        """The held-out check a method's training keeps its best step by: a function of the module
+        (``kind`` "layer" or "decoder") giving the mean over tasks of the held-out images' mean Dice.
+        ``held_out``: task name -> (objects kind, held-out images). Every process scores every image
+        (the same score everywhere, as ``fit`` needs under torchrun). ``record`` (a list) gets each
+        check's {task: held-out Dice}."""
+        def validate(module) -> float:
+            per_task = {name: float(np.mean([self.score(img, objects, **{kind: module})["dice"] for img in images]))
+                        for name, (objects, images) in held_out.items() if images}
+            if record is not None:
+                record.append(per_task)
+            return float(np.mean(list(per_task.values())))
+        return validate
+
 
 def gflops(backbone, layer=None) -> float:
     """GFLOPs per image for the decoder side (one box), plus the Alignment Layer if given."""
@@ -298,7 +351,7 @@ def encoder_gflops(backbone) -> float:
 VARIANTS = {"other_form": {}, "1_block": {"n_blocks": 1}, "augment_1": {}}  # other_form: see other_form()
 
 
-def save_models(path: Path, layers, variants, naive, ewc, decoder, router, ewc_terms) -> None:
+def save_models(path: Path, layers, variants, naive, ewc, decoder, router, ewc_terms, task_decoders) -> None:
     """Every model of the run after a stage, as one safetensors file (written atomically)."""
     from safetensors.torch import save_file
 
@@ -321,6 +374,9 @@ def save_models(path: Path, layers, variants, naive, ewc, decoder, router, ewc_t
     if ewc is not None:
         put("ewc.", ewc)
     put("decoder.", decoder)
+    for name, d in task_decoders.items():
+        if d is not None:
+            put(f"dtask.{name}.", d)
     for j, (F, p0, n) in enumerate(ewc_terms):
         t[f"ewc_F.{j}.{n}"] = F.detach().cpu().contiguous()
         t[f"ewc_P.{j}.{n}"] = p0.detach().cpu().contiguous()
@@ -369,6 +425,7 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
     backbone = predictor.backbone
     st = Stream(predictor, profile, seed, dist)
     ev = Evaluator(st, profile.max_objects)
+    val_ev = Evaluator(st, st.config().val_max_objects)  # the held-out checks during training, as learn_task's
     state_path = out / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if state and (state.get("stream") != stream_names or state.get("profile") != asdict(profile)):
@@ -413,22 +470,26 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
     variants: Dict[str, Dict[str, AlignmentLayer]] = {}
     shared_naive = shared_ewc = None
     decoder = copy.deepcopy(backbone.mask_decoder)
+    task_decoders: Dict[str, Optional[torch.nn.Module]] = {}  # decoder_task: None = the frozen decoder
     ewc_terms = []
     zero_shot = {}
     oracle_scores: Dict[str, Dict[str, Dict[str, float]]] = {}
     routed_cache: Dict[tuple, Dict[str, float]] = {}
     done_stages = len(state["stages"])
 
-    def routed_dataset(ts: TaskSet):
+    def routed_dataset(ts: TaskSet, method: str = "casam"):
+        """A routed method on a task's test images: CA-SAM's layers, or decoder_task's decoders."""
         rows, routes = [], []
         for img in dist.shard(ts.test):
             _, _, _, f = ev.prepared(img, ts.objects)
             decision = router.route(f).decision
             routes.append(decision or "frozen")
-            key = (img.name, id(img), decision)
+            key = (img.name, id(img), decision, method)
             if key not in routed_cache:
-                layer = layers.get(decision) if decision else None
-                routed_cache[key] = ev.score(img, ts.objects, layer=layer)
+                if method == "decoder_task":
+                    routed_cache[key] = ev.score(img, ts.objects, decoder=task_decoders.get(decision))
+                else:
+                    routed_cache[key] = ev.score(img, ts.objects, layer=layers.get(decision) if decision else None)
             rows.append(routed_cache[key])
         shares = dist.gather_json(routes)  # the routes in the test images' order
         routes = [shares[k % dist.world][k // dist.world] for k in range(len(ts.test))]
@@ -451,6 +512,13 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
         shared_ewc = (_layer_from(saved, "ewc.", form=profile.form)
                       if any(k.startswith("ewc.") for k in saved) else None)
         decoder.load_state_dict({k[len("decoder."):]: v for k, v in saved.items() if k.startswith("decoder.")})
+        for ts in seen_sets[:done_stages]:
+            prefix = f"dtask.{ts.name}."
+            task_decoders[ts.name] = None
+            if any(k.startswith(prefix) for k in saved):
+                task_decoders[ts.name] = copy.deepcopy(backbone.mask_decoder).eval().requires_grad_(False)
+                task_decoders[ts.name].load_state_dict({k[len(prefix):]: v for k, v in saved.items()
+                                                        if k.startswith(prefix)})
         for n in {k.split(".", 2)[2] for k in saved if k.startswith("ewc_F.")}:
             for k in sorted(k for k in saved if k.startswith("ewc_F.") and k.split(".", 2)[2] == n):
                 j = k.split(".")[1]
@@ -465,7 +533,9 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
         if t < done_stages:
             continue
         tl = time.perf_counter()
-        zs, per_image, feats = st.objects(ts)
+        zs, per_image, feats, held_out = st.objects(ts)
+        check = {ts.name: (ts.objects, held_out)}
+        kept = {}  # the step each method kept by the held-out check (0: its starting weights)
         # CA-SAM is the product's learn_task: 20 % held out, "never worse than frozen", router VAE and tau
         task = learn_task(predictor, ts.name, TaskData(ts.train, ts.objects), st.config(), dist=dist)
         router.add(ts.name, task.vae, task.tau)
@@ -477,9 +547,11 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
         layers[ts.name] = layer if task.use_alignment else None
         casam_seconds = time.perf_counter() - tl
         timings = {"casam": round(casam_seconds, 1)}
+        kept["casam"] = task.card["training"]["kept_step"] if task.use_alignment else 0
         if "naive_al" in methods:
             tm = time.perf_counter()
-            shared_naive = st.train_layer(zs, per_image, layer=shared_naive)
+            shared_naive, kept["naive_al"] = st.train_layer(zs, per_image, layer=shared_naive,
+                                                            validate=val_ev.validator(check, "layer"))
             timings["naive_al"] = round(time.perf_counter() - tm, 1)
         if "ewc_al" in methods:
             tm = time.perf_counter()
@@ -488,32 +560,42 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
             def penalty():
                 return sum(profile.ewc_lambda / 2 * (F * (p - p0) ** 2).sum()
                            for (F, p0, name) in terms for n, p in shared_ewc.named_parameters() if n == name)
-            shared_ewc = st.train_layer(zs, per_image, layer=shared_ewc, penalty=penalty if terms else None)
+            shared_ewc, kept["ewc_al"] = st.train_layer(zs, per_image, layer=shared_ewc,
+                                                        penalty=penalty if terms else None,
+                                                        validate=val_ev.validator(check, "layer"))
             fisher = st.fisher(shared_ewc, zs, per_image, batches=2)
             ewc_terms += [(fisher[n], p.detach().clone(), n) for n, p in shared_ewc.named_parameters()]
             timings["ewc_al"] = round(time.perf_counter() - tm, 1)
         if "decoder_ft" in methods:
             tm = time.perf_counter()
-            decoder = st.train_decoder(zs, per_image, decoder)
+            decoder, kept["decoder_ft"] = st.train_decoder(zs, per_image, decoder,
+                                                           validate=val_ev.validator(check, "decoder"))
             timings["decoder_ft"] = round(time.perf_counter() - tm, 1)
+        if "decoder_task" in methods:
+            tm = time.perf_counter()
+            own = copy.deepcopy(backbone.mask_decoder)  # the frozen decoder's copy, this task's alone
+            own, kept["decoder_task"] = st.train_decoder(zs, per_image, own,
+                                                         validate=val_ev.validator(check, "decoder"))
+            task_decoders[ts.name] = None if kept["decoder_task"] == 0 else own  # never beat frozen: frozen
+            timings["decoder_task"] = round(time.perf_counter() - tm, 1)
         if profile.variants:
             tv = time.perf_counter()
             variants[ts.name] = {}
             for vname, kw in VARIANTS.items():
                 if vname == "augment_1":
-                    zs_a, per_a, _ = st.objects(ts, augment=1)
-                    variants[ts.name][vname] = st.train_layer(zs_a, per_a)
+                    zs_a, per_a, _, _ = st.objects(ts, augment=1)
+                    variants[ts.name][vname] = st.train_layer(zs_a, per_a)[0]
                 elif vname == "other_form":
                     variants[ts.name][vname] = st.train_layer(
-                        zs, per_image, form=other_form(profile.form))
+                        zs, per_image, form=other_form(profile.form))[0]
                 else:
-                    variants[ts.name][vname] = st.train_layer(zs, per_image, **kw)
+                    variants[ts.name][vname] = st.train_layer(zs, per_image, **kw)[0]
             timings["variants"] = round(time.perf_counter() - tv, 1)
         oracle_scores[ts.name] = {"product": oracle_raw if task.use_alignment else zero_shot[ts.name],
                                   "layer_no_fallback": oracle_raw}
         for vname, vl in variants.get(ts.name, {}).items():
             oracle_scores[ts.name][vname] = ev.dataset(ts, layer=vl)
-        row = {"stage": t + 1, "task": ts.name, "train_seconds": timings, "results": {}}
+        row = {"stage": t + 1, "task": ts.name, "train_seconds": timings, "kept_step": kept, "results": {}}
         seen = seen_sets[: t + 1]
         for m in methods:
             if m == "joint_al":
@@ -524,8 +606,8 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
                     r = zero_shot[s.name]
                 elif m == "oracle":
                     r = oracle_scores[s.name]["product"]
-                elif m == "casam":
-                    r, routes = routed_dataset(s)
+                elif m in ("casam", "decoder_task"):
+                    r, routes = routed_dataset(s, m)
                     r = dict(r, routes=routes)
                 elif m == "naive_al":
                     r = ev.dataset(s, layer=shared_naive)
@@ -543,7 +625,7 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
         state["stages"].append(row)
         if dist.is_main:
             save_models(models / f"stage_{t + 1}.safetensors", layers, variants, shared_naive, shared_ewc, decoder,
-                        router, ewc_terms)
+                        router, ewc_terms, task_decoders)
             save(state_path)  # after the models: a stage counts as done only when both exist
         dist.barrier()
         log(f"stage {t + 1}/{len(seen_sets)} {ts.name}: casam Dice "
@@ -554,15 +636,22 @@ def run(stream_names: List[str], unseen: List[str], profile_name: str, out: Path
     final = {"unseen": {}, "confusion": {}}
     if "joint_al" in methods and "joint" not in state:
         tj = time.perf_counter()
-        zs_all, per_all = [], {}
+        zs_all, per_all, check_all = [], {}, {}
         for ts in seen_sets:
-            zs, per_image, _ = st.objects(ts)
+            zs, per_image, _, held_out = st.objects(ts)
             for i, objs in per_image.items():
                 per_all[len(zs_all) + i] = objs
             zs_all += zs
-        joint = st.train_layer(zs_all, per_all)
+            check_all[ts.name] = (ts.objects, held_out)
+        # the budget of all the tasks together, the best step on all their held-out images (each task weighs alike)
+        checks, per_task = [], []
+        joint, kept_joint = st.train_layer(zs_all, per_all, validate=val_ev.validator(check_all, "layer", per_task),
+                                           tasks=len(seen_sets), history=checks)
         state["joint"] = {"results": {s.name: ev.dataset(s, layer=joint) for s in seen_sets},
-                          "seconds": round(time.perf_counter() - tj, 1)}
+                          "seconds": round(time.perf_counter() - tj, 1), "kept_step": kept_joint,
+                          # every check: step, mean held-out Dice, each task's (what the kept step traded)
+                          "history": [[step, round(score, 4), {k: round(v, 4) for k, v in tasks.items()}]
+                                      for (step, score), tasks in zip(checks, per_task)]}
         if dist.is_main:
             save(state_path)
     # unseen sets and the routing confusion matrix after the last task
@@ -632,6 +721,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT/../.embeddings)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to run (default all)")
+    ap.add_argument("--variants", action="store_true",
+                    help="also train the Alignment Layer variants (other form, 1 block, 1 augmented copy)")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -648,7 +739,10 @@ def main(argv=None) -> None:
             raise SystemExit(2)
     dist = init_distributed(args.device)  # under torchrun: this process's place in the job
     try:
-        run(stream, unseen, args.profile, Path(args.out), Path(args.data), args.device,
+        profile = PROFILES[args.profile]
+        if args.variants and not profile.variants:
+            profile = replace(profile, variants=True)
+        run(stream, unseen, profile if profile is not PROFILES[args.profile] else args.profile, Path(args.out), Path(args.data), args.device,
             Path(args.cache_dir) if args.cache_dir else None, args.seed, methods, dist=dist)
     finally:
         dist.close()

@@ -9,8 +9,10 @@ import numpy as np
 from casam_core.alignment import PAPER, RESIDUAL
 
 LABELS = {"zero_shot": "zero-shot (frozen)", "casam": "CA-SAM routed", "oracle": "CA-SAM oracle",
-          "naive_al": "naive sequential AL", "decoder_ft": "sequential decoder FT", "ewc_al": "EWC on shared AL",
+          "naive_al": "naive sequential AL", "decoder_ft": "sequential decoder FT",
+          "decoder_task": "per-task decoder FT + router", "ewc_al": "EWC on shared AL",
           "joint_al": "joint AL (pooled data)"}
+TRAINED = ("naive_al", "ewc_al", "decoder_ft", "decoder_task", "variants")  # the learning-time columns
 
 
 def other_form(form: str) -> str:
@@ -63,7 +65,8 @@ def write_report(state: dict, out: Path) -> None:
               f"{', '.join(state['unseen']) or 'none'}.",
               f"Per task: {state['data'][names[0]]['train']} training images/slices for {names[0]} "
               f"(caps: {p['train_images']} 2D images, {p['train_volumes']} volumes x {p['slices_per_volume']} "
-              f"annotated slices), test caps {p['test_images']} images / {p['test_volumes']} volumes; "
+              f"annotated slices), test caps {p['test_images']} images / {p['test_volumes']} volumes x "
+              f"{p.get('test_slices_per_volume') or p['slices_per_volume']} annotated slices; "
               f"{_budget(p)}. Embedding {state.get('embedding_seconds')} s; "
               f"{_run_time(state)}.", ""]
     if state.get("notes"):  # corrections written after the run (e.g. a baseline found invalid)
@@ -101,8 +104,43 @@ def write_report(state: dict, out: Path) -> None:
         for t in range(a.shape[0]):
             lines.append(f"| {t + 1}. {names[t]} | " + " | ".join(_fmt(v) for v in a[t]) +
                          f" | {_fmt(float(np.nanmean(a[t])))} |")
+    # the held-out selection: which step each method kept
+    if any("kept_step" in row for row in state["stages"]):
+        kept = [m for m in ("casam",) + TRAINED if any(m in row.get("kept_step", {}) for row in state["stages"])]
+        lines += ["", "## Held-out selection (the step each method kept; 0 = its starting weights)", "",
+                  "Every method checks the same held-out images of the task (learn_task's split) every "
+                  "`val_every` steps and keeps its best step; a per-task module that kept step 0 is not used "
+                  "(the frozen model is).", "",
+                  "| stage | task | " + " | ".join(LABELS.get(m, m) for m in kept) + " |",
+                  "|---|---|" + "---:|" * len(kept)]
+        for row in state["stages"]:
+            ks = row.get("kept_step", {})
+            lines.append(f"| {row['stage']} | {row['task']} | " + " | ".join(str(ks.get(m, "-")) for m in kept) + " |")
+        if "kept_step" in state.get("joint", {}):
+            lines += ["", f"Joint layer: kept step {state['joint']['kept_step']} "
+                          f"({state['joint'].get('seconds')} s of training and evaluation)."]
+            lines += _joint_checks(state["joint"].get("history", []), names)
     # variants
-    lines += ["", "## Alignment Layer variants (CA-SAM oracle, Dice on each task's test set)", "",
+    if p.get("variants", True):
+        lines += _variants(state, names, p)
+    lines += _tail(state, names)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    plots(state, out)
+
+
+def _joint_checks(history: list, names) -> list:
+    """The joint layer's held-out checks, each task's Dice at each step: what one shared layer trades."""
+    if not history:
+        return []
+    lines = ["", "The joint layer's held-out checks (Dice on each task's held-out images; step 0 = frozen):", "",
+             "| step | " + " | ".join(names) + " | mean |", "|---:|" + "---:|" * (len(names) + 1)]
+    for step, mean, tasks in history:
+        lines.append(f"| {step} | " + " | ".join(_fmt(tasks.get(n)) for n in names) + f" | {_fmt(mean)} |")
+    return lines
+
+
+def _variants(state: dict, names, p: dict) -> list:
+    lines = ["", "## Alignment Layer variants (CA-SAM oracle, Dice on each task's test set)", "",
               f"Main form: {p['form']}; 'product' applies the held-out check (frozen model when the layer "
               f"loses), the other columns are layers used as trained.", "",
               f"| task | zero-shot | product | layer, no fallback | {other_form(p['form'])} form | 1 block "
@@ -115,6 +153,11 @@ def write_report(state: dict, out: Path) -> None:
         lines.append(f"| {n} | {_fmt(z.get('dice'))} | " + " | ".join(
             _fmt(v.get(k, {}).get("dice")) for k in ("product", "layer_no_fallback", "other_form", "1_block",
                                                      "augment_1")) + " |")
+    return lines
+
+
+def _tail(state: dict, names) -> list:
+    lines = []
     # unseen, confusion
     fin = state.get("final", {})
     if fin.get("unseen"):
@@ -133,18 +176,18 @@ def write_report(state: dict, out: Path) -> None:
         lines += ["", "## Efficiency", "",
                   f"- parameters added per task (CA-SAM: Alignment Layer + VAE): {e['params_per_task_casam']:,}; "
                   f"shared layer baselines: {e['params_shared_al']:,} once; decoder fine-tuning: "
-                  f"{e['params_decoder']:,} once; 1-block layer: {e['params_al_1_block']:,}",
+                  f"{e['params_decoder']:,} once, per task with the router {e['params_decoder']:,} + the VAE; "
+                  f"1-block layer: {e['params_al_1_block']:,}",
                   f"- GFLOPs per image (FlopCounterMode; 1 GFLOP = 1e9 FLOPs, a multiply-add = 2): encoder "
                   f"{e['gflops_encoder']}, decoder with one box {e['gflops_decoder']}, decoder + Alignment Layer "
                   f"{e['gflops_decoder_with_al']}"]
-        lines += ["", "| stage | task | CA-SAM learning s | " + " | ".join(
-            k for k in ("naive_al", "ewc_al", "decoder_ft", "variants")) + " |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| stage | task | CA-SAM learning s | " + " | ".join(TRAINED) + " |",
+                  "|---|---|" + "---:|" * (len(TRAINED) + 1)]
         for row in state["stages"]:
             ts = row["train_seconds"]
             lines.append(f"| {row['stage']} | {row['task']} | {ts.get('casam', '-')} | " + " | ".join(
-                str(ts.get(k, "-")) for k in ("naive_al", "ewc_al", "decoder_ft", "variants")) + " |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    plots(state, out)
+                str(ts.get(k, "-")) for k in TRAINED) + " |")
+    return lines
 
 
 def plots(state: dict, out: Path) -> None:
