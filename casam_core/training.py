@@ -136,7 +136,7 @@ def _group(source: str) -> str:
 
 
 def validation_split(annotated: List[int], fraction: float,
-                      sources: Optional[List[str]] = None) -> Tuple[List[int], List[int]]:
+                     sources: Optional[List[str]] = None) -> Tuple[List[int], List[int]]:
     """Held-out images among the annotated ones (deterministic).
 
     When the slices come from 3 or more files (volumes) and some file gave several slices,
