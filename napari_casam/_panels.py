@@ -3,6 +3,7 @@ widget as attributes and wired to its public methods. No logic lives here."""
 
 from __future__ import annotations
 
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
                             QListWidget, QPushButton, QScrollArea, QSpinBox, QVBoxLayout, QWidget)
 
@@ -45,6 +46,13 @@ def build_panels(w) -> None:
     for panel in (_image_panel, _task_panel, _segment_panel, _learn_panel, _library_panel):
         layout.addWidget(panel(w))
     layout.addStretch(1)
+    # scroll up and down only: the dock is made as wide as its widest row, so no button or field is cut
+    # off at the right (napari gave the dock less, and a horizontal scroll bar hid "Undo", "Propagate")
+    for combo in content.findChildren(QComboBox):  # a long layer name must not widen the dock past that
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(12)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setMinimumWidth(content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
 
 
 def _image_panel(w) -> QGroupBox:

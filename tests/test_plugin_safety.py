@@ -375,3 +375,25 @@ def test_corrective_clicks_do_not_make_the_mask_worse(widget, qtbot):
         scores.append(dice(viewer.layers[PREVIEW].data > 0, gt))
     assert all(b >= a - 1e-6 for a, b in zip(scores, scores[1:])), scores
     assert scores[-1] > 0.85, scores
+
+
+def test_the_dock_is_as_wide_as_its_widest_row(widget, qtbot):
+    """Used as a person: docked at napari's width, the rows of buttons ran past the dock's edge
+    ("Undo", "Clear", "Propagate", "Stop" hidden behind a horizontal scroll bar). Now the dock
+    scrolls up and down only and is made wide enough for every row, and a long layer name does
+    not widen it."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QPushButton, QScrollArea
+
+    viewer, w = widget
+    viewer.add_image(np.zeros((4, 16, 16), np.float32), name="a long layer name from a PACS export 1.2.840.113619.2.55")
+    viewer.window.show()
+    viewer.window.resize(1400, 900)
+    qtbot.wait(300)
+    scroll = w.findChild(QScrollArea)
+    assert scroll.horizontalScrollBarPolicy() == Qt.ScrollBarPolicy.ScrollBarAlwaysOff
+    content = scroll.widget()
+    assert content.minimumSizeHint().width() <= scroll.viewport().width()
+    for button in content.findChildren(QPushButton):  # every button lies inside the visible width
+        right = button.mapTo(content, button.rect().topRight()).x()
+        assert right <= scroll.viewport().width(), button.text()
