@@ -21,10 +21,13 @@ import numpy as np
 import torch
 
 from .errors import PromptError
-from .finder import FoundObject, find_objects, heat_on_image
+from .finder import FoundObject, find_objects, heat_on_image, heat_on_slices
 from .metrics import dice
 from .progress import CancelFn, ProgressFn, check_cancel, report
 from .tasks import TaskChoice, describe_route
+
+
+HEAT_BATCH = 16  # slices per finder call in a volume
 
 
 class NoAutoSegmentation(PromptError):
@@ -100,6 +103,32 @@ def heat_of(predictor, finder, record) -> np.ndarray:
     return heat_on_image(finder, z, record.input_size, record.original_size, predictor.backbone.img_size)
 
 
+def finder_box(predictor, task: Optional[str], record, carried: np.ndarray, previous: np.ndarray):
+    """Where the task's finder sees the structure that a carried box is following, on one
+    slice (propagation from a user's box re-anchors with it: ``prompts.propagate_masks``).
+
+    The finder output is the one hottest under the previous slice's mask (the structure's
+    label); its thresholded heat is split into components, and the one with the most pixels
+    inside the carried box is the structure. Returns its box (x0, y0, x1, y1); ``None`` when
+    the finder sees nothing inside the carried box; ``NotImplemented`` when ``task`` has no
+    finder (the box is then carried as before)."""
+    from scipy import ndimage
+
+    finder = predictor.finders.get(task) if task is not None else None
+    if finder is None:
+        return NotImplemented
+    heat = heat_of(predictor, finder, record)
+    j = int(np.argmax([h[previous].mean() for h in heat])) if previous.any() and len(heat) > 1 else 0
+    comp, n = ndimage.label(heat[j] >= _spec(predictor, task)["threshold"], structure=np.ones((3, 3), bool))
+    x0, y0, x1, y1 = (int(round(v)) for v in carried)
+    inside = comp[y0:y1 + 1, x0:x1 + 1]
+    counts = np.bincount(inside.ravel(), minlength=n + 1)[1:]
+    if n == 0 or counts.max() == 0:
+        return None
+    ys, xs = np.nonzero(comp == int(counts.argmax()) + 1)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
+
+
 def segment_image(predictor, choice: TaskChoice, record, cancel=None, progress=None) -> AutoResult:
     finder = check_task(predictor, choice)
     spec = _spec(predictor, choice.decision)
@@ -115,7 +144,10 @@ def segment_volume(predictor, choice: TaskChoice, cancel=None, progress=None) ->
     spec = _spec(predictor, choice.decision)
     vol = predictor.volume
     records = predictor.embed_slices(None, progress=progress, cancel=cancel)
-    heat = np.stack([heat_of(predictor, finder, r) for r in records])  # (S, L, H, W)
+    first, chunks = records[0], [records[k:k + HEAT_BATCH] for k in range(0, len(records), HEAT_BATCH)]
+    heat = np.concatenate([heat_on_slices(finder, torch.stack([predictor.embedding(r) for r in chunk]),
+                                          first.input_size, first.original_size, predictor.backbone.img_size)
+                           for chunk in chunks])  # (S, L, H, W)
     found = find_objects(heat, spec["outputs"], spec["threshold"], spec.get("objects", "class"))
     labels = decode_objects(predictor, found, choice.layer, predictor.slice_record, (len(records),) + heat.shape[2:],
                             cancel, progress, spec.get("objects", "class"))

@@ -106,16 +106,21 @@ def train_finder(z: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], out
     return finder.eval()
 
 
-@torch.inference_mode()
 def heat_on_image(finder: Finder, z: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
                   img_size: int) -> np.ndarray:
     """Heat (L, H, W) in [0, 1] at the image's size from its embedding (256, h, w) or (1, 256, h, w)."""
-    z = z if z.ndim == 4 else z[None]
+    return heat_on_slices(finder, z if z.ndim == 4 else z[None], input_size, original_size, img_size)[0]
+
+
+@torch.inference_mode()
+def heat_on_slices(finder: Finder, z: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
+                   img_size: int) -> np.ndarray:
+    """Heat (B, L, H, W) of B same-sized slices' embeddings (B, 256, h, w), in one finder call."""
     logits = finder(z.float())
     up = F.interpolate(logits, (img_size, img_size), mode="bilinear", align_corners=False)
     up = up[..., : input_size[0], : input_size[1]]
     up = F.interpolate(up, tuple(original_size), mode="bilinear", align_corners=False)
-    return torch.sigmoid(up[0]).float().cpu().numpy()
+    return torch.sigmoid(up).float().cpu().numpy()
 
 
 @dataclass

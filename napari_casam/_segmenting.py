@@ -269,8 +269,10 @@ class SegmentingMixin(WidgetParts):
                 self.clear_prompts()
             stops = [f"going {s['direction']} it stopped because {s['why']}" for s in summary["stops"]
                      if not s["reason"].startswith(("volume edge", "met the other", "annotated as empty"))]
+            found = (f" (on {len(summary['reanchored'])} of them the task's finder placed the box)"
+                     if summary.get("reanchored") else "")
             self.notify(f"CA-SAM: label {label} filled on {len(summary['slices'])} slices from "
-                        f"{len(summary['annotated'])} annotated" + (f"; {'; '.join(stops)}. Check the slices "
+                        f"{len(summary['annotated'])} annotated{found}" + (f"; {'; '.join(stops)}. Check the slices "
                                                                     f"past the stop, annotate one there and "
                                                                     f"propagate again" if stops else ""))
 

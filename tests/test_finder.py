@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from casam_core.finder import Finder, find_objects, grid_targets, outputs_for, train_finder
+from casam_core.finder import (Finder, find_objects, grid_targets, heat_on_image, heat_on_slices, outputs_for,
+                                train_finder)
 
 
 def test_targets_follow_the_encoders_resize_and_padding():
@@ -66,3 +67,9 @@ def test_the_finder_learns_where_a_structure_is():
     inside = p[torch.stack(targets) > 0.5].mean()
     outside = p[torch.stack(targets) < 0.5].mean()
     assert inside > 0.7 and outside < 0.2, (float(inside), float(outside))
+    # a volume's slices get their heat in one call, the same as one slice at a time
+    zs = torch.stack(z[:5])
+    batch = heat_on_slices(finder, zs, (12, 16), (24, 30), 16)
+    assert batch.shape == (5, 1, 24, 30)
+    for k in range(5):
+        np.testing.assert_allclose(batch[k], heat_on_image(finder, z[k], (12, 16), (24, 30), 16), atol=1e-5)

@@ -10,6 +10,7 @@ import torch
 from casam_core.auto import NoAutoSegmentation
 from casam_core.io import read_image, read_labels
 from casam_core.metrics import dice
+from casam_core.prompts import box_from_mask, expand_box, propagate_masks
 from casam_core.router import Router, fit_threshold, router_feature, train_vae
 
 from conftest import dataset_case, dataset_root
@@ -122,3 +123,70 @@ def test_casam_segment_auto_writes_the_label_map_and_refuses_prompts(hippo, tmp_
     assert main(["segment-batch", str(image_path), "--out", str(batch), "--auto", "--json"] + common) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["done"] == 1 and summary["images"][0]["task"] == "hippo"
+
+
+def _largest_slice_start(predictor, gt: np.ndarray, task):
+    k = int(gt.sum(axis=(1, 2)).argmax())
+    predictor.set_slice(k)
+    return k, predictor.predict_batch(box=box_from_mask(gt[k]), task=task)[0][0, 0]
+
+
+def test_propagation_from_a_box_is_re_anchored_by_the_tasks_finder(hippo, monkeypatch):
+    """With a learned task, each slice's box is the finder's component under the carried box
+    (the structure the user boxed), not the carried box itself; the frozen model and
+    ``reanchor=False`` carry it as before."""
+    from casam_core import auto
+
+    predictor, task, _ = hippo
+    predictor.add_task("hippo", task.layer, task.vae, task.tau, task.card, task.finder)
+    image_path, mask_path = _case("test", 0)
+    image = read_image(image_path)
+    gt = read_labels(mask_path, like=image).array == 1
+    predictor.set_volume(image.array)
+    k, start = _largest_slice_start(predictor, gt, "hippo")
+    decoded = {}
+    real = predictor.predict_batch
+
+    def spy(*args, box=None, task=None, **kwargs):
+        decoded[predictor._current_index] = np.asarray(box, float).copy()
+        return real(*args, box=box, task=task, **kwargs)
+
+    monkeypatch.setattr(predictor, "predict_batch", spy)
+    out, summary = propagate_masks(predictor, {k: start}, task="hippo")
+    assert summary["reanchored"] and set(summary["reanchored"]) <= set(summary["slices"]) - {k}
+    moved = 0
+    for j in summary["reanchored"]:
+        prev = out[j - 1] if j > k else out[j + 1]
+        carried = expand_box(box_from_mask(prev), prev.shape)
+        found = auto.finder_box(predictor, "hippo", predictor.slice_record(j), carried, prev)
+        np.testing.assert_allclose(decoded[j], expand_box(found, prev.shape))
+        moved += not np.allclose(decoded[j], carried)
+    assert moved  # the finder's box is not the carried one
+    assert propagate_masks(predictor, {k: start}, task="hippo", reanchor=False)[1]["reanchored"] == []
+    assert propagate_masks(predictor, {k: start}, task=None)[1]["reanchored"] == []
+
+
+def test_a_carry_stops_where_the_tasks_finder_sees_nothing(hippo, monkeypatch):
+    from casam_core import auto
+
+    predictor, task, _ = hippo
+    predictor.add_task("hippo", task.layer, task.vae, task.tau, task.card, task.finder)
+    image_path, mask_path = _case("test", 0)
+    image = read_image(image_path)
+    gt = read_labels(mask_path, like=image).array == 1
+    predictor.set_volume(image.array)
+    k, start = _largest_slice_start(predictor, gt, "hippo")
+    filled = propagate_masks(predictor, {k: start}, task="hippo")[1]["slices"]
+    step = 1 if {k + 1, k + 2} <= set(filled) else -1  # a direction the carry goes at least two slices
+    assert {k + step, k + 2 * step} <= set(filled)
+    where = k + 2 * step
+    blind = predictor.slice_record(where).key
+    real = auto.finder_box
+    monkeypatch.setattr(auto, "finder_box", lambda p, t, record, carried, prev: None if record.key == blind
+                        else real(p, t, record, carried, prev))
+    out, summary = propagate_masks(predictor, {k: start}, task="hippo")
+    stop = next(s for s in summary["stops"] if s["direction"] == ("up" if step > 0 else "down"))
+    assert stop["reason"] == f"the task's finder sees nothing in the carried box at slice {where}"
+    assert stop["why"] == f"the learned task no longer finds the structure at slice {where}"
+    beyond = out[where:] if step > 0 else out[:where + 1]
+    assert not beyond.any() and out[k + step].any()
