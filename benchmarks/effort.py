@@ -26,7 +26,7 @@ true box (the ceiling the finder's box is compared with).
 3D, per structure (label value; BraTS also the tumour core 1+3+4), interactions until the 3D
 Dice reaches 0.9 x the ceiling (the learned task given the true box on every slice), at most 10:
 frozen / learned start with ONE box on the slice where the structure is largest, propagated
-(``propagate_masks``); every further interaction corrects the slice with the most wrong voxels
+(``propagate_masks``; with a learned task, re-anchored by its finder since 2026-12-06); every further interaction corrects the slice with the most wrong voxels
 (set to the truth, as a brush correction) and propagates again from every corrected slice;
 zero-click starts from the task's result (0 interactions) and its corrections propagate from
 the corrected slices and the zero-click slices.
@@ -335,6 +335,9 @@ def table(results: dict) -> str:
                 f"{_mean(x['zero_dice'] for x in rows):.3f} | {_mean(x['frozen']['steps'] for x in rows):.2f} | "
                 f"{_mean(x['learned']['steps'] for x in rows):.2f} | {_mean(x['zero_click']['steps'] for x in rows):.2f} | "
                 f"{_mean(v[0] for v in per_case.values()):.1f} | {_mean(v[1] for v in per_case.values()):.1f} |")
+        lines.append(f"| ({name} measured {r['date']}"
+                     + (", before propagation was re-anchored by the finder (2026-12-06)" if r["date"] < "2026-12-06"
+                        else "") + ") |||||||||||")
         core = [x for p in r["curve"] for x in p["rows"] if x["structure"] == "core"]
         if core:
             lines.append("")
