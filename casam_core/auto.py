@@ -103,32 +103,6 @@ def heat_of(predictor, finder, record) -> np.ndarray:
     return heat_on_image(finder, z, record.input_size, record.original_size, predictor.backbone.img_size)
 
 
-def finder_box(predictor, task: Optional[str], record, carried: np.ndarray, previous: np.ndarray):
-    """Where the task's finder sees the structure that a carried box is following, on one
-    slice (propagation from a user's box re-anchors with it: ``prompts.propagate_masks``).
-
-    The finder output is the one hottest under the previous slice's mask (the structure's
-    label); its thresholded heat is split into components, and the one with the most pixels
-    inside the carried box is the structure. Returns its box (x0, y0, x1, y1); ``None`` when
-    the finder sees nothing inside the carried box; ``NotImplemented`` when ``task`` has no
-    finder (the box is then carried as before)."""
-    from scipy import ndimage
-
-    finder = predictor.finders.get(task) if task is not None else None
-    if finder is None:
-        return NotImplemented
-    heat = heat_of(predictor, finder, record)
-    j = int(np.argmax([h[previous].mean() for h in heat])) if previous.any() and len(heat) > 1 else 0
-    comp, n = ndimage.label(heat[j] >= _spec(predictor, task)["threshold"], structure=np.ones((3, 3), bool))
-    x0, y0, x1, y1 = (int(round(v)) for v in carried)
-    inside = comp[y0:y1 + 1, x0:x1 + 1]
-    counts = np.bincount(inside.ravel(), minlength=n + 1)[1:]
-    if n == 0 or counts.max() == 0:
-        return None
-    ys, xs = np.nonzero(comp == int(counts.argmax()) + 1)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
-
-
 def segment_image(predictor, choice: TaskChoice, record, cancel=None, progress=None) -> AutoResult:
     finder = check_task(predictor, choice)
     spec = _spec(predictor, choice.decision)

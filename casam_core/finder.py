@@ -123,6 +123,33 @@ def heat_on_slices(finder: Finder, z: torch.Tensor, input_size: Tuple[int, int],
     return torch.sigmoid(up).float().cpu().numpy()
 
 
+def finder_box(predictor, task: Optional[str], record, carried: np.ndarray, previous: np.ndarray):
+    """Where the task's finder sees the structure that a carried box is following, on one
+    slice (propagation from a user's box re-anchors with it: ``prompts.propagate_masks``).
+
+    The finder output is the one hottest under the previous slice's mask (the structure's
+    label); its thresholded heat is split into components, and the one with the most pixels
+    inside the carried box is the structure. Returns its box (x0, y0, x1, y1); ``None`` when
+    the finder sees nothing inside the carried box; ``NotImplemented`` when ``task`` has no
+    finder (the box is then carried as before)."""
+    from scipy import ndimage
+
+    finder = predictor.finders.get(task) if task is not None else None
+    if finder is None:
+        return NotImplemented
+    heat = heat_on_image(finder, predictor.embedding(record), record.input_size, record.original_size,
+                         predictor.backbone.img_size)
+    j = int(np.argmax([h[previous].mean() for h in heat])) if previous.any() and len(heat) > 1 else 0
+    comp, n = ndimage.label(heat[j] >= predictor.cards[task]["finder"]["threshold"], structure=np.ones((3, 3), bool))
+    x0, y0, x1, y1 = (int(round(v)) for v in carried)
+    inside = comp[y0:y1 + 1, x0:x1 + 1]
+    counts = np.bincount(inside.ravel(), minlength=n + 1)[1:]
+    if n == 0 or counts.max() == 0:
+        return None
+    ys, xs = np.nonzero(comp == int(counts.argmax()) + 1)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
+
+
 @dataclass
 class FoundObject:
     """One structure the finder found: its label value and, per slice (0 for an image), its box

@@ -216,7 +216,7 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     Re-anchoring (``reanchor``, on by default): when the slice's task has a structure finder
     (a learned task, ``casam_core.finder``), the carried box only says which structure to
     follow; the box given to the decoder is the box of the finder's component under it
-    (``auto.finder_box``), so the box follows the structure instead of drifting; a slice so
+    (``finder.finder_box``), so the box follows the structure instead of drifting; a slice so
     placed has no growth limit (the finder vouches for the structure's size there), and a
     direction stops where the finder sees nothing inside the carried box. ``summary
     ["reanchored"]`` lists the slices segmented from a finder's box. The frozen model, and
@@ -261,9 +261,9 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
         carried = expand_box(box_from_mask(prev), prev.shape)
         if not reanchor:
             return carried, False
-        from .auto import finder_box
+        from . import finder  # torch: imported when a volume is propagated, not with the prompts
 
-        found = finder_box(predictor, task_of(index), predictor.slice_record(index), carried, prev)
+        found = finder.finder_box(predictor, task_of(index), predictor.slice_record(index), carried, prev)
         if found is NotImplemented or (found is None and not FINDER_STOPS):
             return carried, False
         return (None if found is None else expand_box(found, prev.shape)), True

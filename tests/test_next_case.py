@@ -135,7 +135,7 @@ def test_propagation_from_a_box_is_re_anchored_by_the_tasks_finder(hippo, monkey
     """With a learned task, each slice's box is the finder's component under the carried box
     (the structure the user boxed), not the carried box itself; the frozen model and
     ``reanchor=False`` carry it as before."""
-    from casam_core import auto
+    from casam_core.finder import finder_box
 
     predictor, task, _ = hippo
     predictor.add_task("hippo", task.layer, task.vae, task.tau, task.card, task.finder)
@@ -158,7 +158,7 @@ def test_propagation_from_a_box_is_re_anchored_by_the_tasks_finder(hippo, monkey
     for j in summary["reanchored"]:
         prev = out[j - 1] if j > k else out[j + 1]
         carried = expand_box(box_from_mask(prev), prev.shape)
-        found = auto.finder_box(predictor, "hippo", predictor.slice_record(j), carried, prev)
+        found = finder_box(predictor, "hippo", predictor.slice_record(j), carried, prev)
         np.testing.assert_allclose(decoded[j], expand_box(found, prev.shape))
         moved += not np.allclose(decoded[j], carried)
     assert moved  # the finder's box is not the carried one
@@ -167,7 +167,7 @@ def test_propagation_from_a_box_is_re_anchored_by_the_tasks_finder(hippo, monkey
 
 
 def test_a_carry_stops_where_the_tasks_finder_sees_nothing(hippo, monkeypatch):
-    from casam_core import auto
+    from casam_core import finder
 
     predictor, task, _ = hippo
     predictor.add_task("hippo", task.layer, task.vae, task.tau, task.card, task.finder)
@@ -181,8 +181,8 @@ def test_a_carry_stops_where_the_tasks_finder_sees_nothing(hippo, monkeypatch):
     assert {k + step, k + 2 * step} <= set(filled)
     where = k + 2 * step
     blind = predictor.slice_record(where).key
-    real = auto.finder_box
-    monkeypatch.setattr(auto, "finder_box", lambda p, t, record, carried, prev: None if record.key == blind
+    real = finder.finder_box
+    monkeypatch.setattr(finder, "finder_box", lambda p, t, record, carried, prev: None if record.key == blind
                         else real(p, t, record, carried, prev))
     out, summary = propagate_masks(predictor, {k: start}, task="hippo")
     stop = next(s for s in summary["stops"] if s["direction"] == ("up" if step > 0 else "down"))
