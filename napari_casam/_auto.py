@@ -71,7 +71,7 @@ class AutoMixin(WidgetParts):
 
         def failed(exc):
             if isinstance(getattr(exc, "__cause__", None), Cancelled) or isinstance(exc, Cancelled):
-                self.status(f"the segmentation of {source} was stopped")
+                self.say(f"the segmentation of {source} was stopped")
                 return
             self.error(f"CA-SAM: {exc}")
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class WidgetParts:
     """What ``CASamWidget`` gives its mixins (``SegmentingMixin``, ``AutoMixin``), declared once: set
     in its ``__init__``, by ``_panels.build_panels`` and by ``AutoMixin``; and its methods
-    ``status``, ``notify``, ``error``, ``_run``, ``current_prompts``, ``current_slice``,
+    ``status``, ``say``, ``notify``, ``error``, ``_run``, ``current_prompts``, ``current_slice``,
     ``task_choice``, ``clear_prompts``, ``update_route``, ``_not_ready_reason``,
     ``_show_route`` and the properties ``predictor`` and ``is_volume``. Declarations only: no
     attribute is set here."""

@@ -278,7 +278,7 @@ class SegmentingMixin(WidgetParts):
 
         def failed(exc):
             if isinstance(getattr(exc, "__cause__", None), Cancelled) or isinstance(exc, Cancelled):
-                self.status(f"the propagation through {source} was stopped; the labels are as they were")
+                self.say(f"the propagation through {source} was stopped; the labels are as they were")
                 return
             self.error(f"CA-SAM: {exc}")
 
@@ -359,7 +359,7 @@ class SegmentingMixin(WidgetParts):
 
         def failed(exc):
             if isinstance(getattr(exc, "__cause__", None), Cancelled) or isinstance(exc, Cancelled):
-                self.status("the ranking was stopped")
+                self.say("the ranking was stopped")
                 return
             self.error(f"CA-SAM: {exc}")
 

@@ -136,6 +136,12 @@ class CASamWidget(SegmentingMixin, AutoMixin, QWidget):
     def status(self, text: str) -> None:
         self.status_label.setText(text)
 
+    def say(self, text: str) -> None:
+        """The end of a piece of work on the status line (e.g. "stopped"): a background embedding
+        that finishes later does not overwrite it with "embedded all N slices"."""
+        self._said += 1
+        self.status_label.setText(text)
+
     def notify(self, text: str) -> None:
         from napari.utils.notifications import show_info
 
