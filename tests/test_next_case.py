@@ -125,10 +125,18 @@ def test_casam_segment_auto_writes_the_label_map_and_refuses_prompts(hippo, tmp_
     assert summary["done"] == 1 and summary["images"][0]["task"] == "hippo"
 
 
-def _largest_slice_start(predictor, gt: np.ndarray, task):
+def _one_box_on_a_new_patient(hippo):
+    """The task registered, a new patient's volume set, and the task's mask of the true box of
+    label 1 on its largest slice: (predictor, that slice, the mask)."""
+    predictor, task, _ = hippo
+    predictor.add_task("hippo", task.layer, task.vae, task.tau, task.card, task.finder)
+    image_path, mask_path = _case("test", 0)
+    image = read_image(image_path)
+    gt = read_labels(mask_path, like=image).array == 1
+    predictor.set_volume(image.array)
     k = int(gt.sum(axis=(1, 2)).argmax())
     predictor.set_slice(k)
-    return k, predictor.predict_batch(box=box_from_mask(gt[k]), task=task)[0][0, 0]
+    return predictor, k, predictor.predict_batch(box=box_from_mask(gt[k]), task="hippo")[0][0, 0]
 
 
 def test_propagation_from_a_box_is_re_anchored_by_the_tasks_finder(hippo, monkeypatch):
@@ -137,13 +145,7 @@ def test_propagation_from_a_box_is_re_anchored_by_the_tasks_finder(hippo, monkey
     ``reanchor=False`` carry it as before."""
     from casam_core.finder import finder_box
 
-    predictor, task, _ = hippo
-    predictor.add_task("hippo", task.layer, task.vae, task.tau, task.card, task.finder)
-    image_path, mask_path = _case("test", 0)
-    image = read_image(image_path)
-    gt = read_labels(mask_path, like=image).array == 1
-    predictor.set_volume(image.array)
-    k, start = _largest_slice_start(predictor, gt, "hippo")
+    predictor, k, start = _one_box_on_a_new_patient(hippo)
     decoded = {}
     real = predictor.predict_batch
 
@@ -169,13 +171,7 @@ def test_propagation_from_a_box_is_re_anchored_by_the_tasks_finder(hippo, monkey
 def test_a_carry_stops_where_the_tasks_finder_sees_nothing(hippo, monkeypatch):
     from casam_core import finder
 
-    predictor, task, _ = hippo
-    predictor.add_task("hippo", task.layer, task.vae, task.tau, task.card, task.finder)
-    image_path, mask_path = _case("test", 0)
-    image = read_image(image_path)
-    gt = read_labels(mask_path, like=image).array == 1
-    predictor.set_volume(image.array)
-    k, start = _largest_slice_start(predictor, gt, "hippo")
+    predictor, k, start = _one_box_on_a_new_patient(hippo)
     filled = propagate_masks(predictor, {k: start}, task="hippo")[1]["slices"]
     step = 1 if {k + 1, k + 2} <= set(filled) else -1  # a direction the carry goes at least two slices
     assert {k + step, k + 2 * step} <= set(filled)
