@@ -137,30 +137,26 @@ class CASamWidget(SegmentingMixin, AutoMixin, QWidget):
         self.status_label.setText(text)
 
     def say(self, text: str) -> None:
-        """The end of a piece of work on the status line (e.g. "stopped"): a background embedding
-        that finishes later does not overwrite it with "embedded all N slices"."""
+        """The end of a piece of work on the status line: a later "embedded all N slices" keeps off it."""
         self._said += 1
         self.status_label.setText(text)
 
     def notify(self, text: str) -> None:
         from napari.utils.notifications import show_info
 
-        self._said += 1
-        self.status_label.setText(text)
+        self.say(text)
         show_info(text)
 
     def error(self, text: str) -> None:
         from napari.utils.notifications import show_error
 
-        self._said += 1
-        self.status_label.setText(text)
+        self.say(text)
         show_error(text)
 
     def notify_soon(self, text: str) -> None:
         """The status line now, the toast a moment later: not in the same UI turn as the progress bar
         closing, the task list refreshing and the task reload (together they stalled the viewer ~0.12 s here)."""
-        self._said += 1
-        self.status_label.setText(text)
+        self.say(text)
         self._toast_text = text
         self._toast.start(1000)  # a child of the widget: it dies with it
 
