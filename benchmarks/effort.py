@@ -256,7 +256,7 @@ def run_volumes(name: str, predictor: CASamPredictor, args) -> dict:
             continue
         task_name = f"{name}-{n_volumes}v"
         card = _task(predictor, task_name, lambda: _volume_data(name, n_volumes))
-        layer = task_name if card.get("use_alignment", True) else None
+        layer = task_name  # as the product passes it: decoded with its layer if that is used, re-anchored by its finder
         rows = []
         for case in tests:
             image = read_image(case.image)

@@ -42,31 +42,48 @@ from casam_core.datasets import read_dataset  # noqa: E402
 from casam_core.io import read_image, read_labels  # noqa: E402
 from casam_core.metrics import dice  # noqa: E402
 
-RULES = {  # name: (reanchor, ANCHORED_GROWTH, FINDER_STOPS)
+RULES = {  # name: (reanchor, ANCHORED_GROWTH, FINDER_STOPS); run without the agreement check (AGREEMENT 0)
     "blind": (False, None, True),
     "finder": (True, None, True),
     "finder, no growth limit": (True, float("inf"), True),
     "finder, carried where unseen": (True, None, False),
     "finder, carried where unseen, no growth limit": (True, float("inf"), False),
 }
+RUN = ["blind", "finder, no growth limit"]  # without --all-rules: the rules the agreement check chooses between
+GATE = "finder, no growth limit"  # the rule the agreement check switches on
+THRESHOLDS = (0.3, 0.5, 0.7)  # candidate prompts.AGREEMENT values
 OUT = REPO / "benchmarks" / "results" / "reanchor_cpu"
 
 
 def one_box(predictor, layer, gt: np.ndarray, rule: str) -> tuple:
     reanchor, growth, stops = RULES[rule]
-    default = prompts.ANCHORED_GROWTH, prompts.FINDER_STOPS
-    prompts.ANCHORED_GROWTH, prompts.FINDER_STOPS = growth, stops
+    default = prompts.ANCHORED_GROWTH, prompts.FINDER_STOPS, prompts.AGREEMENT
+    prompts.ANCHORED_GROWTH, prompts.FINDER_STOPS, prompts.AGREEMENT = growth, stops, 0.0
     try:
         k = int(gt.sum(axis=(1, 2)).argmax())
         predictor.set_slice(k)
         start = predictor.predict_batch(box=prompts.box_from_mask(gt[k]), task=layer)[0][0, 0]
         out, summary = prompts.propagate_masks(predictor, {k: start}, task=layer, reanchor=reanchor)
     finally:
-        prompts.ANCHORED_GROWTH, prompts.FINDER_STOPS = default
+        prompts.ANCHORED_GROWTH, prompts.FINDER_STOPS, prompts.AGREEMENT = default
     return dice(out, gt), len(summary["reanchored"]), [s["reason"] for s in summary["stops"]]
 
 
-def run(name: str, predictor, n_test: int) -> dict:
+def agreement(predictor, layer, gt: np.ndarray) -> float:
+    """``prompts.finder_agreement`` on the slice the user boxes (the task's mask of the true box)."""
+    k = int(gt.sum(axis=(1, 2)).argmax())
+    predictor.set_slice(k)
+    start = predictor.predict_batch(box=prompts.box_from_mask(gt[k]), task=layer)[0][0, 0]
+    return prompts.finder_agreement(predictor, layer, k, start) if start.any() else 0.0
+
+
+def gated(row: dict, threshold: float) -> float:
+    """The Dice with the agreement check at ``threshold``: the finder's rule where it agrees, else blind
+    (the same propagation as those rules' runs: the check only chooses between them)."""
+    return row[GATE]["dice"] if row["agreement"] >= threshold else row["blind"]["dice"]
+
+
+def run(name: str, predictor, n_test: int, rules) -> dict:
     ds = read_dataset(DATA / name)
     task = f"{name}-4v"
     card = effort._task(predictor, task, lambda: effort._volume_data(name, 4))
@@ -81,32 +98,43 @@ def run(name: str, predictor, n_test: int) -> dict:
             for which, gt in effort._structures(name, labels):
                 if not gt.any():
                     continue
-                row = {"split": split, "case": case.image.name, "structure": which}
-                for rule in RULES:
+                row = {"split": split, "case": case.image.name, "structure": which,
+                       "agreement": round(agreement(predictor, layer, gt), 4)}
+                for rule in rules:
                     d, n_anchored, stops = one_box(predictor, layer, gt, rule)
                     row[rule] = {"dice": round(d, 4), "reanchored": n_anchored, "stops": stops}
                 rows.append(row)
-                print(f"  {name} {split} {case.image.name} {which}: "
-                      + ", ".join(f"{r} {row[r]['dice']:.3f}" for r in RULES), flush=True)
+                print(f"  {name} {split} {case.image.name} {which}: agreement {row['agreement']:.2f} "
+                      + ", ".join(f"{r} {row[r]['dice']:.3f}" for r in rules), flush=True)
     return {"set": name, "task": task, "rows": rows}
 
 
 def table(results: list) -> str:
+    rules = [r for r in RULES if all(r in x for res in results for x in res["rows"])]
+    gates = [f"agreement >= {t}" for t in THRESHOLDS] if GATE in rules else []
+
+    def score(row: dict, column: str) -> float:
+        return row[column]["dice"] if column in RULES else gated(row, float(column.rsplit(" ", 1)[1]))
+
+    columns = rules + gates
     lines = ["# Propagation from one box with a learned task: blind vs re-anchored by the finder (issue 31)", "",
              f"Machine: {machine()}. Run: `python benchmarks/reanchor.py` (latest {date.today()}). Task: learned "
              "from 4 training volumes (the effort benchmark's). Mean 3D Dice of one true box on the structure's "
-             "largest slice, propagated. The rule is chosen on the validation rows (training volumes the task did "
+             "largest slice, propagated. The rules run without the agreement check; \"agreement >= t\": "
+             f"{GATE!r} where the finder's box on the boxed slice has IoU >= t with the user's, else blind "
+             "(`prompts.AGREEMENT`). The rule is chosen on the validation rows (training volumes the task did "
              "not learn from); test rows are reported, not used.", "",
-             "| set | split | structures | " + " | ".join(RULES) + " |",
-             "|---|---|---:|" + "---:|" * len(RULES)]
+             "| set | split | structures | finder agrees (IoU >= 0.5) | " + " | ".join(columns) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(columns)]
     for r in results:
         for split in ("validation", "test"):
             rows = [x for x in r["rows"] if x["split"] == split]
             if rows:
-                lines.append(f"| {r['set']} | {split} | {len(rows)} | "
-                             + " | ".join(f"{np.mean([x[rule]['dice'] for x in rows]):.3f}" for rule in RULES) + " |")
-    val = {rule: np.mean([x[rule]["dice"] for r in results for x in r["rows"] if x["split"] == "validation"])
-           for rule in RULES}
+                agree = sum(x["agreement"] >= 0.5 for x in rows)
+                lines.append(f"| {r['set']} | {split} | {len(rows)} | {agree}/{len(rows)} | "
+                             + " | ".join(f"{np.mean([score(x, c) for x in rows]):.3f}" for c in columns) + " |")
+    val = {c: np.mean([score(x, c) for r in results for x in r["rows"] if x["split"] == "validation"])
+           for c in columns}
     best = max(val, key=val.get)
     lines += ["", "Validation mean over every set's rows: " + ", ".join(f"{k} {v:.3f}" for k, v in val.items())
               + f". Chosen: **{best}**."]
@@ -117,17 +145,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sets", default="hippocampus_mri,brats_glioma")
     parser.add_argument("--test-volumes", type=int, default=12)
+    parser.add_argument("--all-rules", action="store_true", help="all five rules (default: blind and the finder's)")
     parser.add_argument("--cache", default=str(REPO / "runs" / ".embeddings"))
     args = parser.parse_args()
     predictor = CASamPredictor(build_backbone("litemedsam", device="cpu"), disk_cache=args.cache)
     OUT.mkdir(parents=True, exist_ok=True)
-    results = []
+    rules = list(RULES) if args.all_rules else RUN
     for name in args.sets.split(","):
         t0 = time.perf_counter()
-        r = run(name, predictor, args.test_volumes)
+        r = run(name, predictor, args.test_volumes, rules)
         r.update(date=date.today().isoformat(), machine=machine(), seconds=round(time.perf_counter() - t0, 1))
         (OUT / f"{name}.json").write_text(json.dumps(r, indent=1, default=float))
-        results.append(r)
+    results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
     text = table(results)
     (REPO / "benchmarks" / "results" / "reanchor_cpu.md").write_text(text)
     print(text)

@@ -111,12 +111,12 @@ def segment_file(predictor: CASamPredictor, image: MedicalImage, out, *, prompts
                 del info["scores"]
             if prompts.get("propagate") and len(drawn) == 1:
                 (k, mask), = drawn.items()
-                filled, info["propagation"] = propagate_box(predictor, k, None, task=choice.layer, progress=progress,
+                filled, info["propagation"] = propagate_box(predictor, k, None, task=choice.decision, progress=progress,
                                                             cancel=cancel, start_mask=mask > 0)
                 result[:] = filled
             elif prompts.get("propagate"):
                 filled, info["propagation"] = propagate_masks(predictor, {k: m > 0 for k, m in drawn.items()},
-                                                              task=choice.layer, progress=progress, cancel=cancel)
+                                                              task=choice.decision, progress=progress, cancel=cancel)
                 result[:] = filled > 0
             else:
                 for k, mask in drawn.items():

@@ -129,5 +129,6 @@ class ModelSession:
             annotated = dict(anchors)
             if start is not None:
                 annotated[slice_index] = np.asarray(start, bool)
-            out, summary = propagate_masks(p, annotated, task=choice.layer, cancel=cancel, progress=progress)
+            # the task itself, not its layer: its finder re-anchors even where its layer lost to frozen
+            out, summary = propagate_masks(p, annotated, task=choice.decision, cancel=cancel, progress=progress)
             return out, summary, start

@@ -143,8 +143,10 @@ def test_propagation_from_a_box_is_re_anchored_by_the_tasks_finder(hippo, monkey
     """With a learned task, each slice's box is the finder's component under the carried box
     (the structure the user boxed), not the carried box itself; the frozen model and
     ``reanchor=False`` carry it as before."""
+    from casam_core import prompts
     from casam_core.finder import finder_box
 
+    monkeypatch.setattr(prompts, "AGREEMENT", 0.0)  # this module's 30-step finder fails the check (a test below)
     predictor, k, start = _one_box_on_a_new_patient(hippo)
     decoded = {}
     real = predictor.predict_batch
@@ -169,8 +171,9 @@ def test_propagation_from_a_box_is_re_anchored_by_the_tasks_finder(hippo, monkey
 
 
 def test_a_carry_stops_where_the_tasks_finder_sees_nothing(hippo, monkeypatch):
-    from casam_core import finder
+    from casam_core import finder, prompts
 
+    monkeypatch.setattr(prompts, "AGREEMENT", 0.0)  # this module's 30-step finder fails the check (a test below)
     predictor, k, start = _one_box_on_a_new_patient(hippo)
     filled = propagate_masks(predictor, {k: start}, task="hippo")[1]["slices"]
     step = 1 if {k + 1, k + 2} <= set(filled) else -1  # a direction the carry goes at least two slices
@@ -186,3 +189,54 @@ def test_a_carry_stops_where_the_tasks_finder_sees_nothing(hippo, monkeypatch):
     assert stop["why"] == f"the learned task no longer finds the structure at slice {where}"
     beyond = out[where:] if step > 0 else out[:where + 1]
     assert not beyond.any() and out[k + step].any()
+
+
+def test_a_task_whose_layer_lost_to_frozen_still_re_anchors_a_propagation(hippo, tmp_path, monkeypatch):
+    """``casam segment`` with a box and "propagate": the task is passed on, not its layer, so a
+    task that decodes with frozen features (its layer lost on its held-out images) still has its
+    finder re-anchor each slice's box (before: it was carried blindly, as for the frozen model)."""
+    from casam_core import prompts
+    from casam_core.segment import segment_file
+
+    monkeypatch.setattr(prompts, "AGREEMENT", 0.0)  # this module's 30-step finder fails the check (a test below)
+    predictor, task, _ = hippo
+    predictor.add_task("hippo-frozen-features", None, card=dict(task.card, use_alignment=False), finder=task.finder)
+    image_path, mask_path = _case("test", 0)
+    image = read_image(image_path)
+    gt = read_labels(mask_path, like=image).array == 1
+    k = int(gt.sum(axis=(1, 2)).argmax())
+    prompts = {"slices": {k: {"boxes": [box_from_mask(gt[k]).tolist()]}}, "propagate": True}
+    try:
+        _, info = segment_file(predictor, image, tmp_path / "mask.nii.gz", prompts=prompts,
+                               task="hippo-frozen-features")
+        assert info["route"].layer is None and info["route"].decision == "hippo-frozen-features"
+        assert info["propagation"]["reanchored"]
+        _, frozen = segment_file(predictor, image, tmp_path / "frozen.nii.gz", prompts=prompts, task="none")
+        assert frozen["propagation"]["reanchored"] == []
+    finally:
+        predictor.remove_task("hippo-frozen-features")
+
+
+def test_a_finder_that_does_not_see_the_users_structure_does_not_re_anchor_it(hippo, monkeypatch):
+    """The finder is trusted only where, on the annotated slice, its box matches the user's
+    (BraTS: a finder that mixes the tumour's nested regions made one box cost more corrections):
+    otherwise the run is carried as without a finder, and the summary says so. This module's
+    finder (30 steps) outlines a few pixels in the corner of the user's box there."""
+    from casam_core import finder, prompts
+
+    predictor, k, start = _one_box_on_a_new_patient(hippo)
+    own = box_from_mask(start)
+    assert prompts.box_iou(own, own) == 1.0 and prompts.box_iou(own, own + 1000) == 0.0
+    assert prompts.finder_agreement(predictor, "hippo", k, start) < prompts.AGREEMENT
+    out, summary = propagate_masks(predictor, {k: start}, task="hippo")
+    assert summary["finder_disagreed"] == [k] and summary["reanchored"] == []
+    blind, _ = propagate_masks(predictor, {k: start}, task="hippo", reanchor=False)
+    assert np.array_equal(out, blind)
+    # where its box on the annotated slice is the user's, it re-anchors
+    annotated = predictor.slice_record(k).key
+    real = finder.finder_box
+    monkeypatch.setattr(finder, "finder_box", lambda p, t, record, carried, prev: own.astype(float)
+                        if record.key == annotated else real(p, t, record, carried, prev))
+    assert prompts.finder_agreement(predictor, "hippo", k, start) == 1.0
+    summary = propagate_masks(predictor, {k: start}, task="hippo")[1]
+    assert summary["finder_disagreed"] == [] and summary["reanchored"]

@@ -27,7 +27,7 @@ def _new_patient():
     return image.array.astype(np.float32), read_labels(root / case["mask"], like=image).array
 
 
-def test_a_task_learned_on_one_volume_routes_and_segments_the_next_patient(widget, qtbot):
+def test_a_task_learned_on_one_volume_routes_and_segments_the_next_patient(widget, qtbot, monkeypatch):
     from napari_casam._widget import LABELS, PREVIEW
 
     viewer, w = widget
@@ -68,15 +68,22 @@ def test_a_task_learned_on_one_volume_routes_and_segments_the_next_patient(widge
     w.stop_work()
     qtbot.waitUntil(lambda: w._auto is None, timeout=120000)
     assert np.array_equal(np.asarray(viewer.layers[LABELS].data), labels)
-    # one box on the new patient, propagated: the task's finder places the box on the slices
+    # one box on the new patient, propagated: the task's finder places the box on the slices (where
+    # it agrees with the box on the annotated slice: prompts.AGREEMENT; once always, once never)
+    from casam_core import prompts
+
     anterior = gt == 1
     k = int(np.argmax(anterior.sum(axis=(1, 2))))
-    _go_to(viewer, k)
-    _draw_box(viewer, anterior[k], z=k)
-    _preview(viewer, w, qtbot)
-    w.propagate()
-    qtbot.waitUntil(lambda: not w.is_propagating and "filled on" in w.status_label.text(), timeout=240000)
-    assert "the task's finder placed the box" in w.status_label.text(), w.status_label.text()
+    for agreement, note in ((0.0, "the task's finder placed the box"),
+                            (1.01, "the task's finder did not see what you annotated: the box was carried")):
+        monkeypatch.setattr(prompts, "AGREEMENT", agreement)
+        _go_to(viewer, k)
+        _draw_box(viewer, anterior[k], z=k)
+        _preview(viewer, w, qtbot)
+        w.propagate()
+        qtbot.waitUntil(lambda: not w.is_propagating and "filled on" in w.status_label.text(), timeout=240000)
+        assert note in w.status_label.text(), w.status_label.text()
+        w.status("")
 
 
 def test_two_annotated_slices_leave_no_empty_slice_between_them(widget, qtbot):
