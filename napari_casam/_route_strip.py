@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 from qtpy.QtGui import QColor, QPainter, QPixmap
-from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from casam_core.tasks import TaskChoice, slice_route
 
@@ -28,7 +28,12 @@ class RouteStrip(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         self.bar = QLabel()
         self.bar.setFixedHeight(HEIGHT)
+        # the picture is scaled to the bar, never the bar to the picture: drawn before the first layout
+        # (640 px wide) it widened the dock past the window and cut its right side off
+        self.bar.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.bar.setScaledContents(True)
         self.text = QLabel("")
+        self.text.setWordWrap(True)
         layout.addWidget(self.bar)
         layout.addWidget(self.text)
         self.routes: List[Tuple[Optional[str], Optional[float]]] = []
@@ -65,7 +70,7 @@ class RouteStrip(QWidget):
 
     def draw(self) -> None:
         n = len(self.routes)
-        width = max(self.bar.width(), 2 * n, 100)
+        width = max(2 * n, 400)  # scaled to the bar's width
         pixmap = QPixmap(width, HEIGHT)
         pixmap.fill(QColor(FROZEN_COLOUR))
         painter = QPainter(pixmap)

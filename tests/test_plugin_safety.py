@@ -397,3 +397,13 @@ def test_the_dock_is_as_wide_as_its_widest_row(widget, qtbot):
     for button in content.findChildren(QPushButton):  # every button lies inside the visible width
         right = button.mapTo(content, button.rect().topRight()).x()
         assert right <= scroll.viewport().width(), button.text()
+    # a volume's route strip, drawn before its first layout, widened the dock past the window
+    # (the 'segment with task' screenshot of 2026-12-07 had its right side cut off)
+    from casam_core.tasks import TaskChoice
+
+    choice = TaskChoice("auto", "t", "t", {"t": 0.01}, {"t": 0.05}, slice_scores={"t": [0.01] * 20 + [0.09] * 15})
+    w.route_strip.show_choice(choice, 35)
+    qtbot.wait(300)
+    assert w.route_strip.isVisible()
+    assert content.minimumSizeHint().width() <= scroll.viewport().width()
+    assert w.route_strip.bar.mapTo(content, w.route_strip.bar.rect().topRight()).x() <= scroll.viewport().width()
