@@ -124,13 +124,13 @@ def table(results: list) -> str:
              f"{GATE!r} where the finder's box on the boxed slice has IoU >= t with the user's, else blind "
              "(`prompts.AGREEMENT`). The rule is chosen on the validation rows (training volumes the task did "
              "not learn from); test rows are reported, not used.", "",
-             "| set | split | structures | finder agrees (IoU >= 0.5) | " + " | ".join(columns) + " |",
+             f"| set | split | structures | finder agrees (IoU >= {prompts.AGREEMENT}) | " + " | ".join(columns) + " |",
              "|---|---|---:|---:|" + "---:|" * len(columns)]
     for r in results:
         for split in ("validation", "test"):
             rows = [x for x in r["rows"] if x["split"] == split]
             if rows:
-                agree = sum(x["agreement"] >= 0.5 for x in rows)
+                agree = sum(x["agreement"] >= prompts.AGREEMENT for x in rows)
                 lines.append(f"| {r['set']} | {split} | {len(rows)} | {agree}/{len(rows)} | "
                              + " | ".join(f"{np.mean([score(x, c) for x in rows]):.3f}" for c in columns) + " |")
     val = {c: np.mean([score(x, c) for r in results for x in r["rows"] if x["split"] == "validation"])

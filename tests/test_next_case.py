@@ -205,13 +205,13 @@ def test_a_task_whose_layer_lost_to_frozen_still_re_anchors_a_propagation(hippo,
     image = read_image(image_path)
     gt = read_labels(mask_path, like=image).array == 1
     k = int(gt.sum(axis=(1, 2)).argmax())
-    prompts = {"slices": {k: {"boxes": [box_from_mask(gt[k]).tolist()]}}, "propagate": True}
+    boxed = {"slices": {k: {"boxes": [box_from_mask(gt[k]).tolist()]}}, "propagate": True}
     try:
-        _, info = segment_file(predictor, image, tmp_path / "mask.nii.gz", prompts=prompts,
+        _, info = segment_file(predictor, image, tmp_path / "mask.nii.gz", prompts=boxed,
                                task="hippo-frozen-features")
         assert info["route"].layer is None and info["route"].decision == "hippo-frozen-features"
         assert info["propagation"]["reanchored"]
-        _, frozen = segment_file(predictor, image, tmp_path / "frozen.nii.gz", prompts=prompts, task="none")
+        _, frozen = segment_file(predictor, image, tmp_path / "frozen.nii.gz", prompts=boxed, task="none")
         assert frozen["propagation"]["reanchored"] == []
     finally:
         predictor.remove_task("hippo-frozen-features")
