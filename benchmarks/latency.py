@@ -24,6 +24,7 @@ import torch
 
 from _common import REPO, machine  # noqa: E402
 from casam_core import AlignmentLayer, CASamPredictor, build_backbone  # noqa: E402
+from casam_core.alignment import run_layer  # noqa: E402
 from casam_core.io import read_image, read_labels  # noqa: E402
 from casam_core.prompts import box_from_mask  # noqa: E402
 
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     for form in ("paper", "gated"):
         layer = AlignmentLayer(form=form).to(backbone.device).eval()
         with torch.inference_mode():
-            al_ms = timed(lambda: (layer(z), sync()), 5, warmup=1)
+            al_ms = timed(lambda: (run_layer(layer, z, backbone.layer_dtype), sync()), 5, warmup=1)
         predictor.add_task(form, layer)
         aligned_click = timed(lambda: click(form), args.clicks // 2)
         rows_al.append((form, summary(al_ms)[0], summary(aligned_click)[0]))

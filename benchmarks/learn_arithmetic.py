@@ -38,7 +38,7 @@ def run(names, backbone):
         data = training_data(name, cap=40)
         predictor = CASamPredictor(backbone)  # one memory cache: both runs learn from the same embeddings
         for dtype in (None, torch.bfloat16):
-            backbone.learning_dtype = dtype
+            backbone.layer_dtype = dtype
             t = time.perf_counter()
             card = learn_task(predictor, name, data, learn_config("fast")).card
             v = card["validation"]

@@ -24,7 +24,7 @@ layer moves at the optimiser's full rate. Same parameter count as the paper form
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from segment_anything.modeling.common import LayerNorm2d  # SAM's channel LayerNorm
@@ -108,6 +108,20 @@ class AlignmentLayer(nn.Module):
         if self.form == "gated":
             return z + self.gate[None, :, None, None] * (x - z)
         return x
+
+
+def run_layer(layer: nn.Module, z: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``layer(z)`` for inference (gradients off), float32 out: on the CPU under ``dtype``'s autocast
+    when one is given (``Backbone.layer_dtype``: bfloat16 where the decoder runs in bfloat16, the
+    arithmetic a learning step's forward pass already uses there), else in the tensor's own type.
+    The one way a learned layer is applied in use and in its held-out checks. Its six 3x3
+    convolutions at 64 x 64 positions are the cost of a slice's learned features (about half the
+    time in bfloat16 on a CPU that computes it natively: ``benchmarks/results/layer_arithmetic_cpu.md``)."""
+    if dtype is None or dtype == torch.float32 or z.device.type != "cpu":
+        return layer(z)
+    with torch.autocast("cpu", dtype=dtype):
+        out = layer(z)
+    return out.float()
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -158,9 +158,10 @@ class Backbone(nn.Module):
         self._fast_encoder = self._fast_decoder = self._fast_decoder_of = None
         self.runtime_note = "torch (eager)"
         self.models_dir: Optional[Path] = None  # where converted graphs are kept (None: runtimes.models_folder())
-        # the arithmetic of a learning step's forward pass on the CPU (None: float32): bfloat16
-        # autocast where the decoder's bfloat16 passed its check (runtimes.py, $CASAM_PRECISION)
-        self.learning_dtype: Optional[torch.dtype] = None
+        # the arithmetic of an Alignment Layer's forward pass on the CPU, in learning and in use
+        # (None: float32): bfloat16 autocast where the decoder's bfloat16 passed its check
+        # (runtimes.py, $CASAM_PRECISION; alignment.aligned)
+        self.layer_dtype: Optional[torch.dtype] = None
 
     def use_runtime(self, runtime: Optional[str] = None, precision: Optional[str] = None) -> str:
         """Run the image encoder and, in inference, the mask decoder in ``runtime`` ("auto", "torch",
@@ -171,7 +172,7 @@ class Backbone(nn.Module):
         # so it stays out of state_dict); another module put in self.mask_decoder runs itself
         self._fast_decoder_of = (self.mask_decoder,)
         bf16 = getattr(self._fast_decoder, "precision", "f32") == "bf16"
-        self.learning_dtype = torch.bfloat16 if bf16 else None
+        self.layer_dtype = torch.bfloat16 if bf16 else None
         return self.runtime_note
 
     # -- properties -----------------------------------------------------------------

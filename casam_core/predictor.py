@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import auto, clicks
+from .alignment import run_layer
 from .auto import AutoResult
 from .backbones import Backbone, preprocess_shape
 from .cache import DiskEmbeddingCache, TensorLRU, data_signature
@@ -448,7 +449,7 @@ class CASamPredictor:
         cache_key = (record.key, layer)
         aligned = self.aligned.get(cache_key)
         if aligned is None:
-            aligned = self.alignment_layer(layer)(self.embedding(record)[None])
+            aligned = run_layer(self.alignment_layer(layer), self.embedding(record)[None], self.backbone.layer_dtype)
             self.aligned.put(cache_key, aligned)
         return aligned
 

@@ -30,8 +30,9 @@ of the probe is within 10 % RMS of the reference's; on real images its embedding
 RMS away, which leaves frozen GT-box Dice within 0.0002 and routes unchanged but moves learned
 hippocampus layers by about -0.9 Dice points (``benchmarks/encoder_arithmetic.py``): so it is
 not the default. Embeddings are cached per encoder arithmetic (``Backbone.embedding_key``).
-Learning follows the decoder: where it runs in bfloat16, a learning step's forward pass runs in
-PyTorch's bfloat16 autocast (``training.learning_arithmetic``).
+The Alignment Layers follow the decoder: where it runs in bfloat16, a layer runs in PyTorch's
+bfloat16 autocast, in a learning step's forward pass (``training.learning_arithmetic``) and in use
+and its held-out checks (``alignment.run_layer``; ``benchmarks/layer_arithmetic.py``).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .alignment import FORMS, MAX_BLOCKS, PAPER, RESIDUAL, AlignmentLayer, count_parameters
+from .alignment import FORMS, MAX_BLOCKS, PAPER, RESIDUAL, AlignmentLayer, count_parameters, run_layer
 from .distributed import Dist
 from .auto import auto_dice
 from .evaluate import object_metrics
@@ -244,8 +244,9 @@ def learning_arithmetic(backbone) -> str:
     follows it) on a CPU where the backbone's decoder runs in bfloat16 (a CPU that computes it
     natively, ``$CASAM_PRECISION`` not "f32", the eager runtime not asked for; its speed:
     ``benchmarks/results/learn_arithmetic_cpu.md``), else "float32". The weights, their gradients, the
-    optimiser and the loss stay float32, and the held-out checks run in inference arithmetic."""
-    bf16 = backbone.device.type == "cpu" and backbone.learning_dtype == torch.bfloat16
+    optimiser and the loss stay float32; the held-out checks run the layer as use does
+    (``alignment.run_layer``: bfloat16 autocast on the same CPUs)."""
+    bf16 = backbone.device.type == "cpu" and backbone.layer_dtype == torch.bfloat16
     return "bfloat16" if bf16 else "float32"
 
 
@@ -439,7 +440,7 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
         z = z_all[i][None].to(device)
         if layer is not None:
             with torch.inference_mode():
-                z = layer(z)
+                z = run_layer(layer, z, backbone.layer_dtype)  # in use's arithmetic
         return z
 
     def validate(layer: Optional[AlignmentLayer], objs=None, prompt: str = "box", **click_decoding) -> float:
@@ -558,7 +559,7 @@ def _learn_finder(predictor: CASamPredictor, data: TaskData, records: List[Image
         z = z_all[i][None].to(predictor.device)
         if layer is not None:
             with torch.inference_mode():
-                z = layer(z)
+                z = run_layer(layer, z, predictor.backbone.layer_dtype)
         z_task[i] = z
     by_threshold = {}
     for t in FINDER_THRESHOLDS:

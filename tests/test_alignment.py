@@ -86,3 +86,54 @@ def test_config_round_trip_and_bad_form():
     assert again.config() == {"channels": 256, "n_blocks": 2, "form": "gated"}
     with pytest.raises(ValueError, match="unknown Alignment Layer form"):
         AlignmentLayer(form="identity")
+
+
+def _moved_layer(seed: int = 0) -> AlignmentLayer:
+    """A residual layer away from the identity, as a learned one is (its last convolutions non-zero)."""
+    torch.manual_seed(seed)
+    layer = AlignmentLayer(form="residual").eval()
+    for block in layer.blocks:
+        torch.nn.init.normal_(block.conv2.weight, std=0.01)
+    return layer
+
+
+def test_run_layer_in_bfloat16_is_close_to_float32_and_gives_float32():
+    from casam_core.alignment import run_layer
+
+    layer = _moved_layer()
+    z = torch.randn(1, 256, 32, 32)
+    with torch.inference_mode():
+        exact = layer(z)
+        assert torch.equal(run_layer(layer, z), exact)  # no arithmetic given: the layer as it is
+        assert torch.equal(run_layer(layer, z, torch.float32), exact)
+        half = run_layer(layer, z, torch.bfloat16)
+    assert half.dtype == torch.float32 and half.shape == z.shape
+    change = (exact - z).norm()
+    assert float(change / z.norm()) > 0.05  # the layer moves the features ...
+    assert 0 < float((half - exact).norm() / change) < 0.02  # ... and bfloat16 moves them the same way (0.004)
+
+
+def test_task_features_run_the_layer_in_the_backbones_layer_arithmetic(predictor):
+    """The predictor applies a task's layer in ``Backbone.layer_dtype`` (bfloat16 autocast where the
+    decoder runs in bfloat16, as learning does), through ``run_layer``, and caches that."""
+    import numpy as np
+
+    from casam_core.alignment import run_layer
+
+    layer = _moved_layer()
+    predictor.add_task("moved", layer)
+    rng = np.random.default_rng(0)
+    predictor.set_image((rng.random((96, 128, 3)) * 255).astype(np.uint8))
+    z = predictor.embedding()[None]
+    backbone, saved = predictor.backbone, predictor.backbone.layer_dtype
+    try:
+        for dtype in (None, torch.bfloat16):
+            backbone.layer_dtype = dtype
+            predictor.aligned.discard_where(lambda key: True)
+            with torch.inference_mode():
+                assert torch.equal(predictor.task_features("moved"), run_layer(layer, z, dtype))
+        with torch.inference_mode():
+            assert not torch.equal(predictor.task_features("moved"), layer(z))  # bfloat16 was used
+    finally:
+        backbone.layer_dtype = saved
+        predictor.aligned.discard_where(lambda key: True)

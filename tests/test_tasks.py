@@ -361,10 +361,10 @@ def test_a_bfloat16_learning_step_moves_the_layer_as_a_float32_step_does(backbon
         record = predictor.embed_rgb(image)
         z_all.append(predictor.embedding(record).float().clone())
         per_image[k] = objects_for(labels, "class", record, backbone.img_size, 256, k)
-    saved, moved, losses = backbone.learning_dtype, {}, {}
+    saved, moved, losses = backbone.layer_dtype, {}, {}
     try:
         for dtype in (None, torch.bfloat16):  # float32, then bfloat16 (emulated on a CPU without it)
-            backbone.learning_dtype = dtype
+            backbone.layer_dtype = dtype
             torch.manual_seed(0)
             layer = AlignmentLayer(n_blocks=3, form="residual").train()
             result = fit(backbone, z_all, per_image, learn_config("fast", steps=5, val_every=0, time_budget_s=None),
@@ -373,7 +373,7 @@ def test_a_bfloat16_learning_step_moves_the_layer_as_a_float32_step_does(backbon
                 moved[learning_arithmetic(backbone)] = layer.eval()(z_all[0][None]) - z_all[0][None]
             losses[learning_arithmetic(backbone)] = result.last_loss
     finally:
-        backbone.learning_dtype = saved
+        backbone.layer_dtype = saved
     a, b = moved["float32"], moved["bfloat16"]
     assert float(a.abs().mean()) > 0.01  # five steps change the features (values average about 0.07) ...
     assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0)) > 0.98  # ... the same way
