@@ -136,3 +136,63 @@ def write_json(data, path: PathLike) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def try_lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; False when another process holds it."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        return False
+    except OSError as exc:  # Windows reports a held lock as EACCES/EDEADLK
+        if os.name == "nt":
+            return False
+        raise exc
+    return True
+
+
+def unlock(fd: int) -> None:
+    """Release a lock taken with ``try_lock``."""
+    if os.name == "nt":
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+@contextmanager
+def waiting_lock(path: PathLike, timeout_s: float) -> Iterator[bool]:
+    """Hold an exclusive lock on the file ``path`` (made if missing) while the block runs, waiting
+    up to ``timeout_s`` for another process to release it. Yields True when held; False when the
+    lock file cannot be made (a read-only folder) or the wait ran out: the caller goes on unlocked,
+    as it would without this lock."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield False
+        return
+    try:
+        deadline = time.monotonic() + timeout_s
+        held = try_lock(fd)
+        while not held and time.monotonic() < deadline:
+            time.sleep(0.1)
+            held = try_lock(fd)
+        try:
+            yield held
+        finally:
+            if held:
+                unlock(fd)
+    finally:
+        os.close(fd)

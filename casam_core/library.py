@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from .alignment import AlignmentLayer
 from .config import library_dir
 from .errors import TaskLibraryError, TaskNameClash
-from .files import PathLike, atomic_write, honour_umask
+from .files import PathLike, atomic_write, honour_umask, try_lock, unlock
 from .task_files import (ALIGNMENT, CARD, FINDER, MANIFEST, MAX_CARD_BYTES, ROUTER, layer_from_bytes, parse_json,
                          read_task_file, sha256_bytes, task_from_files)
 from .tasks import Task, check_task_name
@@ -57,38 +57,6 @@ MAX_PACK_BYTES = 320 * 1024**2  # all members unpacked (a task is about 15 MB)
 LOCK = ".lock"  # the writers' lock file in the library folder
 LOCK_TIMEOUT_S = 30.0
 TASK_SPACE_BYTES = 64 * 1024**2  # free space a save needs (a task is about 15 MB, staged beside the old one)
-
-
-def _try_lock(fd: int) -> bool:
-    """Take an exclusive lock on ``fd`` without waiting; False when another process holds it."""
-    try:
-        if os.name == "nt":
-            import msvcrt
-
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):
-        return False
-    except OSError as exc:  # Windows reports a held lock as EACCES/EDEADLK
-        if os.name == "nt":
-            return False
-        raise exc
-    return True
-
-
-def _unlock(fd: int) -> None:
-    if os.name == "nt":
-        import msvcrt
-
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-    else:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 class TaskLibrary:
@@ -192,7 +160,7 @@ class TaskLibrary:
                 from None
         try:
             deadline = time.monotonic() + LOCK_TIMEOUT_S
-            while not _try_lock(fd):
+            while not try_lock(fd):
                 if time.monotonic() > deadline:
                     raise TaskLibraryError(f"{self.root}: the task library is busy (another CA-SAM process has "
                                            f"been writing to it for {LOCK_TIMEOUT_S:.0f} s); try again later")
@@ -203,7 +171,7 @@ class TaskLibrary:
                 yield
             finally:
                 self._lock_depth = 0
-                _unlock(fd)
+                unlock(fd)
         finally:
             os.close(fd)
 

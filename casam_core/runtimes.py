@@ -52,7 +52,7 @@ import torch
 from .config import cache_dir, child_environment
 from .errors import look_up_option
 from . import decoder_graphs
-from .files import write_json
+from .files import waiting_lock, write_json
 
 RUNTIMES = ("auto", "torch", "openvino")
 ENV_RUNTIME = "CASAM_RUNTIME"
@@ -66,6 +66,8 @@ GRAPHS = "v3"  # in the converted decoders' file names: v2 upscales token by tok
 # the attentions to and from the image (decoder_graphs.two_way)
 CHECK_COMMAND = [sys.executable, "-m", "casam_core._ov_check"]  # a converted graph's first run, in a child
 CHECK_TIMEOUT_S = 900
+CONVERT_LOCK = ".convert.lock"  # in the models folder: held while a process converts, checks and compiles
+CONVERT_LOCK_TIMEOUT_S = 2 * CHECK_TIMEOUT_S  # waited for at most (then it goes on unlocked, as before the lock)
 SEARCH_CANDIDATES = 6  # the boxes a first click is searched with (clicks.POINT_SEARCH_FRACTIONS): a static copy
 
 
@@ -129,25 +131,28 @@ def accelerate(backbone, runtime: Optional[str] = None, precision: Optional[str]
         return None, None, "torch (eager; openvino is not installed)"
     runs, why = {}, {}
     encoder_precision, precision = openvino_precision(precision)
-    for part, build, probe in (("encoder", lambda b: _OpenVINOEncoder(b, encoder_precision), _encoder_probe),
-                               ("decoder", lambda b: _OpenVINODecoder(b, precision), _decoder_probe),
-                               ("box search", lambda b: _OpenVINOSearch(b, precision), _decoder_probe)):
-        if part == "box search" and "decoder" not in runs:
-            break
-        try:  # each part on its own: a decoder OpenVINO cannot take leaves the encoder's speed
-            run = _verified(build(backbone), *probe(backbone))
-        except Exception as exc:  # a read-only cache, a damaged converted model, a graph OpenVINO cannot take
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            if runtime == "openvino":
-                from .errors import OptionError
+    # one process at a time converts, checks and compiles into one folder: OpenVINO writes its
+    # compiled copies in place, so a second process starting at once could read one half-written
+    with waiting_lock((backbone.models_dir or models_folder()) / CONVERT_LOCK, CONVERT_LOCK_TIMEOUT_S):
+        for part, build, probe in (("encoder", lambda b: _OpenVINOEncoder(b, encoder_precision), _encoder_probe),
+                                   ("decoder", lambda b: _OpenVINODecoder(b, precision), _decoder_probe),
+                                   ("box search", lambda b: _OpenVINOSearch(b, precision), _decoder_probe)):
+            if part == "box search" and "decoder" not in runs:
+                break
+            try:  # each part on its own: a decoder OpenVINO cannot take leaves the encoder's speed
+                run = _verified(build(backbone), *probe(backbone))
+            except Exception as exc:  # a read-only cache, a damaged converted model, a graph OpenVINO cannot take
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if runtime == "openvino":
+                    from .errors import OptionError
 
-                raise OptionError(f"runtime 'openvino' cannot run this backbone's {part} ({reason})") from exc
-            why[part] = f"OpenVINO failed: {reason}"
-            continue
-        if isinstance(run, float):
-            why[part] = f"OpenVINO differed by {run:.2g} on the probe"
-        else:
-            runs[part] = run
+                    raise OptionError(f"runtime 'openvino' cannot run this backbone's {part} ({reason})") from exc
+                why[part] = f"OpenVINO failed: {reason}"
+                continue
+            if isinstance(run, float):
+                why[part] = f"OpenVINO differed by {run:.2g} on the probe"
+            else:
+                runs[part] = run
     if not runs:
         return None, None, "torch (eager; " + "; ".join(dict.fromkeys(why.values())) + ")"
     if "decoder" in runs:  # clicks' candidate boxes: masks only where the clicks are, then the winner's
