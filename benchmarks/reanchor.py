@@ -17,7 +17,10 @@ Rules (``prompts.ANCHORED_GROWTH``, ``prompts.FINDER_STOPS``, ``reanchor``):
   since 2026-12-06, chosen here);
 - finder, carried where unseen: the finder's box where it sees the structure, else the
   carried box (no finder stop); growth 1.5x;
-- finder, carried where unseen, no growth limit.
+- finder, carried where unseen, no growth limit;
+- finder, no growth limit, carried where unsure: where the decoder's IoU estimate for the
+  finder's box is under 0.5, the carried box is decoded on that slice instead of stopping
+  (``prompts.UNSURE_CARRIED``, added 2026-12-07).
 
 The rule is chosen on VALIDATION volumes: training volumes the task did not learn from
 (hippocampus: training volumes 5-12; BraTS: the 5th training volume). The test volumes
@@ -42,30 +45,32 @@ from casam_core.datasets import read_dataset  # noqa: E402
 from casam_core.io import read_image, read_labels  # noqa: E402
 from casam_core.metrics import dice  # noqa: E402
 
-RULES = {  # name: (reanchor, ANCHORED_GROWTH, FINDER_STOPS); run without the agreement check (AGREEMENT 0)
-    "blind": (False, None, True),
-    "finder": (True, None, True),
-    "finder, no growth limit": (True, float("inf"), True),
-    "finder, carried where unseen": (True, None, False),
-    "finder, carried where unseen, no growth limit": (True, float("inf"), False),
+RULES = {  # name: (reanchor, ANCHORED_GROWTH, FINDER_STOPS, UNSURE_CARRIED); without the agreement check (AGREEMENT 0)
+    "blind": (False, None, True, False),
+    "finder": (True, None, True, False),
+    "finder, no growth limit": (True, float("inf"), True, False),
+    "finder, carried where unseen": (True, None, False, False),
+    "finder, carried where unseen, no growth limit": (True, float("inf"), False, False),
+    "finder, no growth limit, carried where unsure": (True, float("inf"), True, True),
 }
-RUN = ["blind", "finder, no growth limit"]  # without --all-rules: the rules the agreement check chooses between
-GATE = "finder, no growth limit"  # the rule the agreement check switches on
+UNSURE = "finder, no growth limit, carried where unsure"
+RUN = ["blind", "finder, no growth limit", UNSURE]  # without --all-rules: the rules the agreement check chooses between
+GATES = {"finder, no growth limit": "agreement >= {t}", UNSURE: "unsure carried, agreement >= {t}"}  # rule: column
 THRESHOLDS = (0.3, 0.5, 0.7)  # candidate prompts.AGREEMENT values
 OUT = REPO / "benchmarks" / "results" / "reanchor_cpu"
 
 
 def one_box(predictor, layer, gt: np.ndarray, rule: str) -> tuple:
-    reanchor, growth, stops = RULES[rule]
-    default = prompts.ANCHORED_GROWTH, prompts.FINDER_STOPS, prompts.AGREEMENT
-    prompts.ANCHORED_GROWTH, prompts.FINDER_STOPS, prompts.AGREEMENT = growth, stops, 0.0
+    reanchor, growth, stops, unsure = RULES[rule]
+    default = prompts.ANCHORED_GROWTH, prompts.FINDER_STOPS, prompts.AGREEMENT, prompts.UNSURE_CARRIED
+    prompts.ANCHORED_GROWTH, prompts.FINDER_STOPS, prompts.AGREEMENT, prompts.UNSURE_CARRIED = growth, stops, 0.0, unsure
     try:
         k = int(gt.sum(axis=(1, 2)).argmax())
         predictor.set_slice(k)
         start = predictor.predict_batch(box=prompts.box_from_mask(gt[k]), task=layer)[0][0, 0]
         out, summary = prompts.propagate_masks(predictor, {k: start}, task=layer, reanchor=reanchor)
     finally:
-        prompts.ANCHORED_GROWTH, prompts.FINDER_STOPS, prompts.AGREEMENT = default
+        prompts.ANCHORED_GROWTH, prompts.FINDER_STOPS, prompts.AGREEMENT, prompts.UNSURE_CARRIED = default
     return dice(out, gt), len(summary["reanchored"]), [s["reason"] for s in summary["stops"]]
 
 
@@ -77,10 +82,10 @@ def agreement(predictor, layer, gt: np.ndarray) -> float:
     return prompts.finder_agreement(predictor, layer, k, start) if start.any() else 0.0
 
 
-def gated(row: dict, threshold: float) -> float:
-    """The Dice with the agreement check at ``threshold``: the finder's rule where it agrees, else blind
+def gated(row: dict, threshold: float, rule: str) -> float:
+    """The Dice with the agreement check at ``threshold``: finder ``rule`` where it agrees, else blind
     (the same propagation as those rules' runs: the check only chooses between them)."""
-    return row[GATE]["dice"] if row["agreement"] >= threshold else row["blind"]["dice"]
+    return row[rule]["dice"] if row["agreement"] >= threshold else row["blind"]["dice"]
 
 
 def run(name: str, predictor, n_test: int, rules) -> dict:
@@ -111,26 +116,27 @@ def run(name: str, predictor, n_test: int, rules) -> dict:
 
 def table(results: list) -> str:
     rules = [r for r in RULES if all(r in x for res in results for x in res["rows"])]
-    gates = [f"agreement >= {t}" for t in THRESHOLDS] if GATE in rules else []
+    gates = {form.format(t=t): (rule, t) for rule, form in GATES.items() if rule in rules for t in THRESHOLDS}
 
     def score(row: dict, column: str) -> float:
-        return row[column]["dice"] if column in RULES else gated(row, float(column.rsplit(" ", 1)[1]))
+        return row[column]["dice"] if column in RULES else gated(row, gates[column][1], gates[column][0])
 
-    columns = rules + gates
+    columns = rules + list(gates)
     lines = ["# Propagation from one box with a learned task: blind vs re-anchored by the finder (issue 31)", "",
              f"Machine: {machine()}. Run: `python benchmarks/reanchor.py` (latest {date.today()}). Task: learned "
              "from 4 training volumes (the effort benchmark's). Mean 3D Dice of one true box on the structure's "
              "largest slice, propagated. The rules run without the agreement check; \"agreement >= t\": "
-             f"{GATE!r} where the finder's box on the boxed slice has IoU >= t with the user's, else blind "
+             "'finder, no growth limit' (\"unsure carried, agreement >= t\": the last rule) where the finder's box "
+             "on the boxed slice has IoU >= t with the user's, else blind "
              "(`prompts.AGREEMENT`). The rule is chosen on the validation rows (training volumes the task did "
              "not learn from); test rows are reported, not used.", "",
-             f"| set | split | structures | finder agrees (IoU >= {prompts.AGREEMENT}) | " + " | ".join(columns) + " |",
+             f"| set | split | structures | finder agrees (IoU >= {THRESHOLDS[0]}) | " + " | ".join(columns) + " |",
              "|---|---|---:|---:|" + "---:|" * len(columns)]
     for r in results:
         for split in ("validation", "test"):
             rows = [x for x in r["rows"] if x["split"] == split]
             if rows:
-                agree = sum(x["agreement"] >= prompts.AGREEMENT for x in rows)
+                agree = sum(x["agreement"] >= THRESHOLDS[0] for x in rows)
                 lines.append(f"| {r['set']} | {split} | {len(rows)} | {agree}/{len(rows)} | "
                              + " | ".join(f"{np.mean([score(x, c) for x in rows]):.3f}" for c in columns) + " |")
     val = {c: np.mean([score(x, c) for r in results for x in r["rows"] if x["split"] == "validation"])
@@ -145,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sets", default="hippocampus_mri,brats_glioma")
     parser.add_argument("--test-volumes", type=int, default=12)
-    parser.add_argument("--all-rules", action="store_true", help="all five rules (default: blind and the finder's)")
+    parser.add_argument("--all-rules", action="store_true", help="all six rules (default: blind and the two finder rules the check gates)")
     parser.add_argument("--cache", default=str(REPO / "runs" / ".embeddings"))
     args = parser.parse_args()
     predictor = CASamPredictor(build_backbone("litemedsam", device="cpu"), disk_cache=args.cache)

@@ -146,10 +146,15 @@ DEFAULT_MAX_GROWTH = 1.5  # never past the structure on any volume measured: ben
 # box propagated, mean 3D Dice blind 0.209, finder 0.431, finder without a growth limit 0.496):
 ANCHORED_GROWTH = float("inf")  # growth limit on a slice the finder placed (None: max_growth): the finder vouches
 FINDER_STOPS = True  # a carry stops where the finder sees nothing in its box (else: carried blindly there)
-# A run is re-anchored only where the finder's box on the annotated slice has this IoU with the user's (chosen among
-# 0.3/0.5/0.7 and no check on hippocampus and BraTS validation volumes, benchmarks/reanchor.py: mean 3D Dice 0.422 vs
-# 0.415 without the check and 0.388 blind; BraTS alone: blind 0.277, re-anchored 0.063, checked 0.161).
-AGREEMENT = 0.3
+# Where the decoder is unsure of a finder-placed box (its IoU estimate < min_score), the carried box is decoded on that
+# slice instead of stopping the run (BraTS: re-anchored runs stopped within 1-3 slices of the annotated one on the
+# decoder's doubt about the finder's box, 3D Dice 0.03-0.06 where the carried box gave 0.30-0.35).
+UNSURE_CARRIED = True
+# A run is re-anchored only where the finder's box on the annotated slice has at least this IoU with the user's box
+# (0: wherever the finder has a box there). Chosen with UNSURE_CARRIED among no check and 0.3/0.5/0.7 on hippocampus
+# and BraTS validation volumes (benchmarks/reanchor.py, 2026-12-07): mean 3D Dice without the check 0.477, checked at
+# 0.3 0.436, blind 0.384; before UNSURE_CARRIED the check at 0.3 had won (0.423 against 0.416 without it).
+AGREEMENT = 0.0
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -242,13 +247,15 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     follow; the box given to the decoder is the box of the finder's component under it
     (``finder.finder_box``), so the box follows the structure instead of drifting; a slice so
     placed has no growth limit (the finder vouches for the structure's size there), and a
-    direction stops where the finder sees nothing inside the carried box. ``summary
-    ["reanchored"]`` lists the slices segmented from a finder's box. The finder is trusted
-    only where it sees what the user annotated: a run is re-anchored when, on its annotated
-    slice, the finder's box under the user's mask has IoU >= ``AGREEMENT`` (0.3) with the mask's box;
-    otherwise it is carried as below (``summary["finder_disagreed"]`` lists those slices;
-    on a BraTS validation volume, where the finder confuses the tumour's nested regions,
-    re-anchoring without this check gave mean 3D Dice 0.063 against 0.277 carried). The frozen model, and
+    direction stops where the finder sees nothing inside the carried box. Where the decoder is
+    unsure of the finder's box (its IoU estimate under ``min_score``), the carried box is decoded
+    on that slice instead (``UNSURE_CARRIED``; ``summary["carried_where_unsure"]``). ``summary
+    ["reanchored"]`` lists the slices segmented from a finder's box. With ``AGREEMENT`` above 0
+    the finder is trusted only where it sees what the user annotated: a run is re-anchored when,
+    on its annotated slice, the finder's box under the user's mask has IoU >= ``AGREEMENT`` with
+    the mask's box, otherwise it is carried as below (``summary["finder_disagreed"]`` lists those
+    slices); the default, 0, trusts it wherever it has a box (chosen on validation volumes once
+    ``UNSURE_CARRIED`` existed; the constants' comments give the numbers). The frozen model, and
     tasks without a finder, carry the box as described above. ``task`` is the task's name as
     ``predict_batch`` takes it (not ``TaskChoice.layer``): a task whose layer lost to the frozen
     model decodes with frozen features and is still re-anchored by its finder.
@@ -299,16 +306,17 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
         return agrees[a]
 
     def anchored_box(index: int, prev: np.ndarray, use_finder: bool):
-        """(the box to decode, whether the finder placed it); box None: the finder sees nothing."""
+        """(the box to decode, whether the finder placed it, the carried box); box None: the finder
+        sees nothing."""
         carried = expand_box(box_from_mask(prev), prev.shape)
         if not use_finder:
-            return carried, False
+            return carried, False, carried
         from . import finder  # torch: imported when a volume is propagated, not with the prompts
 
         found = finder.finder_box(predictor, task_of(index), predictor.slice_record(index), carried, prev)
         if found is NotImplemented or (found is None and not FINDER_STOPS):
-            return carried, False
-        return (None if found is None else expand_box(found, prev.shape)), True
+            return carried, False, carried
+        return (None if found is None else expand_box(found, prev.shape)), True, carried
 
     # the runs to carry: (from slice, direction, last slice it may fill, why it ends there)
     keys = sorted(anchors)
@@ -333,7 +341,7 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     for k in keys:
         put(k, anchors[k])
     summary: Dict[str, object] = {"annotated": keys, "slices": [k for k in keys if anchors[k].any()], "stops": [],
-                                  "reanchored": [], "finder_disagreed": []}
+                                  "reanchored": [], "finder_disagreed": [], "carried_where_unsure": []}
     total = sum((last - a) * direction for a, direction, last, _ in runs)  # slices still expected
     done = 0
     filled = set(summary["slices"])
@@ -348,8 +356,12 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
         use_finder = reanchor and (index - last) * direction <= 0 and finder_trusted(a)
         while (index - last) * direction <= 0:
             check_cancel(cancel)
-            box, by_finder = anchored_box(index, prev, use_finder)
+            box, by_finder, carried = anchored_box(index, prev, use_finder)
             mask, score = segment(index, box) if box is not None else (np.zeros_like(prev), 0.0)
+            if by_finder and box is not None and score < min_score and UNSURE_CARRIED:
+                mask, score = segment(index, carried)  # the decoder doubts the finder's box: the carried one
+                by_finder = False
+                summary["carried_where_unsure"].append(index)
             done += 1
             report(progress, done, total, f"propagating: slice {index}")
             area, prev_area = int(mask.sum()), int(prev.sum())

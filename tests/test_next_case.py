@@ -146,7 +146,7 @@ def test_propagation_from_a_box_is_re_anchored_by_the_tasks_finder(hippo, monkey
     from casam_core import prompts
     from casam_core.finder import finder_box
 
-    monkeypatch.setattr(prompts, "AGREEMENT", 0.0)  # this module's 30-step finder fails the check (a test below)
+    monkeypatch.setattr(prompts, "AGREEMENT", 0.0)  # (the default) this module's 30-step finder fails a check at 0.3
     predictor, k, start = _one_box_on_a_new_patient(hippo)
     decoded = {}
     real = predictor.predict_batch
@@ -173,7 +173,7 @@ def test_propagation_from_a_box_is_re_anchored_by_the_tasks_finder(hippo, monkey
 def test_a_carry_stops_where_the_tasks_finder_sees_nothing(hippo, monkeypatch):
     from casam_core import finder, prompts
 
-    monkeypatch.setattr(prompts, "AGREEMENT", 0.0)  # this module's 30-step finder fails the check (a test below)
+    monkeypatch.setattr(prompts, "AGREEMENT", 0.0)  # (the default) this module's 30-step finder fails a check at 0.3
     predictor, k, start = _one_box_on_a_new_patient(hippo)
     filled = propagate_masks(predictor, {k: start}, task="hippo")[1]["slices"]
     step = 1 if {k + 1, k + 2} <= set(filled) else -1  # a direction the carry goes at least two slices
@@ -191,6 +191,49 @@ def test_a_carry_stops_where_the_tasks_finder_sees_nothing(hippo, monkeypatch):
     assert not beyond.any() and out[k + step].any()
 
 
+def test_where_the_decoder_doubts_the_finders_box_the_carried_box_is_decoded(hippo, monkeypatch):
+    """``prompts.UNSURE_CARRIED``: on a slice where the decoder's IoU estimate for the finder's box is
+    under ``min_score``, the carried box is decoded there instead and the run goes on (on BraTS the
+    re-anchored runs stopped within 1-3 slices of the annotated one on that doubt); without the
+    rule the run stops at that slice."""
+    from casam_core import finder, prompts
+
+    monkeypatch.setattr(prompts, "AGREEMENT", 0.0)  # (the default) this module's 30-step finder fails a check at 0.3
+    predictor, k, start = _one_box_on_a_new_patient(hippo)
+    before = propagate_masks(predictor, {k: start}, task="hippo")[1]
+    step = 1 if k + 1 in before["reanchored"] else -1  # a direction the finder re-anchors
+    where = k + step
+    assert where in before["reanchored"] and where not in before["carried_where_unsure"]
+    doubted = predictor.slice_record(where).key
+    planted = (1.0, 1.0, 6.0, 6.0)  # the finder's "box" on that slice, which the decoder doubts
+    real_box, real_decode = finder.finder_box, predictor.predict_batch
+    monkeypatch.setattr(finder, "finder_box", lambda p, t, record, carried, prev: planted if record.key == doubted
+                        else real_box(p, t, record, carried, prev))
+    carried = prompts.expand_box(box_from_mask(start), start.shape)  # the box carried from slice k to ``where``
+    decoded = []
+
+    def doubting(*args, box=None, task=None, **kwargs):  # the decoder doubts the planted box, trusts the carried one
+        masks, scores, logits = real_decode(*args, box=box, task=task, **kwargs)
+        if predictor._current_index == where:
+            decoded.append(np.asarray(box, float).ravel().copy())
+            if np.allclose(decoded[-1], prompts.expand_box(planted, start.shape)):
+                scores = scores * 0 + 0.1
+            elif np.allclose(decoded[-1], carried):
+                scores = np.maximum(scores, 0.9)  # (this module's weak task doubts it too, at 0.48)
+        return masks, scores, logits
+
+    monkeypatch.setattr(predictor, "predict_batch", doubting)
+    # (a carried box keeps the growth limit, which this module's weak task passes at 1.7x: not this test's subject)
+    out, summary = propagate_masks(predictor, {k: start}, task="hippo", max_growth=10.0)
+    assert where in summary["carried_where_unsure"]
+    assert where in summary["slices"] and where not in summary["reanchored"] and out[where].any()
+    np.testing.assert_allclose(decoded[-1], carried)  # decoded after the planted box was doubted
+    monkeypatch.setattr(prompts, "UNSURE_CARRIED", False)
+    out, summary = propagate_masks(predictor, {k: start}, task="hippo", max_growth=10.0)
+    stop = next(s for s in summary["stops"] if s["direction"] == ("up" if step > 0 else "down"))
+    assert stop["reason"] == f"predicted IoU 0.10 < 0.5 at slice {where}" and not out[where].any()
+
+
 def test_a_task_whose_layer_lost_to_frozen_still_re_anchors_a_propagation(hippo, tmp_path, monkeypatch):
     """``casam segment`` with a box and "propagate": the task is passed on, not its layer, so a
     task that decodes with frozen features (its layer lost on its held-out images) still has its
@@ -198,7 +241,7 @@ def test_a_task_whose_layer_lost_to_frozen_still_re_anchors_a_propagation(hippo,
     from casam_core import prompts
     from casam_core.segment import segment_file
 
-    monkeypatch.setattr(prompts, "AGREEMENT", 0.0)  # this module's 30-step finder fails the check (a test below)
+    monkeypatch.setattr(prompts, "AGREEMENT", 0.0)  # (the default) this module's 30-step finder fails a check at 0.3
     predictor, task, _ = hippo
     predictor.add_task("hippo-frozen-features", None, card=dict(task.card, use_alignment=False), finder=task.finder)
     image_path, mask_path = _case("test", 0)
@@ -218,12 +261,14 @@ def test_a_task_whose_layer_lost_to_frozen_still_re_anchors_a_propagation(hippo,
 
 
 def test_a_finder_that_does_not_see_the_users_structure_does_not_re_anchor_it(hippo, monkeypatch):
-    """The finder is trusted only where, on the annotated slice, its box matches the user's
+    """With the agreement check on (``prompts.AGREEMENT`` > 0; off by default), the finder is
+    trusted only where, on the annotated slice, its box matches the user's
     (BraTS: a finder that mixes the tumour's nested regions made one box cost more corrections):
     otherwise the run is carried as without a finder, and the summary says so. This module's
     finder (30 steps) outlines a few pixels in the corner of the user's box there."""
     from casam_core import finder, prompts
 
+    monkeypatch.setattr(prompts, "AGREEMENT", 0.3)  # the check is off by default since 2026-12-07 (UNSURE_CARRIED)
     predictor, k, start = _one_box_on_a_new_patient(hippo)
     own = box_from_mask(start)
     assert prompts.box_iou(own, own) == 1.0 and prompts.box_iou(own, own + 1000) == 0.0
