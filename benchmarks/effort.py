@@ -218,6 +218,16 @@ def _pick(labels: np.ndarray, which: str) -> np.ndarray:
     return np.isin(labels, CORE) if which == "core" else labels == int(which)
 
 
+def true_box_volume(predictor, gt: np.ndarray, task) -> np.ndarray:
+    """The volume segmented with the true box on every slice where ``gt`` has the structure (the
+    ceiling a one-box start is compared with)."""
+    out = np.zeros_like(gt)
+    for k in np.nonzero(gt.any(axis=(1, 2)))[0]:
+        predictor.set_slice(int(k))
+        out[k] = predictor.predict_batch(box=box_from_mask(gt[k]), task=task)[0][0, 0]
+    return out
+
+
 def volume_steps(predictor, layer, gt, ceiling, start=None) -> dict:
     """Interactions until 3D Dice >= 0.9 x ceiling (MAX_VOLUME_STEPS + 1 when never)."""
     target = 0.9 * ceiling
@@ -272,11 +282,7 @@ def run_volumes(name: str, predictor: CASamPredictor, args) -> dict:
             for which, gt in _structures(name, labels):
                 if not gt.any():
                     continue
-                box_result = np.zeros_like(gt)
-                for k in np.nonzero(gt.any(axis=(1, 2)))[0]:
-                    predictor.set_slice(int(k))
-                    box_result[k] = predictor.predict_batch(box=box_from_mask(gt[k]), task=layer)[0][0, 0]
-                ceiling = dice(box_result, gt)
+                ceiling = dice(true_box_volume(predictor, gt, layer), gt)
                 zero = _pick(auto.labels, which)
                 row = {"case": case.image.name, "structure": which, "ceiling": ceiling, "zero_dice": dice(zero, gt),
                        "routed_to_task": choice.decision == task_name, "embed_s": round(embed_s, 2),

@@ -36,9 +36,8 @@ from casam_core.alignment import run_layer  # noqa: E402
 from casam_core.datasets import read_dataset  # noqa: E402
 from casam_core.io import read_image, read_labels  # noqa: E402
 from casam_core.metrics import dice  # noqa: E402
-from casam_core.prompts import box_from_mask  # noqa: E402
 from casam_core.library import TaskLibrary  # noqa: E402
-from effort import LIBRARY, _even, _pick, _structures, _task, _volume_data  # noqa: E402
+from effort import LIBRARY, _even, _pick, _structures, _task, _volume_data, true_box_volume  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "layer_arithmetic_cpu"
 ARITHMETICS = {"float32": None, "bfloat16": torch.bfloat16}
@@ -98,12 +97,9 @@ def quality(predictor, name: str, task: str, cases) -> list:
             for which, gt in _structures(name, labels):
                 if not gt.any():
                     continue
-                boxed = np.zeros_like(gt)
-                for k in np.nonzero(gt.any(axis=(1, 2)))[0]:
-                    predictor.set_slice(int(k))
-                    boxed[k] = predictor.predict_batch(box=box_from_mask(gt[k]), task=task)[0][0, 0]
                 rows.append({"case": case.image.name, "structure": which, "arithmetic": a,
-                             "box_dice": dice(boxed, gt), "zero_dice": dice(_pick(auto.labels, which), gt)})
+                             "box_dice": dice(true_box_volume(predictor, gt, task), gt),
+                             "zero_dice": dice(_pick(auto.labels, which), gt)})
         print(f"  {task}: {case.image.name} done", flush=True)
     return rows
 

@@ -160,7 +160,7 @@ class Backbone(nn.Module):
         self.models_dir: Optional[Path] = None  # where converted graphs are kept (None: runtimes.models_folder())
         # the arithmetic of an Alignment Layer's forward pass on the CPU, in learning and in use
         # (None: float32): bfloat16 autocast where the decoder's bfloat16 passed its check
-        # (runtimes.py, $CASAM_PRECISION; alignment.aligned)
+        # (runtimes.py, $CASAM_PRECISION; alignment.run_layer)
         self.layer_dtype: Optional[torch.dtype] = None
 
     def use_runtime(self, runtime: Optional[str] = None, precision: Optional[str] = None) -> str:
