@@ -160,8 +160,14 @@ def _zero(scores: dict, box: float) -> str:
 
 def table(results: dict, args) -> str:
     rows = [results[n] for n in ALL if n in results]
+    first = rows[0]["machine"] if rows else machine()
+    elsewhere = {}  # sets run on another machine than the first set's (a rerun of some sets)
+    for r in rows:
+        if r["machine"] != first:
+            elsewhere.setdefault(r["machine"], []).append(f"{r['set']} ({r['date']})")
+    where = first + "".join(f"; {', '.join(sets)} on {m}" for m, sets in elsewhere.items())
     lines = [f"# Learning pays? Frozen vs learned on each test split ({args.backbone}, CPU)", "",
-             f"Machine: {rows[0]['machine'] if rows else machine()}. Run: `python benchmarks/learn_gain.py"
+             f"Machine: {where}. Run: `python benchmarks/learn_gain.py"
              f"{'' if args.backbone == 'litemedsam' else ' --backbone ' + args.backbone}` "
              f"(latest set {max((r['date'] for r in rows), default='-')}). Recipe: `casam learn`'s default "
              f"(`fast` profile) from at most {args.cap} annotated training images or slices (3D: 4 volumes), "
