@@ -253,6 +253,9 @@ def cmd_learn(args) -> dict:
             print(f"    WARNING: {card['warning']}")
         f = card["finder"]["validation"]
         print(f"    no prompts (--auto): held-out Dice {f['dice_auto']:.4f} vs {f['dice_box']:.4f} with the true box")
+        from .tasks import describe_propagation
+
+        print(f"    {describe_propagation(card['propagation'])}")
         print(f"    router threshold tau {card['router']['tau']:.4g}; {card['seconds']['total']:.0f} s")
     return card
 

@@ -40,27 +40,29 @@ def _route_label(choice: TaskChoice) -> str:
 
 
 METRICS = {"iou": iou, "dice": dice, "biou": boundary_iou}
+ESTIMATE = "estimate"  # beside METRICS' names: the decoder's own IoU estimate of each object's mask
 
 
 def object_metrics(predictor: CASamPredictor, z, record, objs, prompt: str = "box",
                    metrics=tuple(METRICS), **click_decoding) -> Dict[str, List[float]]:
-    """IoU, Dice and boundary IoU (or the named ``metrics``) of each object (label, mask),
-    segmented on features ``z`` from its GT box, or from one click at its pixel nearest the
-    centroid (``prompt="point"``)."""
+    """IoU, Dice and boundary IoU (or the named ``metrics``; ``ESTIMATE``: the decoder's own IoU
+    estimate) of each object (label, mask), segmented on features ``z`` from its GT box, or from
+    one click at its pixel nearest the centroid (``prompt="point"``)."""
     look_up_option(prompt, PROMPTS, "prompt")
     out = {name: [] for name in metrics}
     for start in range(0, len(objs), BOX_CHUNK):
         chunk = objs[start:start + BOX_CHUNK]
         if prompt == "box":
-            masks, _, _ = predictor.predict_features(z, record, box=np.stack([box_from_mask(m) for _, m in chunk]))
+            masks, scores, _ = predictor.predict_features(z, record,
+                                                          box=np.stack([box_from_mask(m) for _, m in chunk]))
         else:
             clicks = np.stack([click_from_mask(m) for _, m in chunk])[:, None]
-            masks, _, _ = predictor.predict_features(z, record, point_coords=clicks,
-                                                     point_labels=np.ones(clicks.shape[:2], int),
-                                                     **click_decoding)
+            masks, scores, _ = predictor.predict_features(z, record, point_coords=clicks,
+                                                          point_labels=np.ones(clicks.shape[:2], int),
+                                                          **click_decoding)
         for i, (_, gt) in enumerate(chunk):
             for name in metrics:
-                out[name].append(METRICS[name](masks[i, 0], gt))
+                out[name].append(float(scores[i, 0]) if name == ESTIMATE else METRICS[name](masks[i, 0], gt))
     return out
 
 

@@ -112,6 +112,13 @@ class CASamPredictor:
         self._volume: Optional[VolumeState] = None
         self._transform = None
 
+    def sharing_embeddings(self) -> "CASamPredictor":
+        """A predictor on the same backbone and embedding caches (memory and disk) with no task,
+        image or volume of its own: learning tries a task on it before the task is returned."""
+        other = CASamPredictor(self.backbone, embedding_dtype=self.embedding_dtype)
+        other.embeddings, other.disk = self.embeddings, self.disk
+        return other
+
     @property
     def device(self) -> torch.device:
         return self.backbone.device
@@ -379,15 +386,19 @@ class CASamPredictor:
         return self._float32[1]
 
     # -- volumes --------------------------------------------------------------------
-    def set_volume(self, volume: np.ndarray, axis: int = 0, window=None) -> VolumeState:
+    def set_volume(self, volume: np.ndarray, axis: int = 0, window=None, prepared: bool = False) -> VolumeState:
         """Normalise a 3D volume once (one intensity window for all slices) and make it current;
-        slices are embedded on demand (``set_slice``) or ahead (``embed_slices``)."""
+        slices are embedded on demand (``set_slice``) or ahead (``embed_slices``). ``prepared``:
+        the volume is already the uint8 the encoder sees (a ``TaskData`` volume's slices,
+        stacked), kept as it is."""
         volume = np.asarray(volume)
         if volume.ndim != 3:
             raise ImageIOError(f"expected a 3D volume, got shape {volume.shape}")
         if axis not in (0, 1, 2):
             raise OptionError(f"axis must be 0, 1 or 2, got {axis}")
-        self._volume = VolumeState(normalize_intensity(volume, window, keep_uint8=False), axis)
+        if prepared and volume.dtype != np.uint8:
+            raise ImageIOError(f"a prepared volume is uint8, not {volume.dtype}")
+        self._volume = VolumeState(volume if prepared else normalize_intensity(volume, window, keep_uint8=False), axis)
         self._current = self._current_rgb = None
         return self._volume
 

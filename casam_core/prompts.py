@@ -150,11 +150,22 @@ FINDER_STOPS = True  # a carry stops where the finder sees nothing in its box (e
 # slice instead of stopping the run (BraTS: re-anchored runs stopped within 1-3 slices of the annotated one on the
 # decoder's doubt about the finder's box, 3D Dice 0.03-0.06 where the carried box gave 0.30-0.35).
 UNSURE_CARRIED = True
+# A learned task's features move the decoder's own IoU estimate (it was trained on frozen features only): on BraTS
+# true boxes its median fell from 0.82 to 0.51, so learned runs stopped "unsure" within 1-3 slices of the annotated
+# one (hippocampus 0.79 -> 0.57). With SCORE_CALIBRATION, a carried (not re-anchored) run reads min_score on the
+# task's scale (``score_floor``). Validation volumes, one box carried blindly, mean 3D Dice over three relearnings of
+# the tasks: hippocampus 0.310 / 0.385 / 0.353 -> 0.338 / 0.437 / 0.384, BraTS 0.145 / 0.326 / 0.518 -> 0.463 /
+# 0.480 / 0.484. A re-anchored run keeps min_score as it is: it has no growth limit on the slices the finder places,
+# and the decoder's doubt on the frozen scale is what ends it past the structure (hippocampus re-anchored, the same
+# three: 0.541 / 0.556 / 0.560 as it is, 0.505 / 0.532 / 0.544 calibrated).
+SCORE_CALIBRATION = True
 # A run is re-anchored only where the finder's box on the annotated slice has at least this IoU with the user's box
-# (0: wherever the finder has a box there). Chosen with UNSURE_CARRIED among no check and 0.3/0.5/0.7 on hippocampus
-# and BraTS validation volumes (benchmarks/reanchor.py, 2026-12-07): mean 3D Dice without the check 0.477, checked at
-# 0.3 0.436, blind 0.384; before UNSURE_CARRIED the check at 0.3 had won (0.423 against 0.416 without it).
-AGREEMENT = 0.0
+# (0: wherever the finder has a box there). Chosen among no check and 0.3 / 0.5 / 0.7 on the hippocampus and BraTS
+# validation volumes (benchmarks/reanchor.py, 2026-12-07, four relearnings of the tasks): 0.3 had the best mean 3D
+# Dice in each (0.457 / 0.497 / 0.494 / 0.487; without the check 0.431 / 0.453 / 0.460 / 0.456): on BraTS's
+# validation volume re-anchoring lost badly (0.15-0.20 against 0.46-0.49 carried) and the check keeps 3 of its 5
+# structures on the carry; on hippocampus alone the check costs a little (0.529 against 0.553 in the last).
+AGREEMENT = 0.3
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -162,6 +173,20 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     inter = (max(min(a[2], b[2]) - max(a[0], b[0]) + 1, 0) * max(min(a[3], b[3]) - max(a[1], b[1]) + 1, 0))
     size_a, size_b = (a[2] - a[0] + 1) * (a[3] - a[1] + 1), (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
     return float(inter / (size_a + size_b - inter))
+
+
+def score_floor(predictor, task, min_score: float) -> float:
+    """``min_score`` on the scale of the decoder's IoU estimates with ``task``'s features (a carried
+    run's "unsure" stop in ``propagate_masks``): scaled by the ratio of its mean estimate on the
+    task's held-out objects with the layer to that with the frozen model (the task's card,
+    ``validation.iou_estimate``). Unchanged for the frozen model, a task decoded with frozen
+    features, a task learned before the card kept the estimates, or with ``SCORE_CALIBRATION`` off."""
+    card = predictor.cards.get(task) if task is not None and SCORE_CALIBRATION else None
+    if not card or not card.get("use_alignment", True):
+        return min_score
+    estimate = card.get("validation", {}).get("iou_estimate") or {}
+    frozen, aligned = estimate.get("frozen"), estimate.get("aligned")
+    return min_score * aligned / frozen if frozen and aligned else min_score
 
 
 def finder_agreement(predictor, task, index: int, mask: np.ndarray) -> Optional[float]:
@@ -230,7 +255,7 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     Carrying: each next slice gets the box of the previous slice's mask, grown by 5 % of its
     size (at least 3 px: a tight box makes the mask shrink slice after slice). A direction
     stops when the mask vanishes, when the decoder's own IoU estimate falls under
-    ``min_score`` (measured on BraTS: past the tumour's end the box keeps catching small
+    ``min_score`` (for a carried run with a learned task, on its scale: ``score_floor``; measured on BraTS: past the tumour's end the box keeps catching small
     bright spots, at scores of 0.1-0.5), when the area changes by more than
     ``max_area_ratio`` from one slice to the next (the object ended and the box caught
     something else), or when it exceeds ``max_growth`` x the area of the slice it started
@@ -243,19 +268,21 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     went past the structure on any volume measured.
 
     Re-anchoring (``reanchor``, on by default): when the slice's task has a structure finder
-    (a learned task, ``casam_core.finder``), the carried box only says which structure to
-    follow; the box given to the decoder is the box of the finder's component under it
-    (``finder.finder_box``), so the box follows the structure instead of drifting; a slice so
+    (a learned task, ``casam_core.finder``) and re-anchoring did not lose to the blind carry
+    on the task's held-out volume while it learned (its card's ``propagation.reanchor``; on
+    BraTS validation volumes it lost, on hippocampus it won; ``summary["carried_by_task"]``
+    lists the annotated slices whose runs were carried so), the carried box only says which
+    structure to follow; the box given to the decoder is the box of the finder's component
+    under it (``finder.finder_box``), so the box follows the structure instead of drifting; a slice so
     placed has no growth limit (the finder vouches for the structure's size there), and a
     direction stops where the finder sees nothing inside the carried box. Where the decoder is
-    unsure of the finder's box (its IoU estimate under ``min_score``), the carried box is decoded
-    on that slice instead (``UNSURE_CARRIED``; ``summary["carried_where_unsure"]``). ``summary
+    unsure of the finder's box (its IoU estimate under ``min_score``), the
+    carried box is decoded on that slice instead (``UNSURE_CARRIED``; ``summary["carried_where_unsure"]``). ``summary
     ["reanchored"]`` lists the slices segmented from a finder's box. With ``AGREEMENT`` above 0
     the finder is trusted only where it sees what the user annotated: a run is re-anchored when,
     on its annotated slice, the finder's box under the user's mask has IoU >= ``AGREEMENT`` with
     the mask's box, otherwise it is carried as below (``summary["finder_disagreed"]`` lists those
-    slices); the default, 0, trusts it wherever it has a box (chosen on validation volumes once
-    ``UNSURE_CARRIED`` existed; the constants' comments give the numbers). The frozen model, and
+    slices); the default is 0.3 (the constants' comments give the numbers). The frozen model, and
     tasks without a finder, carry the box as described above. ``task`` is the task's name as
     ``predict_batch`` takes it (not ``TaskChoice.layer``): a task whose layer lost to the frozen
     model decodes with frozen features and is still re-anchored by its finder.
@@ -294,13 +321,25 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
         masks, scores, _ = predictor.predict_batch(box=b, task=task_of(index))
         return masks[0, 0], float(scores[0, 0])
 
+    floors: Dict[object, float] = {}
+
+    def floor(index: int) -> float:
+        """``min_score`` on the scale of the slice's task (``score_floor``)."""
+        t = task_of(index)
+        if t not in floors:
+            floors[t] = score_floor(predictor, t, min_score)
+        return floors[t]
+
     agrees: Dict[int, bool] = {}
 
     def finder_trusted(a: int) -> bool:
         """Whether runs from annotated slice ``a`` are re-anchored (the finder sees the user's structure)."""
         if a not in agrees:
-            score = finder_agreement(predictor, task_of(a), a, anchors[a]) if reanchor else None
+            chosen = ((predictor.cards.get(task_of(a)) or {}).get("propagation") or {}).get("reanchor", True)
+            score = finder_agreement(predictor, task_of(a), a, anchors[a]) if reanchor and chosen else None
             agrees[a] = score is not None and score >= AGREEMENT
+            if reanchor and not chosen:
+                summary["carried_by_task"].append(a)
             if score is not None and not agrees[a]:
                 summary["finder_disagreed"].append(a)
         return agrees[a]
@@ -341,7 +380,8 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     for k in keys:
         put(k, anchors[k])
     summary: Dict[str, object] = {"annotated": keys, "slices": [k for k in keys if anchors[k].any()], "stops": [],
-                                  "reanchored": [], "finder_disagreed": [], "carried_where_unsure": []}
+                                  "reanchored": [], "finder_disagreed": [], "carried_where_unsure": [],
+                                  "carried_by_task": []}
     total = sum((last - a) * direction for a, direction, last, _ in runs)  # slices still expected
     done = 0
     filled = set(summary["slices"])
@@ -358,7 +398,8 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
             check_cancel(cancel)
             box, by_finder, carried = anchored_box(index, prev, use_finder)
             mask, score = segment(index, box) if box is not None else (np.zeros_like(prev), 0.0)
-            if by_finder and box is not None and score < min_score and UNSURE_CARRIED:
+            unsure = min_score if use_finder else floor(index)  # (SCORE_CALIBRATION: carried runs)
+            if by_finder and box is not None and score < unsure and UNSURE_CARRIED:
                 mask, score = segment(index, carried)  # the decoder doubts the finder's box: the carried one
                 by_finder = False
                 summary["carried_where_unsure"].append(index)
@@ -372,8 +413,8 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
             elif area == 0:
                 why = f"mask vanished at slice {index}"
                 words = f"the structure is no longer found at slice {index}"
-            elif score < min_score:
-                why = f"predicted IoU {score:.2f} < {min_score} at slice {index}"
+            elif score < unsure:
+                why = f"predicted IoU {score:.2f} < {unsure:.2f} at slice {index}"
                 words = f"the model was unsure of the outline at slice {index}"
             elif area > max_area_ratio * prev_area or area * max_area_ratio < prev_area:
                 why = f"area jumped from {prev_area} to {area} px at slice {index}"

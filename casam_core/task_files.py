@@ -133,6 +133,18 @@ def check_card(card: dict, where: str) -> None:
                      error=TaskLibraryError)
         if finder.get("objects", "class") not in ("class", "instance"):
             raise TaskLibraryError(f"{where}: task.json finder.objects must be 'class' or 'instance'")
+    validation = card.get("validation", {})
+    estimate = validation.get("iou_estimate") if isinstance(validation, dict) else None
+    if estimate is not None:  # scales propagation's "unsure" stop (prompts.score_floor)
+        if not isinstance(estimate, dict):
+            raise TaskLibraryError(f"{where}: task.json validation.iou_estimate must be a JSON object")
+        for key in ("frozen", "aligned"):
+            check_number(estimate.get(key), f"{where}: task.json validation.iou_estimate.{key}", 0.0, 2.0,
+                         low_open=True, error=TaskLibraryError)
+    if "propagation" in card:
+        chosen = card["propagation"]
+        if not isinstance(chosen, dict) or not isinstance(chosen.get("reanchor"), bool):
+            raise TaskLibraryError(f"{where}: task.json propagation.reanchor must be true or false")
 
 
 def _check_header(data: bytes, expected: Dict[str, torch.Tensor], what: str) -> None:

@@ -147,7 +147,19 @@ def describe_card(card: Mapping) -> str:
             f"validation Dice frozen {v.get('dice_zero_shot')} vs aligned {v.get('dice_aligned')}"
             f"{'' if card.get('use_alignment', True) else ' (uses the frozen model)'}; created {card.get('created')}\n"
             f"clicks: {CLICK_TEXT.get(card.get('point_prompts'), CLICK_TEXT['default'])}\n"
-            f"{_describe_finder(card.get('finder'))}")
+            f"{_describe_finder(card.get('finder'))}"
+            + (f"\n{describe_propagation(card['propagation'])}"
+               if isinstance(card.get("propagation"), Mapping) else ""))
+
+
+def describe_propagation(chosen: Mapping) -> str:
+    """How a task propagates a box through a volume, and why (its card's ``propagation``)."""
+    how = ("re-anchored by the finder" if chosen.get("reanchor", True)
+           else "the box carried slice to slice (re-anchoring did worse)")
+    if not chosen.get("held_out_volumes"):
+        return f"propagation from a box: {how} (no held-out volume to compare on)"
+    return (f"propagation from a box: {how} (held-out 3D Dice carried {chosen.get('dice_blind')}, re-anchored "
+            f"{chosen.get('dice_reanchored')})")
 
 
 def _describe_finder(finder) -> str:

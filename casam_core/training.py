@@ -33,7 +33,7 @@ from . import __version__
 from .alignment import FORMS, MAX_BLOCKS, PAPER, RESIDUAL, AlignmentLayer, count_parameters, run_layer
 from .distributed import Dist
 from .auto import auto_dice
-from .evaluate import object_metrics
+from .evaluate import ESTIMATE, object_metrics
 from .finder import HIDDEN as FINDER_HIDDEN, STEPS as FINDER_STEPS, THRESHOLDS as FINDER_THRESHOLDS
 from .finder import grid_targets, outputs_for, train_finder
 from .errors import OptionError, TaskDataError, check_number, look_up_option
@@ -443,16 +443,26 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
                 z = run_layer(layer, z, backbone.layer_dtype)  # in use's arithmetic
         return z
 
-    def validate(layer: Optional[AlignmentLayer], objs=None, prompt: str = "box", **click_decoding) -> float:
-        scores = []
+    def held_out(layer: Optional[AlignmentLayer], objs=None, prompt: str = "box", metrics=("dice",),
+                 **click_decoding) -> Dict[str, float]:
+        """The mean of each of ``metrics`` over the held-out objects (``object_metrics``' names)."""
+        sums, count = [0.0] * len(metrics), 0
         for i in dist.shard(val_idx):  # each process scores its share; the sums make the mean
             check_cancel(cancel)
-            scores.extend(object_metrics(predictor, features(layer, i), records[i], (objs or val_objs)[i],
-                                         prompt, ("dice",), **click_decoding)["dice"])
-        total_score, count = dist.sum([float(np.sum(scores)), len(scores)])
-        return total_score / count if count else float("nan")
+            got = object_metrics(predictor, features(layer, i), records[i], (objs or val_objs)[i], prompt,
+                                 metrics, **click_decoding)
+            sums = [a + float(np.sum(got[m])) for a, m in zip(sums, metrics)]
+            count += len(got[metrics[0]])
+        *totals, count = dist.sum(sums + [count])
+        return {m: (v / count if count else float("nan")) for m, v in zip(metrics, totals)}
 
-    zero_shot = validate(None)
+    def validate(layer: Optional[AlignmentLayer], objs=None, prompt: str = "box", **click_decoding) -> float:
+        return held_out(layer, objs, prompt, ("dice",), **click_decoding)["dice"]
+
+    # the decoder's own IoU estimate on the held-out objects, frozen and aligned: the layer moves the
+    # decoder's estimates (BraTS: median 0.82 -> 0.51 on a validation volume's true boxes), and
+    # propagation's "unsure" stop is read on the frozen scale (prompts.score_floor)
+    zero_shot, frozen_estimate = held_out(None, metrics=("dice", ESTIMATE)).values()
 
     # 4. the Alignment Layer: only it learns; gradients flow through the frozen decoder
     torch.manual_seed(config.seed)
@@ -462,7 +472,7 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
                  validate=lambda m: validate(m, val_sub), click_box=click_box, dist=dist)
     layer.eval()
     t_train = time.perf_counter() - t_train
-    aligned = validate(layer)
+    aligned, aligned_estimate = held_out(layer, metrics=("dice", ESTIMATE)).values()
     use_alignment = aligned > zero_shot
 
     # clicks: decoded once on the learned features (as a box of the task's typical size, or as
@@ -495,6 +505,15 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     t_finder = time.perf_counter() - t_finder
     finder_card["validation"]["dice_box"] = round(aligned if use_alignment else zero_shot, 4)
 
+    # 7. propagation from one box: blind or re-anchored by the finder, whichever did better on the
+    #    held-out volumes (re-anchoring won on hippocampus and lost on BraTS validation volumes)
+    t_propagation = time.perf_counter()
+    partial = {"use_alignment": use_alignment, "finder": finder_card,
+               "validation": {"iou_estimate": {"frozen": frozen_estimate, "aligned": aligned_estimate}}}
+    propagation = _choose_propagation(predictor, name, data, records, z_all, train_idx, val_idx, partial,
+                                      layer if use_alignment else None, finder, cancel, progress)
+    t_propagation = time.perf_counter() - t_propagation
+
     card = {
         "name": name,
         "backbone": backbone.spec.name,
@@ -514,6 +533,7 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
                        "held_out_files": sorted({_group(data.slices[i].source) for i in val_idx})[:50],
                        "dice_zero_shot": round(zero_shot, 4),
                        "dice_aligned": round(aligned, 4), "aligned_better": use_alignment,
+                       "iou_estimate": {"frozen": round(frozen_estimate, 4), "aligned": round(aligned_estimate, 4)},
                        "point_dice": point, "history": [[k, round(v, 4)] for k, v in fitted.history]},
         "point_prompts": point_prompts,
         "click_box": list(click_box),
@@ -522,8 +542,9 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
                      "device": str(device), "arithmetic": learning_arithmetic(backbone),
                      "embeddings": backbone.embedding_arithmetic},
         "finder": finder_card,
+        "propagation": propagation,
         "seconds": {"embedding": round(t_embed, 1), "training": round(t_train, 1), "finder": round(t_finder, 1),
-                    "total": round(time.perf_counter() - t_start, 1)},
+                    "propagation": round(t_propagation, 1), "total": round(time.perf_counter() - t_start, 1)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "casam_version": __version__,
     }
@@ -574,3 +595,69 @@ def _learn_finder(predictor: CASamPredictor, data: TaskData, records: List[Image
             "validation": {"dice_auto": round(by_threshold[best], 4),
                            "by_threshold": {str(k): round(v, 4) for k, v in by_threshold.items()}}}
     return finder, card
+
+
+MAX_PROPAGATION_STRUCTURES = 8  # per task: one box propagated twice each (about 4 s a structure on a 2-core CPU)
+# The blind carry replaces re-anchoring only when it wins by this much mean 3D Dice on the held-out volumes: one
+# volume holds 2-8 structures, and relearning the same hippocampus task moved a rule's validation mean by up to 0.1
+# (benchmarks/results/reanchor_cpu.md); its held-out volume once chose blind by 0.031 where re-anchoring won
+# validation by 0.1, while BraTS's chose blind by 0.196, as validation did (0.480 against 0.199).
+BLIND_MARGIN = 0.05
+
+
+def _held_out_volumes(data: TaskData, train_idx: List[int], val_idx: List[int]) -> List[List[int]]:
+    """The files held out whole (none of their slices learned from) that are whole volumes (every
+    slice ``name[0..n-1]`` present, labelled): for each, the indices in ``data.slices`` of its
+    slices in order."""
+    held = {_group(data.slices[i].source) for i in val_idx} - {_group(data.slices[i].source) for i in train_idx}
+    slices: Dict[str, Dict[int, int]] = {}
+    for i, s in enumerate(data.slices):
+        group = _group(s.source)
+        if group in held and s.source.endswith("]") and s.labels is not None:
+            slices.setdefault(group, {})[int(s.source.rsplit("[", 1)[1][:-1])] = i
+    return [[by_index[k] for k in range(len(by_index))] for by_index in slices.values()
+            if sorted(by_index) == list(range(len(by_index))) and len(by_index) >= 3]
+
+
+def _choose_propagation(predictor: CASamPredictor, name: str, data: TaskData, records: List[ImageRecord], z_all,
+                        train_idx: List[int], val_idx: List[int], card: dict, layer: Optional[AlignmentLayer],
+                        finder, cancel, progress) -> dict:
+    """Whether propagation from a user's box is re-anchored by the task's finder
+    (``prompts.propagate_masks``' ``reanchor``): on each held-out whole volume, each structure's
+    true box on its largest slice is decoded with the task and propagated blind and re-anchored,
+    as a user's one box is; the blind carry is kept where it wins by ``BLIND_MARGIN`` or more.
+    Without a held-out volume (a task learned from 1 or 2 volumes, or from 2D images) the task
+    re-anchors, the rule chosen on hippocampus and BraTS validation volumes."""
+    from .metrics import dice
+    from .prompts import box_from_mask, propagate_masks
+
+    volumes = _held_out_volumes(data, train_idx, val_idx) if data.objects == "class" else []
+    structures = [(v, int(value)) for v in volumes
+                  for value in np.unique(np.stack([data.slices[i].labels for i in v])) if value != 0]
+    structures = structures[:MAX_PROPAGATION_STRUCTURES]
+    if not structures:
+        return {"reanchor": True, "held_out_volumes": 0,
+                "why": "no held-out volume to compare on: re-anchored, the default"}
+    scratch = predictor.sharing_embeddings()
+    scratch.add_task(name, layer, card=card, finder=finder)
+    scores: Dict[str, List[float]] = {"blind": [], "reanchored": []}
+    current = None
+    for n, (volume, value) in enumerate(structures):
+        check_cancel(cancel)
+        report(progress, n, len(structures), "propagation: blind or re-anchored, on the held-out volumes")
+        if volume is not current:
+            for i in volume:  # (the memory cache may have let them go while learning)
+                scratch.embeddings.put(records[i].key, z_all[i].to(scratch.embedding_dtype))
+            scratch.set_volume(np.stack([data.slices[i].rgb[..., 0] for i in volume]), prepared=True)
+            current = volume
+        truth = np.stack([data.slices[i].labels == value for i in volume])
+        k = int(truth.sum(axis=(1, 2)).argmax())
+        scratch.set_slice(k)
+        start = scratch.predict_batch(box=box_from_mask(truth[k]), task=name)[0][0, 0]
+        for rule, reanchor in (("blind", False), ("reanchored", True)):
+            out, _ = propagate_masks(scratch, {k: start}, task=name, cancel=cancel, reanchor=reanchor)
+            scores[rule].append(dice(out, truth))
+    report(progress, 1, 1, "propagation: chosen")
+    blind, reanchored = float(np.mean(scores["blind"])), float(np.mean(scores["reanchored"]))
+    return {"reanchor": blind < reanchored + BLIND_MARGIN, "held_out_volumes": len({id(v) for v, _ in structures}),
+            "structures": len(structures), "dice_blind": round(blind, 4), "dice_reanchored": round(reanchored, 4)}

@@ -271,7 +271,9 @@ class SegmentingMixin(WidgetParts):
                      if not s["reason"].startswith(("volume edge", "met the other", "annotated as empty"))]
             found = (f" (on {len(summary['reanchored'])} of them the task's finder placed the box)"
                      if summary.get("reanchored") else " (the task's finder did not see what you annotated: "
-                     "the box was carried)" if summary.get("finder_disagreed") else "")
+                     "the box was carried)" if summary.get("finder_disagreed")
+                     else " (the box was carried: this task did better so on its held-out volume)"
+                     if summary.get("carried_by_task") else "")
             self.notify(f"CA-SAM: label {label} filled on {len(summary['slices'])} slices from "
                         f"{len(summary['annotated'])} annotated{found}" + (f"; {'; '.join(stops)}. Check the slices "
                                                                     f"past the stop, annotate one there and "

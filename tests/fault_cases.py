@@ -520,6 +520,10 @@ PACKS: List[Case] = [
          "click_box"),
     Case("pack", "unknown click decoding", _imp(_forged("pp", card_edit=lambda c: c.update(point_prompts="shell"))),
          "point_prompts"),
+    Case("pack", "IoU estimate of 1e9", _imp(_forged("est", card_edit=lambda c: c["validation"].update(
+        iou_estimate={"frozen": 0.8, "aligned": 1e9}))), "validation.iou_estimate.aligned"),
+    Case("pack", "propagation choice not true or false", _imp(_forged("prop", card_edit=lambda c: c.update(
+        propagation={"reanchor": "yes"}))), "propagation.reanchor"),
     Case("pack", "a task of another backbone", lambda ws: ["tasks", "import", forge(
         _good(ws), ws / "vitb.casam-task", card_edit=lambda c: c.update(backbone_fingerprint="sam_vit_b:0123")),
         "--library", "{ws}/lib", *CPU], "was learned on backbone sam_vit_b:0123"),

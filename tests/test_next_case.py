@@ -231,7 +231,58 @@ def test_where_the_decoder_doubts_the_finders_box_the_carried_box_is_decoded(hip
     monkeypatch.setattr(prompts, "UNSURE_CARRIED", False)
     out, summary = propagate_masks(predictor, {k: start}, task="hippo", max_growth=10.0)
     stop = next(s for s in summary["stops"] if s["direction"] == ("up" if step > 0 else "down"))
-    assert stop["reason"] == f"predicted IoU 0.10 < 0.5 at slice {where}" and not out[where].any()
+    assert stop["reason"] == f"predicted IoU 0.10 < 0.50 at slice {where}" and not out[where].any()
+
+
+def test_a_learned_task_reads_the_unsure_stop_on_its_own_scale(hippo, monkeypatch):
+    """Learning keeps the decoder's mean IoU estimate on the held-out objects, frozen and with the
+    layer; a carried run reads ``min_score`` on the task's scale (``prompts.score_floor``): a layer
+    that lowers every estimate (BraTS: median 0.82 -> 0.51) no longer stops it on the slice after
+    the annotated one. A re-anchored run, the frozen model, a task that decodes with frozen
+    features, a task learned before the estimates were kept, and ``SCORE_CALIBRATION`` off keep
+    ``min_score``."""
+    from casam_core import prompts
+
+    predictor, task, _ = hippo
+    estimate = task.card["validation"]["iou_estimate"]
+    assert 0 < estimate["frozen"] <= 1 and 0 < estimate["aligned"] <= 1
+    predictor.add_task("hippo", task.layer, task.vae, task.tau, task.card, task.finder)
+    if task.card["use_alignment"]:
+        assert prompts.score_floor(predictor, "hippo", 0.5) == pytest.approx(
+            0.5 * estimate["aligned"] / estimate["frozen"])
+    lowered = dict(task.card, use_alignment=True, validation=dict(task.card["validation"],
+                                                                  iou_estimate={"frozen": 0.8, "aligned": 0.4}))
+    old = dict(lowered, validation={k: v for k, v in lowered["validation"].items() if k != "iou_estimate"})
+    predictor.add_task("hippo-lowered", task.layer, task.vae, task.tau, lowered, task.finder)
+    predictor.add_task("hippo-old", task.layer, task.vae, task.tau, old, task.finder)
+    predictor.add_task("hippo-frozen-features", None, card=dict(lowered, use_alignment=False))
+    try:
+        assert prompts.score_floor(predictor, "hippo-lowered", 0.5) == pytest.approx(0.25)
+        for name in (None, "hippo-old", "hippo-frozen-features"):
+            assert prompts.score_floor(predictor, name, 0.5) == 0.5
+        predictor, k, start = _one_box_on_a_new_patient(hippo)
+        real_decode = predictor.predict_batch
+
+        def lowering(*args, task=None, **kwargs):  # the layer's estimates: 0.3 everywhere
+            masks, scores, logits = real_decode(*args, task=task, **kwargs)
+            return masks, scores * 0 + 0.3, logits
+
+        monkeypatch.setattr(predictor, "predict_batch", lowering)
+        monkeypatch.setattr(prompts, "AGREEMENT", 0.0)
+        out, summary = propagate_masks(predictor, {k: start}, task="hippo-lowered", reanchor=False, max_growth=10.0)
+        assert not any(s["reason"].startswith("predicted IoU") for s in summary["stops"])
+        assert len(summary["slices"]) > 3
+        monkeypatch.setattr(prompts, "SCORE_CALIBRATION", False)
+        out, summary = propagate_masks(predictor, {k: start}, task="hippo-lowered", reanchor=False, max_growth=10.0)
+        assert [s["reason"] for s in summary["stops"]] == [f"predicted IoU 0.30 < 0.50 at slice {k - 1}",
+                                                          f"predicted IoU 0.30 < 0.50 at slice {k + 1}"]
+        assert summary["slices"] == [k]
+        monkeypatch.setattr(prompts, "SCORE_CALIBRATION", True)  # a re-anchored run: min_score as it is
+        out, summary = propagate_masks(predictor, {k: start}, task="hippo-lowered", max_growth=10.0)
+        assert summary["slices"] == [k] and summary["finder_disagreed"] == []
+    finally:
+        for name in ("hippo-lowered", "hippo-old", "hippo-frozen-features"):
+            predictor.remove_task(name)
 
 
 def test_a_task_whose_layer_lost_to_frozen_still_re_anchors_a_propagation(hippo, tmp_path, monkeypatch):
@@ -285,3 +336,67 @@ def test_a_finder_that_does_not_see_the_users_structure_does_not_re_anchor_it(hi
     assert prompts.finder_agreement(predictor, "hippo", k, start) == 1.0
     summary = propagate_masks(predictor, {k: start}, task="hippo")[1]
     assert summary["finder_disagreed"] == [] and summary["reanchored"]
+
+
+@pytest.fixture(scope="module")
+def hippo3(hippo):
+    """A task learned from 3 training volumes (one of them held out whole), on ``hippo``'s predictor."""
+    from casam_core.training import learn_task, LearnConfig
+    from casam_core.task_data import load_task_data
+
+    predictor = hippo[0]
+    cases = [_case("train", k) for k in range(3)]
+    data = load_task_data([c[0] for c in cases], [c[1] for c in cases])
+    return learn_task(predictor, "hippo3", data, LearnConfig(steps=30, val_every=10, time_budget_s=None))
+
+
+def test_learning_chooses_blind_or_re_anchored_propagation_on_its_held_out_volume(hippo, hippo3):
+    """With a held-out whole volume, learning propagates each structure's true box from its largest
+    slice blind and re-anchored by the finder, and keeps the blind carry where it wins by
+    ``BLIND_MARGIN`` (card ``propagation``; on BraTS
+    validation volumes re-anchoring lost, on hippocampus it won). The card's Dice is what a user
+    gets on that volume; a task that chose the blind carry is not re-anchored; a task learned from
+    one volume (nothing held out whole) re-anchors, the default."""
+    from casam_core.tasks import describe_card
+    from casam_core.training import BLIND_MARGIN
+
+    predictor = hippo[0]
+    chosen = hippo3.card["propagation"]
+    assert chosen["held_out_volumes"] == 1 and chosen["structures"] == 2
+    assert 0 <= chosen["dice_blind"] <= 1 and 0 <= chosen["dice_reanchored"] <= 1
+    assert chosen["reanchor"] == (chosen["dice_blind"] < chosen["dice_reanchored"] + BLIND_MARGIN)
+    assert hippo[1].card["propagation"]["reanchor"] is True and hippo[1].card["propagation"]["held_out_volumes"] == 0
+    # the task list's card says which way it propagates, and why
+    assert "propagation from a box: re-anchored by the finder (no held-out volume to compare on)" in describe_card(
+        hippo[1].card)
+    assert (f"(held-out 3D Dice carried {chosen['dice_blind']}, re-anchored {chosen['dice_reanchored']})"
+            in describe_card(hippo3.card))
+
+    (held_out,) = hippo3.card["validation"]["held_out_files"]
+    image_path, mask_path = next(c for c in (_case("train", k) for k in range(3)) if c[0].name == held_out)
+    image = read_image(image_path)
+    labels = read_labels(mask_path, like=image).array
+    undecided = {k: v for k, v in hippo3.card.items() if k != "propagation"}
+    layer = hippo3.layer if hippo3.card["use_alignment"] else None
+    predictor.add_task("hippo3", layer, card=undecided, finder=hippo3.finder)
+    try:
+        predictor.set_volume(image.array)
+        runs = {False: [], True: []}
+        for value in (1, 2):
+            truth = labels == value
+            k = int(truth.sum(axis=(1, 2)).argmax())
+            predictor.set_slice(k)
+            start = predictor.predict_batch(box=box_from_mask(truth[k]), task="hippo3")[0][0, 0]
+            for reanchor in (False, True):
+                out, summary = propagate_masks(predictor, {k: start}, task="hippo3", reanchor=reanchor)
+                runs[reanchor].append((dice(out, truth), out, summary))
+            predictor.add_task("hippo3", layer, card=hippo3.card, finder=hippo3.finder)  # the decision kept
+            decided, summary = propagate_masks(predictor, {k: start}, task="hippo3")
+            predictor.add_task("hippo3", layer, card=undecided, finder=hippo3.finder)
+            np.testing.assert_array_equal(decided, runs[chosen["reanchor"]][-1][1])
+            if not chosen["reanchor"]:
+                assert summary["reanchored"] == []
+        assert np.mean([d for d, _, _ in runs[False]]) == pytest.approx(chosen["dice_blind"], abs=1e-4)
+        assert np.mean([d for d, _, _ in runs[True]]) == pytest.approx(chosen["dice_reanchored"], abs=1e-4)
+    finally:
+        predictor.remove_task("hippo3")
