@@ -54,6 +54,11 @@ class TaskData:
                 "objects": self.objects}
 
 
+def source_file(source: str) -> str:
+    """The file a training slice came from: ``brain.nii.gz[57]`` -> ``brain.nii.gz``."""
+    return source.rsplit("[", 1)[0] if source.endswith("]") else source
+
+
 def _check_labels(labels: np.ndarray, path) -> np.ndarray:
     if not (labels != 0).any():
         raise TaskDataError(f"{path}: the mask has no foreground (all zero)")

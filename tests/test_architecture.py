@@ -21,7 +21,7 @@ CORE_LAYERS = (
      "alignment", "router", "finder", "runtimes", "backbones"),
     ("tasks", "auto"),
     ("predictor",),
-    ("task_files", "library", "evaluate", "losses", "training", "segment", "batch", "demo"),
+    ("task_files", "library", "evaluate", "losses", "learn_structures", "training", "segment", "batch", "demo"),
     ("build",),
     ("cli",),
 )

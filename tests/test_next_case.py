@@ -358,7 +358,7 @@ def test_learning_chooses_blind_or_re_anchored_propagation_on_its_held_out_volum
     gets on that volume; a task that chose the blind carry is not re-anchored; a task learned from
     one volume (nothing held out whole) re-anchors, the default."""
     from casam_core.tasks import describe_card
-    from casam_core.training import BLIND_MARGIN
+    from casam_core.learn_structures import BLIND_MARGIN
 
     predictor = hippo[0]
     chosen = hippo3.card["propagation"]
