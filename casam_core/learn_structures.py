@@ -101,7 +101,9 @@ def choose_propagation(predictor: CASamPredictor, name: str, data: TaskData, rec
     if not structures:
         return {"reanchor": True, "held_out_volumes": 0,
                 "why": "no held-out volume to compare on: re-anchored, the default"}
-    scratch = predictor.sharing_embeddings()
+    # a predictor of its own (the task is not the user's yet) on the same caches: nothing is embedded again
+    scratch = CASamPredictor(predictor.backbone, embedding_dtype=predictor.embedding_dtype)
+    scratch.embeddings, scratch.disk = predictor.embeddings, predictor.disk
     scratch.add_task(name, layer, card=card, finder=finder)
     scores: Dict[str, List[float]] = {"blind": [], "reanchored": []}
     current = None

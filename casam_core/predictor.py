@@ -112,13 +112,6 @@ class CASamPredictor:
         self._volume: Optional[VolumeState] = None
         self._transform = None
 
-    def sharing_embeddings(self) -> "CASamPredictor":
-        """A predictor on the same backbone and embedding caches (memory and disk) with no task,
-        image or volume of its own: learning tries a task on it before the task is returned."""
-        other = CASamPredictor(self.backbone, embedding_dtype=self.embedding_dtype)
-        other.embeddings, other.disk = self.embeddings, self.disk
-        return other
-
     @property
     def device(self) -> torch.device:
         return self.backbone.device
@@ -388,9 +381,8 @@ class CASamPredictor:
     # -- volumes --------------------------------------------------------------------
     def set_volume(self, volume: np.ndarray, axis: int = 0, window=None, prepared: bool = False) -> VolumeState:
         """Normalise a 3D volume once (one intensity window for all slices) and make it current;
-        slices are embedded on demand (``set_slice``) or ahead (``embed_slices``). ``prepared``:
-        the volume is already the uint8 the encoder sees (a ``TaskData`` volume's slices,
-        stacked), kept as it is."""
+        slices are embedded on demand (``set_slice``) or ahead (``embed_slices``). ``prepared``: the
+        uint8 the encoder sees (a ``TaskData`` volume's slices, stacked), kept as it is."""
         volume = np.asarray(volume)
         if volume.ndim != 3:
             raise ImageIOError(f"expected a 3D volume, got shape {volume.shape}")
