@@ -153,9 +153,9 @@ UNSURE_CARRIED = True
 # A learned task's features move the decoder's own IoU estimate (it was trained on frozen features only): on BraTS
 # true boxes its median fell from 0.82 to 0.51, so learned runs stopped "unsure" within 1-3 slices of the annotated
 # one (hippocampus 0.79 -> 0.57). With SCORE_CALIBRATION, a carried (not re-anchored) run reads min_score on the
-# task's scale (``score_floor``). Validation volumes, one box carried blindly, mean 3D Dice over three relearnings of
-# the tasks: hippocampus 0.310 / 0.385 / 0.353 -> 0.338 / 0.437 / 0.384, BraTS 0.145 / 0.326 / 0.518 -> 0.463 /
-# 0.480 / 0.484. A re-anchored run keeps min_score as it is: it has no growth limit on the slices the finder places,
+# task's scale (``score_floor``). Validation volumes, one box carried blindly, mean 3D Dice over four relearnings of
+# the tasks: hippocampus 0.310 / 0.385 / 0.353 / 0.342 -> 0.338 / 0.437 / 0.384 / 0.410, BraTS 0.145 / 0.326 / 0.518 /
+# 0.297 -> 0.463 / 0.480 / 0.484 / 0.485. A re-anchored run keeps min_score as it is: it has no growth limit on the slices the finder places,
 # and the decoder's doubt on the frozen scale is what ends it past the structure (hippocampus re-anchored, the same
 # three: 0.541 / 0.556 / 0.560 as it is, 0.505 / 0.532 / 0.544 calibrated).
 SCORE_CALIBRATION = True
@@ -255,7 +255,8 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     Carrying: each next slice gets the box of the previous slice's mask, grown by 5 % of its
     size (at least 3 px: a tight box makes the mask shrink slice after slice). A direction
     stops when the mask vanishes, when the decoder's own IoU estimate falls under
-    ``min_score`` (for a carried run with a learned task, on its scale: ``score_floor``; measured on BraTS: past the tumour's end the box keeps catching small
+    ``min_score`` (for a carried run with a learned task, on its scale: ``score_floor``;
+    measured on BraTS: past the tumour's end the box keeps catching small
     bright spots, at scores of 0.1-0.5), when the area changes by more than
     ``max_area_ratio`` from one slice to the next (the object ended and the box caught
     something else), or when it exceeds ``max_growth`` x the area of the slice it started
@@ -276,8 +277,8 @@ def propagate_masks(predictor, annotated: Dict[int, np.ndarray], task=None, max_
     under it (``finder.finder_box``), so the box follows the structure instead of drifting; a slice so
     placed has no growth limit (the finder vouches for the structure's size there), and a
     direction stops where the finder sees nothing inside the carried box. Where the decoder is
-    unsure of the finder's box (its IoU estimate under ``min_score``), the
-    carried box is decoded on that slice instead (``UNSURE_CARRIED``; ``summary["carried_where_unsure"]``). ``summary
+    unsure of the finder's box (its IoU estimate under ``min_score``), the carried box is decoded
+    on that slice instead (``UNSURE_CARRIED``; ``summary["carried_where_unsure"]``). ``summary
     ["reanchored"]`` lists the slices segmented from a finder's box. With ``AGREEMENT`` above 0
     the finder is trusted only where it sees what the user annotated: a run is re-anchored when,
     on its annotated slice, the finder's box under the user's mask has IoU >= ``AGREEMENT`` with

@@ -134,7 +134,9 @@ def check_card(card: dict, where: str) -> None:
         if finder.get("objects", "class") not in ("class", "instance"):
             raise TaskLibraryError(f"{where}: task.json finder.objects must be 'class' or 'instance'")
     validation = card.get("validation", {})
-    estimate = validation.get("iou_estimate") if isinstance(validation, dict) else None
+    if not isinstance(validation, dict):
+        raise TaskLibraryError(f"{where}: task.json validation must be a JSON object")
+    estimate = validation.get("iou_estimate")
     if estimate is not None:  # scales propagation's "unsure" stop (prompts.score_floor)
         if not isinstance(estimate, dict):
             raise TaskLibraryError(f"{where}: task.json validation.iou_estimate must be a JSON object")

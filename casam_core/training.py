@@ -495,7 +495,7 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     finder_steps = config.finder_steps or (FINDER_STEPS if config.steps is None
                                            else min(FINDER_STEPS, max(25, round(2.5 * config.steps))))
     finder, finder_card = learn_finder(predictor, data, records, z_all, train_idx, val_idx,
-                                        layer if use_alignment else None, config.seed, finder_steps, cancel, progress)
+                                       layer if use_alignment else None, config.seed, finder_steps, cancel, progress)
     t_finder = time.perf_counter() - t_finder
     finder_card["validation"]["dice_box"] = round(aligned if use_alignment else zero_shot, 4)
 
@@ -505,7 +505,7 @@ def learn_task(predictor: CASamPredictor, name: str, data: TaskData, config: Opt
     partial = {"use_alignment": use_alignment, "finder": finder_card,
                "validation": {"iou_estimate": {"frozen": frozen_estimate, "aligned": aligned_estimate}}}
     propagation = choose_propagation(predictor, name, data, records, z_all, train_idx, val_idx, partial,
-                                      layer if use_alignment else None, finder, cancel, progress)
+                                     layer if use_alignment else None, finder, cancel, progress)
     t_propagation = time.perf_counter() - t_propagation
 
     card = {

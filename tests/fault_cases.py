@@ -522,6 +522,8 @@ PACKS: List[Case] = [
          "point_prompts"),
     Case("pack", "IoU estimate of 1e9", _imp(_forged("est", card_edit=lambda c: c["validation"].update(
         iou_estimate={"frozen": 0.8, "aligned": 1e9}))), "validation.iou_estimate.aligned"),
+    Case("pack", "validation not an object", _imp(_forged("val", card_edit=lambda c: c.update(validation=[1]))),
+         "validation must be a JSON object"),
     Case("pack", "propagation choice not true or false", _imp(_forged("prop", card_edit=lambda c: c.update(
         propagation={"reanchor": "yes"}))), "propagation.reanchor"),
     Case("pack", "a task of another backbone", lambda ws: ["tasks", "import", forge(
